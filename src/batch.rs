@@ -1,0 +1,123 @@
+//! One batch window of a loader: collection, dispatch through the in-flight
+//! table, and settlement of every caller.
+//!
+//! The first key a loader is asked for (while its window is empty) spawns a
+//! task that sleeps for the batch window, takes every key collected meanwhile
+//! and runs them as one batch. Keys another loader is already loading are
+//! joined; the rest are led by this batch: read from the store, filled from
+//! the provider, and handed to every waiter.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::join_all;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use crate::cache::{CacheInner, Tally};
+use crate::inflight::{Claim, FailUnfinished};
+use crate::loader::{Batch, LoaderShared};
+use crate::stats::Counters;
+use crate::{BatchFetch, Error};
+
+/// Starts the batch window of `loader` on a task of its own, in the caller's
+/// tracing span.
+pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
+    let window = loader.cache.config.batch_window;
+    let parent = tracing::Span::current();
+    let mut pending = PendingGuard {
+        loader,
+        taken: false,
+    };
+    tokio::spawn(async move {
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        let batch = pending.take();
+        if batch.is_empty() {
+            return;
+        }
+        let cache = &pending.loader.cache;
+        let span = tracing::debug_span!(
+            parent: &parent,
+            "loadlock.batch",
+            namespace = %cache.provider.namespace(),
+            keys = batch.len(),
+            coalesced = Empty,
+            store_hits = Empty,
+            negative_hits = Empty,
+            fetched = Empty,
+            duration_ms = Empty,
+        );
+        run(cache, batch).instrument(span).await;
+    });
+}
+
+/// Until the window's keys are taken, dropping the window task (a runtime
+/// shutting down) fails them instead of leaving their callers waiting.
+struct PendingGuard<F: BatchFetch> {
+    loader: Arc<LoaderShared<F>>,
+    taken: bool,
+}
+
+impl<F: BatchFetch> PendingGuard<F> {
+    fn take(&mut self) -> Batch<F::Key, F::Value> {
+        self.taken = true;
+        self.loader.take_batch()
+    }
+}
+
+impl<F: BatchFetch> Drop for PendingGuard<F> {
+    fn drop(&mut self) {
+        if !self.taken {
+            for (_, flight) in self.loader.take_batch() {
+                flight.complete(Err(Error::Closed));
+            }
+        }
+    }
+}
+
+/// Runs one batch to the end: every flight of it is completed when this
+/// returns or is dropped, and every key it led has left the in-flight table.
+async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, F::Value>) {
+    let started = Instant::now();
+    Counters::add(&cache.counters.batches, 1);
+    let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
+
+    let mut lease = cache.inflight.lease();
+    let mut joins = Vec::new();
+    for (key, flight) in batch {
+        match cache.inflight.claim(&key, &flight) {
+            Claim::Lead => lease.push(key, flight),
+            Claim::Join(leader) => joins.push((flight, leader)),
+        }
+    }
+    let mut tally = Tally {
+        coalesced: joins.len(),
+        ..Tally::default()
+    };
+    Counters::add(&cache.counters.coalesced, tally.coalesced);
+
+    let lead = async {
+        if !lease.keys().is_empty() {
+            let outcome = cache.resolve(lease.keys(), &mut tally).await;
+            // Counted before any caller wakes, so a caller reads its own load
+            // in the stats.
+            tally.record(&cache.counters);
+            lease.settle(outcome);
+        }
+    };
+    let follow = join_all(
+        joins
+            .iter()
+            .map(|(mine, leader)| async move { mine.complete(leader.wait().await) }),
+    );
+    futures::join!(lead, follow);
+
+    let span = tracing::Span::current();
+    span.record("coalesced", tally.coalesced);
+    span.record("store_hits", tally.store_hits);
+    span.record("negative_hits", tally.negative_hits);
+    span.record("fetched", tally.fetched);
+    span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
+}

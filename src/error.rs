@@ -1,0 +1,108 @@
+//! The one error type of the crate.
+
+use std::sync::Arc;
+
+/// A boxed, shareable error: one failure is handed to every waiter of a batch.
+pub(crate) type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong while loading.
+///
+/// Provider failures ([`Error::Provider`], [`Error::ProviderPanicked`]) are kept
+/// apart from the machinery's own failures ([`Error::Store`],
+/// [`Error::Closed`], [`Error::Config`]), so a caller can tell "the upstream
+/// said no" from "the cache is broken".
+///
+/// `Error` is `Clone`: when one provider call fails, every load that waited on
+/// it receives the same error, sharing the original error behind an `Arc`.
+/// Nothing from a failed call is cached; the next load of the same key asks
+/// again.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The provider's `fetch` returned an error. The provider's own error is
+    /// the [`source`](std::error::Error::source); get it back typed with
+    /// [`Error::provider_error`].
+    #[error("provider `{namespace}` failed")]
+    Provider {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// The error the provider returned.
+        #[source]
+        source: SharedError,
+    },
+
+    /// The provider's `fetch` panicked. The panic was caught; every load that
+    /// waited on that call receives this error, and later loads call the
+    /// provider again.
+    #[error("provider `{namespace}` panicked: {message}")]
+    ProviderPanicked {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// The panic payload, when it was a string.
+        message: Arc<str>,
+    },
+
+    /// The store (tier 2) failed: a database error, a broken connection.
+    #[error("cache store failed: {message}")]
+    Store {
+        /// What the store was doing.
+        message: Arc<str>,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<SharedError>,
+    },
+
+    /// The task that was loading this key went away before it finished
+    /// (the runtime shut down while a batch was in flight).
+    #[error("the load was abandoned before it finished (runtime shutting down?)")]
+    Closed,
+
+    /// An invalid setting was given to a builder.
+    #[error("invalid configuration: {0}")]
+    Config(Arc<str>),
+}
+
+impl Error {
+    /// The provider's own error, if this is an [`Error::Provider`] carrying an
+    /// error of type `E`.
+    ///
+    /// ```
+    /// # use loadlock::Error;
+    /// # fn check(err: &Error) {
+    /// if let Some(io) = err.provider_error::<std::io::Error>() {
+    ///     eprintln!("upstream I/O failure: {io}");
+    /// }
+    /// # }
+    /// ```
+    pub fn provider_error<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            Error::Provider { source, .. } => source.downcast_ref::<E>(),
+            _ => None,
+        }
+    }
+
+    /// Whether the provider (tier 3) caused this error, as opposed to the
+    /// cache's own machinery.
+    pub fn is_provider(&self) -> bool {
+        matches!(
+            self,
+            Error::Provider { .. } | Error::ProviderPanicked { .. }
+        )
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Error::Config(message.into().into())
+    }
+
+    /// A store failure with an underlying cause; for [`Store`](crate::Store)
+    /// implementations.
+    pub fn store(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store {
+            message: message.into().into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The provider trait: how loadlock asks the external source for values.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A provider that can fetch many keys in one call: the slow, rate-limited
+/// external source behind the cache (tier 3).
+///
+/// Implement it once per kind of resource. loadlock guarantees that:
+///
+/// * `fetch` receives each key at most once per call, deduplicated, in the
+///   order the keys were first asked for;
+/// * a call never holds more than [`max_batch_size`](BatchFetch::max_batch_size)
+///   keys (larger sets are split into several calls);
+/// * a key is only passed to `fetch` when no fresh value (or fresh negative
+///   entry) exists in the cache, and no other load of it is under way in this
+///   process (and, with a shared store, in the fleet).
+///
+/// A key absent from the returned map means "the provider has no such
+/// resource": the load returns `Ok(None)` and a negative entry is cached for
+/// the cache's negative TTL. Keys in the map that were not asked for are
+/// ignored.
+///
+/// If `fetch` returns an error or panics, every load waiting on that call
+/// fails with [`Error::Provider`](crate::Error::Provider) /
+/// [`Error::ProviderPanicked`](crate::Error::ProviderPanicked) and nothing of
+/// the call is cached.
+///
+/// The trait is object-safe: `Arc<dyn BatchFetch<Key = K, Value = V, Error = E>>`
+/// is itself a provider.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use loadlock::BatchFetch;
+///
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// struct User { id: u64, name: String }
+///
+/// struct Users;
+///
+/// #[async_trait::async_trait]
+/// impl BatchFetch for Users {
+///     type Key = u64;
+///     type Value = User;
+///     type Error = std::io::Error;
+///
+///     fn namespace(&self) -> &str { "users/v1" }
+///     fn max_batch_size(&self) -> usize { 100 }
+///
+///     async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, User>, std::io::Error> {
+///         // One request to the upstream API for all `keys`.
+///         Ok(keys.iter().map(|&id| (id, User { id, name: format!("user {id}") })).collect())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait BatchFetch: Send + Sync + 'static {
+    /// The key type. Its [`Display`] form identifies the key in a shared store
+    /// (the `key` column of the Postgres table), so two keys must not display
+    /// the same.
+    type Key: Eq + Hash + Clone + Display + Send + Sync + 'static;
+
+    /// The value type. It is serialized (JSON) when a shared store keeps it.
+    type Value: Serialize + DeserializeOwned + Clone + Send + Sync + 'static;
+
+    /// The provider's own error type; kept as the `source` of
+    /// [`Error::Provider`](crate::Error::Provider).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The namespace of this provider's entries: stored rows and locks are
+    /// scoped by it. Change it (`"users/v2"`) when the value's shape changes
+    /// incompatibly.
+    fn namespace(&self) -> &str;
+
+    /// The most keys one `fetch` call may receive. Must be at least 1; a zero
+    /// is rejected by [`CacheBuilder::build`](crate::CacheBuilder::build).
+    /// Defaults to 100.
+    fn max_batch_size(&self) -> usize {
+        100
+    }
+
+    /// Fetches `keys` from the external source.
+    async fn fetch(
+        &self,
+        keys: &[Self::Key],
+    ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error>;
+}
+
+#[async_trait::async_trait]
+impl<F: BatchFetch + ?Sized> BatchFetch for Arc<F> {
+    type Key = F::Key;
+    type Value = F::Value;
+    type Error = F::Error;
+
+    fn namespace(&self) -> &str {
+        (**self).namespace()
+    }
+
+    fn max_batch_size(&self) -> usize {
+        (**self).max_batch_size()
+    }
+
+    async fn fetch(
+        &self,
+        keys: &[Self::Key],
+    ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error> {
+        (**self).fetch(keys).await
+    }
+}

@@ -1,0 +1,238 @@
+//! [`Loader`]: the per-request handle and its memo (tier 0).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::mem;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::batch;
+use crate::cache::CacheInner;
+use crate::inflight::{Flight, Waiter};
+use crate::stats::Counters;
+use crate::{BatchFetch, Error};
+
+/// A per-request loader: collects the keys a request asks for during one
+/// batch window, deduplicates them, and loads them as one batch through its
+/// [`Cache`](crate::Cache).
+///
+/// Create one per request with [`Cache::loader`](crate::Cache::loader). Its
+/// memo keeps each key's answer for the loader's whole life, so one request
+/// sees one consistent value per key however often it asks; a failed load is
+/// not remembered, and the next load of that key tries again. Clones share
+/// the memo (hand a clone to each resolver or task of the request).
+///
+/// Loads need a tokio runtime: each batch runs on a task of its own, so a
+/// caller that stops waiting never cancels or stalls the other loads of its
+/// batch.
+pub struct Loader<F: BatchFetch> {
+    shared: Arc<LoaderShared<F>>,
+}
+
+pub(crate) struct LoaderShared<F: BatchFetch> {
+    pub(crate) cache: Arc<CacheInner<F>>,
+    state: Mutex<LoaderState<F::Key, F::Value>>,
+}
+
+struct LoaderState<K, V> {
+    /// Every key this loader has answered or is answering. A failed flight
+    /// here is stale: the key is loaded afresh.
+    memo: HashMap<K, Arc<Flight<V>>>,
+    /// Keys waiting for the current batch window, in first-asked order.
+    pending: Vec<(K, Arc<Flight<V>>)>,
+}
+
+/// A batch taken from a loader: its keys (with their flights) in first-asked
+/// order.
+pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
+
+impl<F: BatchFetch> Clone for Loader<F> {
+    fn clone(&self) -> Self {
+        Loader {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<F: BatchFetch> fmt::Debug for Loader<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.shared.state();
+        f.debug_struct("Loader")
+            .field("namespace", self.shared.cache.provider.namespace())
+            .field("memo", &state.memo.len())
+            .field("pending", &state.pending.len())
+            .finish()
+    }
+}
+
+impl<F: BatchFetch> Loader<F> {
+    pub(crate) fn new(cache: Arc<CacheInner<F>>) -> Self {
+        Loader {
+            shared: Arc::new(LoaderShared {
+                cache,
+                state: Mutex::new(LoaderState {
+                    memo: HashMap::new(),
+                    pending: Vec::new(),
+                }),
+            }),
+        }
+    }
+
+    /// Loads one key: `Ok(Some(value))`, or `Ok(None)` when the provider has
+    /// no such resource (a negative entry, cached for the negative TTL).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. Dropping the future stops only this caller: the batch
+    /// goes on for the other callers, and a key nobody waits for any more is
+    /// dropped from its batch before dispatch.
+    ///
+    /// # Concurrent calls on the same key
+    ///
+    /// Loads of one key in this loader share one answer; loads of a key that
+    /// another loader of the cache is loading join that load.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Provider`] / [`Error::ProviderPanicked`] when the provider
+    /// call for the key's batch failed; [`Error::Store`] when the store did;
+    /// [`Error::Closed`] when the runtime shut down under the batch.
+    pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {
+        let waiter = self.shared.register(std::iter::once(key));
+        let outcome = match waiter.first() {
+            Some((_, waiter)) => waiter.wait().await,
+            None => Ok(None),
+        };
+        if outcome.is_err() {
+            Counters::add(&self.shared.cache.counters.errors, 1);
+        }
+        outcome
+    }
+
+    /// Loads many keys at once; the map holds the keys that were found (keys
+    /// the provider does not have are absent). Duplicates are loaded once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`load`](Loader::load).
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Loader::load): the first error among the keys.
+    pub async fn load_many(
+        &self,
+        keys: impl IntoIterator<Item = F::Key>,
+    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+        let waiters = self.shared.register(keys);
+        let mut found = HashMap::with_capacity(waiters.len());
+        for (key, waiter) in waiters {
+            match waiter.wait().await {
+                Ok(Some(value)) => {
+                    found.insert(key, value);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    Counters::add(&self.shared.cache.counters.errors, 1);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Puts `value` in this loader's memo for `key`, unless the memo already
+    /// has an answer (or a load under way) for it: prime never overwrites.
+    /// To replace, [`clear`](Loader::clear) first. Priming touches neither
+    /// the store nor other loaders.
+    pub fn prime(&self, key: F::Key, value: F::Value) {
+        let mut state = self.shared.state();
+        match state.memo.get(&key) {
+            Some(flight) if !flight.has_failed() => {}
+            _ => {
+                state.memo.insert(key, Flight::ready(Some(value)));
+            }
+        }
+    }
+
+    /// Forgets `key` in this loader's memo: the next load asks the cache
+    /// again. A load of it already under way still completes for its callers.
+    pub fn clear(&self, key: &F::Key) {
+        self.shared.state().memo.remove(key);
+    }
+
+    /// Forgets every key in this loader's memo.
+    pub fn clear_all(&self) {
+        self.shared.state().memo.clear();
+    }
+}
+
+impl<F: BatchFetch> LoaderShared<F> {
+    fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, F::Value>> {
+        // The state is consistent between statements; a panic elsewhere while
+        // it was held does not poison the request.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers the caller on each key: on its memo entry if the loader has
+    /// one, else on a new flight added to the current batch window (starting
+    /// the window when it was empty).
+    fn register(
+        self: &Arc<Self>,
+        keys: impl IntoIterator<Item = F::Key>,
+    ) -> Vec<(F::Key, Waiter<F::Value>)> {
+        let keys = keys.into_iter();
+        let mut waiters = Vec::with_capacity(keys.size_hint().0);
+        let mut memo_hits = 0;
+        let start_window = {
+            let mut state = self.state();
+            let was_empty = state.pending.is_empty();
+            for key in keys {
+                let flight = match state.memo.get(&key) {
+                    Some(flight) if !flight.has_failed() => {
+                        memo_hits += 1;
+                        Arc::clone(flight)
+                    }
+                    _ => {
+                        let flight = Flight::pending();
+                        state.memo.insert(key.clone(), Arc::clone(&flight));
+                        state.pending.push((key.clone(), Arc::clone(&flight)));
+                        flight
+                    }
+                };
+                // Under the lock, so a batch dropping callerless keys never
+                // races a new caller of the same key.
+                waiters.push((key, flight.waiter()));
+            }
+            was_empty && !state.pending.is_empty()
+        };
+        let counters = &self.cache.counters;
+        Counters::add(&counters.loads, waiters.len());
+        Counters::add(&counters.memo_hits, memo_hits);
+        if start_window {
+            batch::spawn_window(Arc::clone(self));
+        }
+        waiters
+    }
+
+    /// Takes the keys of the current window. Keys whose every caller has
+    /// gone are dropped (and forgotten) instead of dispatched.
+    pub(crate) fn take_batch(&self) -> Batch<F::Key, F::Value> {
+        let mut state = self.state();
+        let pending = mem::take(&mut state.pending);
+        let mut batch = Vec::with_capacity(pending.len());
+        for (key, flight) in pending {
+            if flight.waiters() > 0 {
+                batch.push((key, flight));
+                continue;
+            }
+            if state
+                .memo
+                .get(&key)
+                .is_some_and(|current| Arc::ptr_eq(current, &flight))
+            {
+                state.memo.remove(&key);
+            }
+            flight.complete(Err(Error::Closed));
+        }
+        batch
+    }
+}

@@ -1,0 +1,92 @@
+//! Counters kept by a [`Cache`](crate::Cache) and the [`Stats`] snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A read-only snapshot of a cache's counters, from
+/// [`Cache::stats`](crate::Cache::stats).
+///
+/// Every key asked for counts once in `loads`, and is then answered by one
+/// tier: the request's own memo (`memo_hits`), another loader's load already
+/// under way in this process (`coalesced`), the store (`store_hits`), or the
+/// provider (`provider_keys` counts the keys the provider was asked for).
+/// Counters only grow, except the `in_flight` gauge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Keys asked for through loaders (each key of a `load_many` counts, and
+    /// so do duplicates).
+    pub loads: u64,
+    /// Loads answered by, or joined to, an earlier load of the same key in the
+    /// same [`Loader`](crate::Loader) (tier 0), including primed keys.
+    pub memo_hits: u64,
+    /// Keys that joined a load of the same key already under way in another
+    /// loader of this cache (tier 1).
+    pub coalesced: u64,
+    /// Keys the store answered with a fresh entry (tier 2), negative entries
+    /// included.
+    pub store_hits: u64,
+    /// The part of `store_hits` that were negative entries ("not found").
+    pub negative_hits: u64,
+    /// Batches dispatched by loaders (one per batch window that had keys).
+    pub batches: u64,
+    /// Calls made to the provider's `fetch`.
+    pub provider_calls: u64,
+    /// Keys passed to the provider's `fetch`, over all calls.
+    pub provider_keys: u64,
+    /// `load` / `load_many` calls that returned an error.
+    pub errors: u64,
+    /// Keys being loaded right now by this cache (the in-flight table's size).
+    pub in_flight: u64,
+}
+
+impl Stats {
+    /// The share of loads answered without asking the provider:
+    /// `(memo_hits + coalesced + store_hits) / loads`, or 0 when nothing was
+    /// loaded yet.
+    ///
+    /// When every distinct key is fetched once, this equals the ideal
+    /// `1 - distinct / loads`.
+    pub fn hit_ratio(&self) -> f64 {
+        if self.loads == 0 {
+            return 0.0;
+        }
+        (self.memo_hits + self.coalesced + self.store_hits) as f64 / self.loads as f64
+    }
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) loads: AtomicU64,
+    pub(crate) memo_hits: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) store_hits: AtomicU64,
+    pub(crate) negative_hits: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) provider_calls: AtomicU64,
+    pub(crate) provider_keys: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self, in_flight: usize) -> Stats {
+        Stats {
+            loads: self.loads.load(Relaxed),
+            memo_hits: self.memo_hits.load(Relaxed),
+            coalesced: self.coalesced.load(Relaxed),
+            store_hits: self.store_hits.load(Relaxed),
+            negative_hits: self.negative_hits.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            provider_calls: self.provider_calls.load(Relaxed),
+            provider_keys: self.provider_keys.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            in_flight: in_flight as u64,
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! [`MemoryStore`]: the embedded store, for one process.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+use super::{lock_id, Fill, Filled, Lookup, Store};
+use crate::{BatchFetch, Error};
+
+/// The embedded store: entries in process memory, per-key locks in process.
+///
+/// It follows the same protocol as a shared store: values expire after the
+/// cache's TTL, negative entries after the negative TTL, and a fill takes the
+/// keys' locks (in ascending lock-id order), re-reads, and only then calls the
+/// provider for what is still missing. Caches that share one `MemoryStore`
+/// (it is cheap to clone; clones share the entries) therefore fetch each key
+/// once per TTL between them.
+///
+/// Entries are kept per `(namespace, key)` with the key's `Display` form, as
+/// a shared store keeps them. An entry whose value has another type than the
+/// reading cache's `Value` (two providers given one namespace) reads as a
+/// miss and is overwritten.
+///
+/// Expiry uses [`tokio::time::Instant`], so tests with paused time can
+/// advance past a TTL. Expired entries are dropped lazily: overwritten on the
+/// next fill, and swept whenever the writes since the last sweep outnumber the
+/// entries that sweep left; [`purge_expired`](MemoryStore::purge_expired) sweeps on demand.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: DashMap<String, Entry>,
+    locks: KeyLocks,
+    writes_since_sweep: AtomicUsize,
+    /// Entries left by the last sweep.
+    swept_len: AtomicUsize,
+}
+
+struct Entry {
+    /// `None` is a negative entry.
+    value: Option<Arc<dyn Any + Send + Sync>>,
+    expires_at: Instant,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of entries held, fresh or expired, negative ones included.
+    pub fn len(&self) -> usize {
+        self.inner.entries.len()
+    }
+
+    /// Whether the store holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.inner.entries.is_empty()
+    }
+
+    /// Drops every expired entry now; returns how many were dropped.
+    pub fn purge_expired(&self) -> usize {
+        self.inner.writes_since_sweep.store(0, Ordering::Relaxed);
+        let now = Instant::now();
+        let before = self.inner.entries.len();
+        self.inner.entries.retain(|_, entry| entry.expires_at > now);
+        let after = self.inner.entries.len();
+        self.inner.swept_len.store(after, Ordering::Relaxed);
+        before.saturating_sub(after)
+    }
+
+    fn lookup<V: Clone + 'static>(&self, entry_key: &str, now: Instant) -> Lookup<V> {
+        let Some(entry) = self.inner.entries.get(entry_key) else {
+            return Lookup::Miss;
+        };
+        if entry.expires_at <= now {
+            return Lookup::Miss;
+        }
+        match &entry.value {
+            None => Lookup::NegativeHit,
+            Some(value) => match value.downcast_ref::<V>() {
+                Some(value) => Lookup::Hit(value.clone()),
+                None => Lookup::Miss,
+            },
+        }
+    }
+
+    fn note_writes(&self, n: usize) {
+        let writes = self
+            .inner
+            .writes_since_sweep
+            .fetch_add(n, Ordering::Relaxed)
+            + n;
+        // Sweep once the writes since the last sweep outnumber what it left
+        // (and 1,024): the map stays within about twice its live size, at an
+        // amortized constant cost per write.
+        if writes > self.inner.swept_len.load(Ordering::Relaxed).max(1024) {
+            self.purge_expired();
+        }
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.inner.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The map key of `(namespace, key)`: the namespace's length first, so no two
+/// pairs map to the same string.
+fn entry_key(namespace: &str, key: &impl fmt::Display) -> String {
+    let mut out = String::with_capacity(namespace.len() + 24);
+    let _ = write!(out, "{}:{namespace}{key}", namespace.len());
+    out
+}
+
+#[async_trait::async_trait]
+impl<F: BatchFetch> Store<F> for MemoryStore {
+    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(|key| self.lookup(&entry_key(namespace, key), now))
+            .collect())
+    }
+
+    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
+        let namespace = fill.namespace();
+        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
+        let ids = displayed
+            .iter()
+            .map(|key| lock_id(namespace, key))
+            .collect();
+        let _held = self.inner.locks.lock_all(ids).await;
+
+        // Re-read: another fill may have written while we waited.
+        let now = Instant::now();
+        let entry_keys: Vec<String> = fill
+            .keys()
+            .iter()
+            .map(|key| entry_key(namespace, key))
+            .collect();
+        let mut answers: Vec<Filled<F::Value>> = Vec::with_capacity(entry_keys.len());
+        let mut missing = Vec::new();
+        for (i, entry_key) in entry_keys.iter().enumerate() {
+            answers.push(match self.lookup(entry_key, now) {
+                Lookup::Hit(value) => Filled::Stored(Some(value)),
+                Lookup::NegativeHit => Filled::Stored(None),
+                Lookup::Miss => {
+                    missing.push(i);
+                    // Replaced below by what the provider answers.
+                    Filled::Fetched(None)
+                }
+            });
+        }
+        if missing.is_empty() {
+            return Ok(answers);
+        }
+
+        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
+        let mut fetched = fill.fetch(&missing_keys).await?;
+        let now = Instant::now();
+        for (&i, key) in missing.iter().zip(missing_keys) {
+            let value = fetched.remove(&key);
+            let (stored, ttl): (Option<Arc<dyn Any + Send + Sync>>, _) = match &value {
+                Some(value) => (Some(Arc::new(value.clone())), fill.ttl()),
+                None => (None, fill.negative_ttl()),
+            };
+            let entry = Entry {
+                value: stored,
+                expires_at: now + ttl,
+            };
+            self.inner.entries.insert(entry_keys[i].clone(), entry);
+            answers[i] = Filled::Fetched(value);
+        }
+        self.note_writes(missing.len());
+        Ok(answers)
+    }
+}
+
+/// Per-key exclusive locks, created on demand and dropped when unused.
+#[derive(Default)]
+struct KeyLocks {
+    table: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyLocks {
+    /// Takes the locks of `ids` in ascending order (so two callers never
+    /// deadlock). Cancel safe: whatever was taken is released on drop.
+    async fn lock_all(&self, mut ids: Vec<i64>) -> HeldLocks<'_> {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut held = HeldLocks {
+            owner: self,
+            guards: Vec::with_capacity(ids.len()),
+            ids: Vec::with_capacity(ids.len()),
+        };
+        for id in ids {
+            let mutex = {
+                let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                Arc::clone(table.entry(id).or_default())
+            };
+            held.ids.push(id);
+            held.guards.push(mutex.lock_owned().await);
+        }
+        held
+    }
+}
+
+/// The locks one fill holds.
+struct HeldLocks<'a> {
+    owner: &'a KeyLocks,
+    guards: Vec<OwnedMutexGuard<()>>,
+    /// Every id this holder touched, taken or still awaited.
+    ids: Vec<i64>,
+}
+
+impl Drop for HeldLocks<'_> {
+    fn drop(&mut self) {
+        self.guards.clear();
+        let mut table = self.owner.table.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.ids {
+            // Only the table still refers to it: nobody holds or awaits it.
+            if table.get(id).is_some_and(|m| Arc::strong_count(m) == 1) {
+                table.remove(id);
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Tier 2: where loaded values are kept between requests, and the seam
+//! between the in-process machinery and a shared store.
+//!
+//! A [`Store`] answers two questions for a [`Cache`](crate::Cache):
+//!
+//! 1. [`get`](Store::get) — which of these keys have a fresh entry? This is
+//!    the optimistic read: no lock, no transaction.
+//! 2. [`fill`](Store::fill) — for keys that were missing: take each key's
+//!    exclusive lock (all of them, in ascending lock-id order so two fills
+//!    cannot deadlock), look again (another instance may have filled some
+//!    while this one waited), call the provider through
+//!    [`Fill::fetch`] for only what is still missing, write the results —
+//!    values and negative entries — and release the locks.
+//!
+//! Under that protocol a key is fetched from the provider once per TTL among
+//! all caches sharing the store. [`MemoryStore`] implements it inside one
+//! process; a shared database store implements the same contract across
+//! processes.
+
+mod memory;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+
+use crate::provider::ProviderCaller;
+use crate::stats::Counters;
+use crate::{BatchFetch, Error};
+
+/// What the store holds for one key, as seen by [`Store::get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lookup<V> {
+    /// A fresh value.
+    Hit(V),
+    /// A fresh negative entry: the provider said it has no such resource.
+    NegativeHit,
+    /// Nothing fresh: absent, expired, or an entry that no longer decodes.
+    Miss,
+}
+
+/// The answer for one key of a [`Store::fill`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Filled<V> {
+    /// Found fresh in the store once the key's lock was held: someone else
+    /// filled it while this fill waited. `None` is a negative entry.
+    Stored(Option<V>),
+    /// Fetched from the provider by this fill and written to the store.
+    /// `None` means the provider does not have it (a negative entry was
+    /// written).
+    Fetched(Option<V>),
+}
+
+impl<V> Filled<V> {
+    /// The value, wherever it came from.
+    pub fn into_value(self) -> Option<V> {
+        match self {
+            Filled::Stored(value) | Filled::Fetched(value) => value,
+        }
+    }
+}
+
+/// Where a [`Cache`](crate::Cache) keeps values between requests (tier 2).
+///
+/// See the [module documentation](self) for the protocol an implementation
+/// must follow. The crate ships [`MemoryStore`]; implement this trait to keep
+/// entries elsewhere. Implementations are shared by every loader of a cache,
+/// and may be shared by several caches, whose entries are kept apart by
+/// namespace.
+///
+/// # Cancel safety
+///
+/// Both methods may be dropped at any await point (a batch whose runtime
+/// shuts down). An implementation must then release every lock it holds and
+/// write nothing half-done.
+#[async_trait::async_trait]
+pub trait Store<F: BatchFetch>: Send + Sync + 'static {
+    /// Looks up `keys` (deduplicated) in `namespace`; the answer is aligned
+    /// with `keys`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the store cannot be read.
+    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error>;
+
+    /// Fills `fill.keys()` under their locks, calling [`Fill::fetch`] for the
+    /// keys that are still missing once the locks are held; the answer is
+    /// aligned with `fill.keys()`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the store fails, and whatever [`Fill::fetch`]
+    /// returned, unchanged, when the provider fails. Nothing fetched by a fill
+    /// that fails is written.
+    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error>;
+}
+
+#[async_trait::async_trait]
+impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
+    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
+        (**self).get(namespace, keys).await
+    }
+
+    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
+        (**self).fill(fill).await
+    }
+}
+
+/// One fill request handed to [`Store::fill`]: the keys, their time to live,
+/// and the way to the provider.
+pub struct Fill<'a, F: BatchFetch> {
+    pub(crate) namespace: &'a str,
+    pub(crate) keys: &'a [F::Key],
+    pub(crate) ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) provider: &'a ProviderCaller<F>,
+    pub(crate) counters: &'a Counters,
+}
+
+impl<F: BatchFetch> Fill<'_, F> {
+    /// The namespace the keys belong to.
+    pub fn namespace(&self) -> &str {
+        self.namespace
+    }
+
+    /// The keys to fill: deduplicated, in first-asked order.
+    pub fn keys(&self) -> &[F::Key] {
+        self.keys
+    }
+
+    /// How long a fetched value stays fresh.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long a negative entry (provider has no such key) stays fresh.
+    pub fn negative_ttl(&self) -> Duration {
+        self.negative_ttl
+    }
+
+    /// Asks the provider for `keys`, in as few calls as its
+    /// `max_batch_size` allows. Call it only while the keys' locks are held,
+    /// with only the keys still missing. A key absent from the answer is not
+    /// found.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Provider`] or [`Error::ProviderPanicked`]; the store must then
+    /// write nothing from this fill and return the error.
+    pub async fn fetch(&self, keys: &[F::Key]) -> Result<HashMap<F::Key, F::Value>, Error> {
+        self.provider.call(keys, self.counters).await
+    }
+}
+
+impl<F: BatchFetch> fmt::Debug for Fill<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fill")
+            .field("namespace", &self.namespace)
+            .field("keys", &self.keys.len())
+            .field("ttl", &self.ttl)
+            .field("negative_ttl", &self.negative_ttl)
+            .finish()
+    }
+}
+
+/// The 64-bit lock id of `(namespace, key)`: FNV-1a over the namespace, a
+/// `0xff` separator (a byte no UTF-8 text contains) and the key's
+/// [`Display`](std::fmt::Display) form.
+///
+/// Stable across versions and platforms (a test pins a known id), so every
+/// instance of a fleet derives the same id for the same key. Two keys may
+/// share an id; that only makes one wait for the other, never returns a wrong
+/// value, since entries are stored under the full key.
+pub fn lock_id(namespace: &str, key: &str) -> i64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    let bytes = namespace
+        .as_bytes()
+        .iter()
+        .chain(std::iter::once(&0xff))
+        .chain(key.as_bytes());
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    hash as i64
+}

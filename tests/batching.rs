@@ -1,0 +1,236 @@
+//! Batching and the per-request memo: what reaches the provider, in which
+//! calls, in which order.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use loadlock::Cache;
+use support::{value_of, Fake};
+
+fn cache<K>(provider: &Fake<K>) -> Cache<Fake<K>>
+where
+    K: Eq + std::hash::Hash + Clone + std::fmt::Display + Send + Sync + 'static,
+{
+    Cache::builder(provider.clone()).build().unwrap()
+}
+
+fn s(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_loads_in_one_window_make_one_call() {
+    let provider = Fake::<u64>::new("batch/two");
+    let loader = cache(&provider).loader();
+    let (a, b) = tokio::join!(loader.load(1), loader.load(2));
+    assert_eq!(a.unwrap(), Some(value_of(&1)));
+    assert_eq!(b.unwrap(), Some(value_of(&2)));
+    assert_eq!(provider.calls(), vec![vec![1, 2]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_many_of_nothing_makes_no_call() {
+    let provider = Fake::<u64>::new("batch/empty");
+    let cache = cache(&provider);
+    let got = cache.loader().load_many(Vec::new()).await.unwrap();
+    assert!(got.is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(provider.call_count(), 0);
+    assert_eq!(cache.stats().batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_size_splits_calls() {
+    let provider = Fake::<u64>::builder("batch/max").max_batch(2).build();
+    let got = cache(&provider)
+        .loader()
+        .load_many([1, 2, 3])
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(provider.calls(), vec![vec![1, 2], vec![3]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_do_not_count_against_the_cap() {
+    let provider = Fake::<String>::builder("batch/dup").max_batch(3).build();
+    let cache = cache(&provider);
+    let got = cache
+        .loader()
+        .load_many(s(&["a", "b", "a", "a", "b", "c"]))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(provider.calls(), vec![s(&["a", "b", "c"])]);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.loads, stats.memo_hits, stats.provider_keys),
+        (6, 3, 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_twice_concurrently_is_one_call() {
+    let provider = Fake::<u64>::builder("batch/same")
+        .delay(Duration::from_millis(10))
+        .build();
+    let loader = cache(&provider).loader();
+    let (a, b) = tokio::join!(loader.load(5), loader.load(5));
+    assert_eq!(a.unwrap(), Some(value_of(&5)));
+    assert_eq!(b.unwrap(), Some(value_of(&5)));
+    assert_eq!(provider.calls(), vec![vec![5]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_all_of_100_loads_over_10_keys_is_one_call() {
+    let provider = Fake::<u64>::new("batch/join_all");
+    let loader = cache(&provider).loader();
+    let results = join_all((0..100u64).map(|i| loader.load(i % 10))).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), Some(value_of(&(i % 10))));
+    }
+    assert_eq!(provider.calls(), vec![(0..10).collect::<Vec<u64>>()]);
+}
+
+/// Several tasks a request spawns at the same moment share one batch on the
+/// multi-thread runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loads_from_spawned_tasks_share_a_batch() {
+    let provider = Fake::<u64>::new("batch/spawned");
+    let loader = cache(&provider).loader();
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (loader, barrier) = (loader.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                loader.load_many(t * 10..t * 10 + 10).await
+            })
+        })
+        .collect();
+    for task in join_all(tasks).await {
+        assert_eq!(task.unwrap().unwrap().len(), 10);
+    }
+    let calls = provider.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].len(), 80);
+}
+
+/// Keys reach the provider in first-asked order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_arrive_in_first_asked_order() {
+    let provider = Fake::<u64>::new("batch/order");
+    let loader = cache(&provider).loader();
+    let order = [9u64, 3, 7, 3, 1, 9, 5];
+    join_all(order.iter().map(|&k| loader.load(k))).await;
+    assert_eq!(provider.calls(), vec![vec![9, 3, 7, 1, 5]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memo_answers_later_rounds() {
+    let provider = Fake::<String>::new("batch/rounds");
+    let loader = cache(&provider).loader();
+    loader.load_many(s(&["A", "B"])).await.unwrap();
+    loader.load_many(s(&["A", "C"])).await.unwrap();
+    let all = loader.load_many(s(&["A", "B", "C"])).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(provider.calls(), vec![s(&["A", "B"]), s(&["C"])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prime_skips_the_provider_and_never_overwrites() {
+    let provider = Fake::<u64>::new("batch/prime");
+    let loader = cache(&provider).loader();
+
+    loader.prime(1, "primed".into());
+    assert_eq!(loader.load(1).await.unwrap().as_deref(), Some("primed"));
+    assert_eq!(provider.call_count(), 0);
+
+    // No overwrite, of a primed key or of a loaded one.
+    loader.prime(1, "again".into());
+    assert_eq!(loader.load(1).await.unwrap().as_deref(), Some("primed"));
+    loader.load(2).await.unwrap();
+    loader.prime(2, "late".into());
+    assert_eq!(loader.load(2).await.unwrap(), Some(value_of(&2)));
+
+    // clear then prime does overwrite.
+    loader.clear(&1);
+    loader.prime(1, "replaced".into());
+    assert_eq!(loader.load(1).await.unwrap().as_deref(), Some("replaced"));
+    assert_eq!(provider.calls(), vec![vec![2]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_makes_the_next_load_ask_again() {
+    let provider = Fake::<u64>::new("batch/clear");
+    let cache = cache(&provider);
+    let loader = cache.loader();
+    loader.load_many([1, 2]).await.unwrap();
+    loader.clear(&1);
+    loader.load_many([1, 2]).await.unwrap();
+    loader.clear_all();
+    loader.load_many([1, 2]).await.unwrap();
+    // Cleared keys go back to the cache; its store still has them.
+    assert_eq!(provider.call_count(), 1);
+    let stats = cache.stats();
+    assert_eq!(stats.loads, 6);
+    assert_eq!(stats.memo_hits, 1);
+    assert_eq!(stats.store_hits, 3);
+}
+
+/// A loader's memo keeps its answer even when the store is refilled with a
+/// newer value: one request sees one value per key.
+#[tokio::test(start_paused = true)]
+async fn memo_is_consistent_for_the_loaders_life() {
+    let provider = Fake::<u64>::new("batch/consistent");
+    let cache = Cache::builder(provider.clone())
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let request = cache.loader();
+    request.load(1).await.unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    cache.loader().load(1).await.unwrap(); // another request refills
+    request.load(1).await.unwrap();
+    assert_eq!(provider.call_count(), 2);
+    assert_eq!(cache.stats().memo_hits, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_window_is_configurable() {
+    let provider = Fake::<u64>::new("batch/window");
+    let cache = Cache::builder(provider.clone())
+        .batch_window(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let late = {
+        let loader = loader.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            loader.load(2).await
+        }
+    };
+    let (a, b) = tokio::join!(loader.load(1), late);
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(provider.calls(), vec![vec![1, 2]], "30 ms < 50 ms window");
+}
+
+#[tokio::test]
+async fn invalid_settings_are_build_errors() {
+    let zero_ttl = Cache::builder(Fake::<u64>::new("cfg"))
+        .ttl(Duration::ZERO)
+        .build();
+    assert!(matches!(zero_ttl, Err(loadlock::Error::Config(_))));
+    let zero_neg = Cache::builder(Fake::<u64>::new("cfg"))
+        .negative_ttl(Duration::ZERO)
+        .build();
+    assert!(matches!(zero_neg, Err(loadlock::Error::Config(_))));
+    let zero_batch = Cache::builder(Fake::<u64>::builder("cfg").max_batch(0).build()).build();
+    let err = zero_batch.unwrap_err();
+    assert!(err.to_string().contains("max_batch_size"), "{err}");
+}

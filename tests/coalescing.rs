@@ -1,0 +1,138 @@
+//! The in-flight table: loads of one key across loaders of a process are
+//! joined, and cancelled callers leave nothing behind.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use loadlock::Cache;
+use rand::{Rng, SeedableRng};
+use support::{value_of, Fake};
+use tokio::sync::Barrier;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn loaders_of_one_cache_fetch_each_key_once() {
+    const LOADERS: usize = 64;
+    let provider = Fake::<u64>::builder("coalesce/64")
+        .delay(Duration::from_millis(20))
+        .build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    let barrier = Arc::new(Barrier::new(LOADERS));
+    let tasks: Vec<_> = (0..LOADERS)
+        .map(|i| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let loader = cache.loader();
+                let mut keys: Vec<u64> = (0..50).collect();
+                keys.rotate_left(i % 50);
+                barrier.wait().await;
+                // Half the loaders ask key by key, half all at once.
+                if i % 2 == 0 {
+                    join_all(keys.iter().map(|&k| loader.load(k)))
+                        .await
+                        .into_iter()
+                        .map(|r| r.map(|v| v.expect("found")))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|v| v.len())
+                } else {
+                    loader.load_many(keys).await.map(|m| m.len())
+                }
+            })
+        })
+        .collect();
+    for task in join_all(tasks).await {
+        assert_eq!(task.unwrap().unwrap(), 50);
+    }
+    let per_key = provider.fetches_per_key();
+    assert_eq!(per_key.len(), 50);
+    assert!(per_key.values().all(|&n| n == 1), "{per_key:?}");
+
+    let stats = cache.stats();
+    assert_eq!(stats.loads, (LOADERS * 50) as u64);
+    assert_eq!(stats.provider_keys, 50);
+    // Every load not fetched was answered by a tier.
+    assert_eq!(
+        stats.memo_hits + stats.coalesced + stats.store_hits + stats.provider_keys,
+        stats.loads
+    );
+    assert_eq!(stats.in_flight, 0);
+}
+
+/// Half of 1,000 concurrent loads are dropped at random points (before their
+/// batch dispatches, while it is in flight, or just before it settles); the
+/// rest complete with the right values and the in-flight table empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_loads_leave_nothing_behind() {
+    let provider = Fake::<u64>::builder("coalesce/cancel")
+        .delay(Duration::from_millis(30))
+        .build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for i in 0..1000u64 {
+        // 20 loaders (requests) of 50 loads each, over 300 keys.
+        let loader = cache.loader();
+        let key = rng.gen_range(0..300u64);
+        let cancel_after = Duration::from_micros(rng.gen_range(0..40_000));
+        let load = async move { loader.load(key).await };
+        if i % 2 == 0 {
+            kept.push(tokio::spawn(async move { (key, load.await) }));
+        } else {
+            dropped.push(tokio::spawn(async move {
+                // Dropped on timeout: the future is cancelled mid-load.
+                let _ = tokio::time::timeout(cancel_after, load).await;
+            }));
+        }
+    }
+    for task in join_all(dropped).await {
+        task.unwrap();
+    }
+    for task in join_all(kept).await {
+        let (key, result) = task.unwrap();
+        assert_eq!(result.unwrap(), Some(value_of(&key)));
+    }
+    // Batches whose callers all left before dispatch are dropped; the rest
+    // settle. Either way nothing stays in flight.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(cache.stats().in_flight, 0);
+    let per_key = provider.fetches_per_key();
+    assert!(per_key.values().all(|&n| n == 1), "{per_key:?}");
+}
+
+/// Same, with one loader per request asking for many keys and dropped
+/// futures inside one shared batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_some_callers_of_a_batch_does_not_stall_the_others() {
+    let provider = Fake::<u64>::builder("coalesce/partial")
+        .delay(Duration::from_millis(20))
+        .build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    let loader = cache.loader();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for key in 0..200u64 {
+        let loader = loader.clone();
+        if key % 2 == 0 {
+            kept.push(tokio::spawn(async move { (key, loader.load(key).await) }));
+        } else {
+            let after = Duration::from_micros(rng.gen_range(0..30_000));
+            dropped.push(tokio::spawn(async move {
+                let _ = tokio::time::timeout(after, loader.load(key)).await;
+            }));
+        }
+    }
+    for task in join_all(kept).await {
+        let (key, result) = task.unwrap();
+        assert_eq!(result.unwrap(), Some(value_of(&key)));
+    }
+    join_all(dropped).await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(cache.stats().in_flight, 0);
+    // Only keys somebody still waited for at dispatch were fetched.
+    let fetched = provider.keys_fetched();
+    assert!((100..=200).contains(&fetched), "{fetched}");
+}

@@ -1,0 +1,104 @@
+//! Provider errors and panics: every waiter gets the error, nothing is cached,
+//! nobody hangs.
+
+mod support;
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use futures::future::join_all;
+use loadlock::{Cache, Error};
+use support::{value_of, Fake, FakeError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn provider_error_fails_the_whole_batch_and_is_not_cached() {
+    let provider = Fake::<u64>::builder("fail/error")
+        .delay(Duration::from_millis(20))
+        .build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    provider.fail_next(1);
+
+    // One batch: three keys in one loader, plus a second loader joining key 1.
+    let loader = cache.loader();
+    let other = cache.loader();
+    let joiner = async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        other.load(1).await
+    };
+    let (a, b, c, joined) = tokio::join!(loader.load(1), loader.load(2), loader.load(3), joiner);
+    for result in [a, b, c, joined] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::Provider { .. }), "{err:?}");
+        assert!(err.is_provider());
+        let source = err.source().expect("provider error kept as source");
+        assert_eq!(source.to_string(), "fake provider error: told to fail");
+        assert_eq!(
+            err.provider_error::<FakeError>(),
+            Some(&FakeError("told to fail".into()))
+        );
+    }
+    assert_eq!(provider.call_count(), 1);
+    assert_eq!(cache.stats().coalesced, 1);
+    assert_eq!(cache.stats().errors, 4);
+
+    // The same loader retries: the failure was not memoized.
+    assert_eq!(loader.load(1).await.unwrap(), Some(value_of(&1)));
+    assert_eq!(provider.calls(), vec![vec![1, 2, 3], vec![1]]);
+    assert_eq!(cache.stats().in_flight, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_chunk_fails_the_batch() {
+    let provider = Fake::<u64>::builder("fail/chunk").max_batch(2).build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    provider.fail_next(1);
+    let err = cache.loader().load_many([1, 2, 3, 4]).await.unwrap_err();
+    assert!(matches!(err, Error::Provider { .. }));
+    // Nothing from the chunk that succeeded was cached either.
+    cache.loader().load_many([1, 2, 3, 4]).await.unwrap();
+    assert_eq!(provider.fetches_per_key()[&1], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn panicking_provider_fails_every_waiter_and_recovers() {
+    let provider = Fake::<u64>::builder("fail/panic")
+        .delay(Duration::from_millis(5))
+        .build();
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    provider.panic_next(1);
+
+    let loaders: Vec<_> = (0..10).map(|_| cache.loader()).collect();
+    let results = join_all(loaders.iter().map(|l| l.load_many([1, 2, 3]))).await;
+    for result in results {
+        match result.unwrap_err() {
+            Error::ProviderPanicked { message, namespace } => {
+                assert_eq!(&*message, "fake provider told to panic");
+                assert_eq!(&*namespace, "fail/panic");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(cache.stats().in_flight, 0);
+
+    let got = cache.loader().load_many([1, 2, 3]).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(provider.call_count(), 2);
+}
+
+#[tokio::test]
+async fn errors_display_clearly() {
+    let provider = Fake::<u64>::new("fail/display");
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    provider.fail_next(1);
+    let err = cache.loader().load(1).await.unwrap_err();
+    assert_eq!(err.to_string(), "provider `fail/display` failed");
+    let cfg = Cache::builder(provider)
+        .ttl(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        cfg.to_string(),
+        "invalid configuration: ttl must be greater than zero"
+    );
+    assert!(!cfg.is_provider());
+}

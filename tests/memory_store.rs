@@ -1,0 +1,110 @@
+//! The store conformance suite, run against `MemoryStore`, plus its own TTL
+//! behaviour under paused time.
+
+mod support;
+
+use std::time::Duration;
+
+use loadlock::{Cache, MemoryStore};
+use support::{conformance, Fake};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fill_then_hit() {
+    conformance::fill_then_hit(MemoryStore::new(), "mem/fill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn negative_entries() {
+    conformance::negative_entries(MemoryStore::new(), "mem/neg").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn exactly_once_between_instances() {
+    conformance::exactly_once_between_instances(MemoryStore::new(), "mem/once").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failure_caches_nothing() {
+    conformance::failure_caches_nothing(MemoryStore::new(), "mem/fail").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespaces_are_isolated() {
+    conformance::namespaces_are_isolated(MemoryStore::new(), "mem/iso").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn odd_keys_round_trip() {
+    conformance::odd_keys_round_trip(MemoryStore::new(), "mem/odd").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_expire() {
+    conformance::entries_expire(
+        MemoryStore::new(),
+        "mem/ttl",
+        Duration::from_secs(30),
+        |d| async move { tokio::time::advance(d + Duration::from_millis(1)).await },
+    )
+    .await;
+}
+
+/// Negative entries have their own TTL: no second call within it, one after.
+#[tokio::test(start_paused = true)]
+async fn negative_ttl_is_separate() {
+    let provider = Fake::builder("mem/negttl").not_found([404u64]).build();
+    let cache = Cache::builder(provider.clone())
+        .ttl(Duration::from_secs(600))
+        .negative_ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    assert_eq!(cache.loader().load(404).await.unwrap(), None);
+    assert_eq!(
+        cache.loader().load(1).await.unwrap().as_deref(),
+        Some("v:1")
+    );
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(cache.loader().load(404).await.unwrap(), None);
+    assert_eq!(provider.call_count(), 2, "negative entry fresh for 10 s");
+    assert_eq!(cache.stats().negative_hits, 1);
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(cache.loader().load(404).await.unwrap(), None);
+    assert_eq!(provider.calls(), vec![vec![404], vec![1], vec![404]]);
+
+    // The value's own TTL (600 s) has not run out.
+    cache.loader().load(1).await.unwrap();
+    assert_eq!(provider.call_count(), 3);
+}
+
+/// Expired entries are swept: `purge_expired` drops them, and a store never
+/// grows past what is fresh plus one sweep interval.
+#[tokio::test(start_paused = true)]
+async fn expired_entries_are_swept() {
+    let store = MemoryStore::new();
+    let provider = Fake::<u64>::new("mem/sweep");
+    let cache = Cache::builder(provider)
+        .store(store.clone())
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    cache.loader().load_many(0..100).await.unwrap();
+    assert_eq!(store.len(), 100);
+    assert_eq!(store.purge_expired(), 0);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(store.purge_expired(), 100);
+    assert!(store.is_empty());
+
+    // Lazy sweeping: 20 rounds of 1,000 fresh keys, each expiring before
+    // the next round, never leave more than two rounds' worth behind.
+    for round in 0..20u64 {
+        cache
+            .loader()
+            .load_many(round * 1000..(round + 1) * 1000)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(store.len() <= 2048 + 1000, "{} entries", store.len());
+    }
+}
