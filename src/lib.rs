@@ -110,6 +110,11 @@ pub use loader::Loader;
 pub use stats::Stats;
 pub use store::{MemoryStore, Store};
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod static_checks {
     //! Compile-time checks of auto traits and object safety.

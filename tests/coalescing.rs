@@ -136,3 +136,64 @@ async fn dropping_some_callers_of_a_batch_does_not_stall_the_others() {
     let fetched = provider.keys_fetched();
     assert!((100..=200).contains(&fetched), "{fetched}");
 }
+
+/// A key whose every caller left before its batch was dispatched is never
+/// sent to the provider.
+#[tokio::test(start_paused = true)]
+async fn keys_nobody_waits_for_are_not_dispatched() {
+    let provider = Fake::<u64>::new("coalesce/abandoned");
+    let cache = Cache::builder(provider.clone())
+        .batch_window(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let abandoned = tokio::time::timeout(Duration::from_millis(10), loader.load_many([2, 3]));
+    let (kept, gone) = tokio::join!(loader.load(1), abandoned);
+    assert!(gone.is_err(), "timed out before the window closed");
+    assert_eq!(kept.unwrap(), Some(value_of(&1)));
+    assert_eq!(provider.calls(), vec![vec![1]]);
+    // The abandoned keys were forgotten: asking again loads them.
+    assert_eq!(loader.load(2).await.unwrap(), Some(value_of(&2)));
+    assert_eq!(provider.calls(), vec![vec![1], vec![2]]);
+}
+
+/// A runtime that shuts down under a batch, before or after it dispatched,
+/// fails the batch's callers with `Error::Closed` instead of hanging them,
+/// and leaves nothing in flight.
+#[test]
+fn runtime_shutdown_fails_waiters_instead_of_hanging() {
+    for settle in [Duration::ZERO, Duration::from_millis(20)] {
+        let provider = Fake::<u64>::builder("coalesce/shutdown")
+            .delay(Duration::from_secs(3600))
+            .build();
+        let cache = Cache::builder(provider.clone())
+            .batch_window(Duration::from_millis(5))
+            .build()
+            .unwrap();
+        let doomed = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let loader = cache.loader();
+        let mut load = Box::pin(async move { loader.load(1).await });
+        doomed.block_on(async {
+            assert!(futures::poll!(load.as_mut()).is_pending());
+            tokio::time::sleep(settle).await;
+        });
+        let dispatched = provider.call_count();
+        drop(doomed);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let result =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), load).await });
+        match result {
+            Ok(Err(loadlock::Error::Closed)) => {}
+            other => panic!("expected Err(Closed), got {other:?} (dispatched: {dispatched})"),
+        }
+        assert_eq!(dispatched, usize::from(!settle.is_zero()));
+        assert_eq!(cache.stats().in_flight, 0);
+    }
+}
