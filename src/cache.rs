@@ -152,7 +152,14 @@ impl<F: BatchFetch> CacheInner<F> {
                     tally.negative_hits += 1;
                     None
                 }
-                Lookup::Miss => {
+                Lookup::Undecodable => {
+                    tally.undecodable += 1;
+                    missing.push(i);
+                    None
+                }
+                // `Lookup` is non-exhaustive for other stores; anything else
+                // is a miss.
+                _ => {
                     missing.push(i);
                     None
                 }
@@ -187,6 +194,7 @@ impl<F: BatchFetch> CacheInner<F> {
             values[i] = match answer {
                 Filled::Stored(value) => {
                     tally.store_hits += 1;
+                    tally.store_hits_after_lock += 1;
                     tally.negative_hits += usize::from(value.is_none());
                     value
                 }
@@ -207,6 +215,8 @@ pub(crate) struct Tally {
     pub(crate) coalesced: usize,
     pub(crate) store_hits: usize,
     pub(crate) negative_hits: usize,
+    pub(crate) store_hits_after_lock: usize,
+    pub(crate) undecodable: usize,
     pub(crate) fetched: usize,
 }
 
@@ -214,6 +224,8 @@ impl Tally {
     pub(crate) fn record(&self, counters: &Counters) {
         Counters::add(&counters.store_hits, self.store_hits);
         Counters::add(&counters.negative_hits, self.negative_hits);
+        Counters::add(&counters.store_hits_after_lock, self.store_hits_after_lock);
+        Counters::add(&counters.undecodable, self.undecodable);
     }
 }
 

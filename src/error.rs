@@ -52,6 +52,19 @@ pub enum Error {
         source: Option<SharedError>,
     },
 
+    /// A fill waited longer than the store's lock timeout for its keys'
+    /// locks (another instance held them). Nothing was fetched or written;
+    /// loading again later is safe.
+    #[error("timed out after {timeout:?} waiting for the locks of {keys} key(s) in `{namespace}`")]
+    LockTimeout {
+        /// The namespace of the keys.
+        namespace: Arc<str>,
+        /// How many keys the fill was locking.
+        keys: usize,
+        /// The configured lock timeout.
+        timeout: std::time::Duration,
+    },
+
     /// The task that was loading this key went away before it finished
     /// (the runtime shut down while a batch was in flight).
     #[error("the load was abandoned before it finished (runtime shutting down?)")]

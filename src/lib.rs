@@ -108,6 +108,8 @@ pub use error::Error;
 pub use fetch::BatchFetch;
 pub use loader::Loader;
 pub use stats::Stats;
+#[cfg(feature = "postgres")]
+pub use store::postgres::{LockMode, PgStore, PgStoreBuilder};
 pub use store::{MemoryStore, Store};
 
 /// The README's examples, compiled and run as doctests.

@@ -1,6 +1,7 @@
 //! Counters kept by a [`Cache`](crate::Cache) and the [`Stats`] snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// A read-only snapshot of a cache's counters, from
 /// [`Cache::stats`](crate::Cache::stats).
@@ -27,6 +28,19 @@ pub struct Stats {
     pub store_hits: u64,
     /// The part of `store_hits` that were negative entries ("not found").
     pub negative_hits: u64,
+    /// The part of `store_hits` found only by the re-read after taking the
+    /// keys' locks: another instance (or loader) filled them while this one
+    /// waited.
+    pub store_hits_after_lock: u64,
+    /// Entries the store held that no longer decoded into `Value` (schema
+    /// drift); each was treated as a miss and fetched again.
+    pub undecodable: u64,
+    /// Fills that took the store's locks.
+    pub lock_waits: u64,
+    /// Time spent waiting for the store's locks, over all fills.
+    pub lock_wait_total: Duration,
+    /// The longest single wait for the store's locks.
+    pub lock_wait_max: Duration,
     /// Batches dispatched by loaders (one per batch window that had keys).
     pub batches: u64,
     /// Calls made to the provider's `fetch`.
@@ -62,6 +76,11 @@ pub(crate) struct Counters {
     pub(crate) coalesced: AtomicU64,
     pub(crate) store_hits: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
+    pub(crate) store_hits_after_lock: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
+    pub(crate) lock_waits: AtomicU64,
+    pub(crate) lock_wait_total_us: AtomicU64,
+    pub(crate) lock_wait_max_us: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) provider_calls: AtomicU64,
     pub(crate) provider_keys: AtomicU64,
@@ -75,6 +94,13 @@ impl Counters {
         }
     }
 
+    pub(crate) fn record_lock_wait(&self, waited: Duration) {
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.lock_waits.fetch_add(1, Relaxed);
+        self.lock_wait_total_us.fetch_add(micros, Relaxed);
+        self.lock_wait_max_us.fetch_max(micros, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, in_flight: usize) -> Stats {
         Stats {
             loads: self.loads.load(Relaxed),
@@ -82,6 +108,11 @@ impl Counters {
             coalesced: self.coalesced.load(Relaxed),
             store_hits: self.store_hits.load(Relaxed),
             negative_hits: self.negative_hits.load(Relaxed),
+            store_hits_after_lock: self.store_hits_after_lock.load(Relaxed),
+            undecodable: self.undecodable.load(Relaxed),
+            lock_waits: self.lock_waits.load(Relaxed),
+            lock_wait_total: Duration::from_micros(self.lock_wait_total_us.load(Relaxed)),
+            lock_wait_max: Duration::from_micros(self.lock_wait_max_us.load(Relaxed)),
             batches: self.batches.load(Relaxed),
             provider_calls: self.provider_calls.load(Relaxed),
             provider_keys: self.provider_keys.load(Relaxed),

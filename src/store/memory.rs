@@ -24,8 +24,8 @@ use crate::{BatchFetch, Error};
 ///
 /// Entries are kept per `(namespace, key)` with the key's `Display` form, as
 /// a shared store keeps them. An entry whose value has another type than the
-/// reading cache's `Value` (two providers given one namespace) reads as a
-/// miss and is overwritten.
+/// reading cache's `Value` (two providers given one namespace) reads as
+/// [`Lookup::Undecodable`]: a miss, fetched again and overwritten.
 ///
 /// Expiry uses [`tokio::time::Instant`], so tests with paused time can
 /// advance past a TTL. Expired entries are dropped lazily: overwritten on the
@@ -89,7 +89,7 @@ impl MemoryStore {
             None => Lookup::NegativeHit,
             Some(value) => match value.downcast_ref::<V>() {
                 Some(value) => Lookup::Hit(value.clone()),
-                None => Lookup::Miss,
+                None => Lookup::Undecodable,
             },
         }
     }
@@ -142,7 +142,9 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
             .iter()
             .map(|key| lock_id(namespace, key))
             .collect();
+        let started = std::time::Instant::now();
         let _held = self.inner.locks.lock_all(ids).await;
+        fill.record_lock_wait(started.elapsed());
 
         // Re-read: another fill may have written while we waited.
         let now = Instant::now();
@@ -157,7 +159,7 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
             answers.push(match self.lookup(entry_key, now) {
                 Lookup::Hit(value) => Filled::Stored(Some(value)),
                 Lookup::NegativeHit => Filled::Stored(None),
-                Lookup::Miss => {
+                Lookup::Miss | Lookup::Undecodable => {
                     missing.push(i);
                     // Replaced below by what the provider answers.
                     Filled::Fetched(None)

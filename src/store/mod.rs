@@ -18,6 +18,8 @@
 //! processes.
 
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,8 +40,12 @@ pub enum Lookup<V> {
     Hit(V),
     /// A fresh negative entry: the provider said it has no such resource.
     NegativeHit,
-    /// Nothing fresh: absent, expired, or an entry that no longer decodes.
+    /// Nothing fresh: absent or expired.
     Miss,
+    /// An entry exists but no longer decodes into the cache's `Value` (its
+    /// shape changed): treated as a miss, fetched again and overwritten, and
+    /// counted in [`Stats::undecodable`](crate::Stats::undecodable).
+    Undecodable,
 }
 
 /// The answer for one key of a [`Store::fill`].
@@ -142,6 +148,13 @@ impl<F: BatchFetch> Fill<'_, F> {
         self.negative_ttl
     }
 
+    /// Reports how long the fill waited for its keys' locks; counted in
+    /// [`Stats::lock_wait_total`](crate::Stats::lock_wait_total) and
+    /// [`Stats::lock_wait_max`](crate::Stats::lock_wait_max).
+    pub fn record_lock_wait(&self, waited: Duration) {
+        self.counters.record_lock_wait(waited);
+    }
+
     /// Asks the provider for `keys`, in as few calls as its
     /// `max_batch_size` allows. Call it only while the keys' locks are held,
     /// with only the keys still missing. A key absent from the answer is not
@@ -176,17 +189,49 @@ impl<F: BatchFetch> fmt::Debug for Fill<'_, F> {
 /// share an id; that only makes one wait for the other, never returns a wrong
 /// value, since entries are stored under the full key.
 pub fn lock_id(namespace: &str, key: &str) -> i64 {
+    fnv1a(namespace, 0xff, key)
+}
+
+/// The 64-bit lock id that stands for a whole namespace (used by
+/// [`LockMode::Namespace`](crate::LockMode::Namespace)): FNV-1a over the
+/// namespace and a `0xfe` separator, so it never equals a key's
+/// [`lock_id`] by construction of the input (a collision of hashes remains
+/// possible and, as with keys, only adds waiting).
+pub fn namespace_lock_id(namespace: &str) -> i64 {
+    fnv1a(namespace, 0xfe, "")
+}
+
+fn fnv1a(namespace: &str, separator: u8, key: &str) -> i64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
     let bytes = namespace
         .as_bytes()
         .iter()
-        .chain(std::iter::once(&0xff))
+        .chain(std::iter::once(&separator))
         .chain(key.as_bytes());
     for &byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(PRIME);
     }
+    // The bits as Postgres' bigint.
     hash as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pinned: every instance of a fleet, whatever its version, must derive
+    /// the same ids. A change here is a breaking change of the protocol.
+    #[test]
+    fn lock_ids_are_pinned() {
+        // Computed independently (FNV-1a 64, offset 0xcbf29ce484222325,
+        // prime 0x100000001b3; "a" hashes to 0xaf63dc4c8601ec8c).
+        assert_eq!(lock_id("users/v1", "42"), -1_177_130_794_309_126_684);
+        assert_eq!(namespace_lock_id("users/v1"), -782_140_159_390_205_135);
+        assert_eq!(fnv1a("", b'a', "") as u64, 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(lock_id("users/v1", "42"), lock_id("users/v1", "43"));
+        assert_ne!(lock_id("a", "bc"), lock_id("ab", "c"));
+    }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod conformance;
+pub mod pg;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Display};
@@ -36,6 +37,7 @@ struct Inner<K> {
     namespace: String,
     max_batch: usize,
     delay: Duration,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
     calls: Mutex<Vec<Vec<K>>>,
     fail_next: AtomicUsize,
@@ -95,6 +97,7 @@ pub struct FakeBuilder<K> {
     namespace: String,
     max_batch: usize,
     delay: Duration,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
 }
 
@@ -104,6 +107,7 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
             namespace: namespace.into(),
             max_batch: 100,
             delay: Duration::ZERO,
+            gate: None,
             not_found: HashSet::new(),
         }
     }
@@ -119,6 +123,13 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
         self
     }
 
+    /// Each call takes (and keeps) one permit of `gate` before answering, so
+    /// a test can hold calls mid-fetch.
+    pub fn gate(mut self, gate: Arc<tokio::sync::Semaphore>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     pub fn not_found(mut self, keys: impl IntoIterator<Item = K>) -> Self {
         self.not_found.extend(keys);
         self
@@ -130,6 +141,7 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
                 namespace: self.namespace,
                 max_batch: self.max_batch,
                 delay: self.delay,
+                gate: self.gate,
                 not_found: self.not_found,
                 calls: Mutex::new(Vec::new()),
                 fail_next: AtomicUsize::new(0),
@@ -166,6 +178,9 @@ where
         self.inner.calls.lock().unwrap().push(keys.to_vec());
         if !self.inner.delay.is_zero() {
             tokio::time::sleep(self.inner.delay).await;
+        }
+        if let Some(gate) = &self.inner.gate {
+            gate.acquire().await.expect("gate open").forget();
         }
         if take_one(&self.inner.panic_next) {
             panic!("fake provider told to panic");

@@ -1,0 +1,92 @@
+//! [`PgStore::migrate`]: creates and upgrades the table, once, however many
+//! instances start at the same moment.
+
+use sqlx::Row;
+
+use super::sql::{history_table, MIGRATIONS};
+use super::PgStore;
+use crate::store::lock_id;
+use crate::Error;
+
+impl PgStore {
+    /// Creates the table (and its schema, if qualified) or upgrades it to the
+    /// current version, recording applied versions in `<table>_migrations`.
+    ///
+    /// Idempotent, and safe to call from every instance at startup: one
+    /// transaction, serialized by an advisory lock on the table's name, so
+    /// concurrent calls apply each migration exactly once and the others find
+    /// nothing left to do.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled migration rolls back as a whole.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when a statement fails (for example, the role may not
+    /// create tables), or when the table was migrated by a newer version of
+    /// this crate than this one.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let table = &inner.table;
+        let fail = |doing: &str, err| self.error(doing, err);
+
+        let mut tx = inner
+            .pool
+            .begin()
+            .await
+            .map_err(|e| fail("starting the migration", e))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_id("loadlock/migrate", &table.to_string()))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fail("taking the migration lock", e))?;
+        for statement in history_table(table) {
+            sqlx::query(&statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| fail("creating the migration history", e))?;
+        }
+        let applied: i32 = sqlx::query(&format!(
+            "SELECT coalesce(max(version), 0) FROM {}",
+            table.quoted("_migrations")
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| fail("reading the migration history", e))?;
+
+        let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+        if applied > latest {
+            return Err(Error::Store {
+                message: format!(
+                    "table {table} is at schema version {applied}, newer than this \
+                     version of loadlock knows ({latest}); upgrade loadlock"
+                )
+                .into(),
+                source: None,
+            });
+        }
+        for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
+            for statement in (migration.statements)(table, inner.unlogged) {
+                sqlx::query(&statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| fail(migration.description, e))?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {} (version, description) VALUES ($1, $2)",
+                table.quoted("_migrations")
+            ))
+            .bind(migration.version)
+            .bind(migration.description)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fail("recording a migration", e))?;
+            tracing::info!(%table, version = migration.version, "applied cache table migration");
+        }
+        tx.commit()
+            .await
+            .map_err(|e| fail("committing the migration", e))
+    }
+}

@@ -1,0 +1,105 @@
+//! The statements of the Postgres protocol, built once per store for its
+//! (validated, quoted) table. Every value is a bound parameter.
+
+use super::table::TableName;
+
+/// The statements a [`PgStore`](super::PgStore) runs.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// `$1` namespace, `$2` keys: fresh rows only, by the database clock.
+    pub(crate) select_fresh: String,
+    /// `$1` lock ids: all of them, in one statement, ascending. The outer
+    /// `ORDER BY` is what guarantees the order (output expressions are
+    /// evaluated after the sort); the lock function is never in a `WHERE`.
+    pub(crate) lock: &'static str,
+    /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
+    /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
+    pub(crate) bound_transaction: &'static str,
+    /// `$1` namespace, `$2` keys (deduplicated, sorted), `$3` JSON text or
+    /// NULL for negative entries, `$4` TTL seconds, `$5` negative TTL
+    /// seconds. Expiry is computed from the database clock.
+    pub(crate) upsert: String,
+    /// `$1` how many expired rows to delete at most.
+    pub(crate) purge_expired: String,
+}
+
+impl Statements {
+    pub(crate) fn new(table: &TableName) -> Self {
+        let t = table.quoted("");
+        Statements {
+            select_fresh: format!(
+                "SELECT key, value FROM {t} \
+                 WHERE namespace = $1 AND key = ANY($2::text[]) AND expires_at > now()"
+            ),
+            lock: "SELECT pg_advisory_xact_lock(id) \
+                   FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id",
+            bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
+                                set_config('idle_in_transaction_session_timeout', $2, true)",
+            upsert: format!(
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at) \
+                 SELECT $1, u.key, u.value::jsonb, statement_timestamp(), \
+                        statement_timestamp() + make_interval(secs => \
+                            CASE WHEN u.value IS NULL THEN $5::float8 ELSE $4::float8 END) \
+                 FROM unnest($2::text[], $3::text[]) AS u(key, value) \
+                 ORDER BY u.key \
+                 ON CONFLICT (namespace, key) DO UPDATE \
+                 SET value = EXCLUDED.value, fetched_at = EXCLUDED.fetched_at, \
+                     expires_at = EXCLUDED.expires_at"
+            ),
+            purge_expired: format!(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
+                     SELECT ctid FROM {t} WHERE expires_at <= now() \
+                     LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 AND expires_at <= now()"
+            ),
+        }
+    }
+}
+
+/// One step of the schema's history. Applied in order, each once, under an
+/// advisory lock; the applied versions are kept in `<table>_migrations`.
+pub(crate) struct Migration {
+    pub(crate) version: i32,
+    pub(crate) description: &'static str,
+    pub(crate) statements: fn(&TableName, bool) -> Vec<String>,
+}
+
+/// The schema's history. Append only: a released migration never changes.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "cache table",
+    statements: |table, unlogged| {
+        let unlogged = if unlogged { "UNLOGGED " } else { "" };
+        // No index beyond the primary key: `value`, `fetched_at` and
+        // `expires_at` change on every refill, and an index on any of them
+        // would rule out HOT updates. The fill factor leaves room on each
+        // page for those updates.
+        vec![format!(
+            "CREATE {unlogged}TABLE IF NOT EXISTS {} ( \
+                 namespace text NOT NULL, \
+                 key text NOT NULL, \
+                 value jsonb, \
+                 fetched_at timestamptz NOT NULL, \
+                 expires_at timestamptz NOT NULL, \
+                 PRIMARY KEY (namespace, key) \
+             ) WITH (fillfactor = 80)",
+            table.quoted("")
+        )]
+    },
+}];
+
+/// The statements that create the migration history table.
+pub(crate) fn history_table(table: &TableName) -> Vec<String> {
+    let mut statements = Vec::new();
+    if let Some(schema) = table.schema() {
+        statements.push(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""));
+    }
+    statements.push(format!(
+        "CREATE TABLE IF NOT EXISTS {} ( \
+             version integer PRIMARY KEY, \
+             description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        table.quoted("_migrations")
+    ));
+    statements
+}

@@ -1,0 +1,516 @@
+//! [`PgStore`] and its builder: the protocol of the shared tier.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgPool, PgRow, Postgres};
+use sqlx::types::Json;
+use sqlx::{Executor, Row};
+
+use super::sql::Statements;
+use super::table::TableName;
+use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup, Store};
+use crate::{BatchFetch, Error};
+
+/// The default table: `loadlock_cache`, in the connection's search path.
+const DEFAULT_TABLE: &str = "loadlock_cache";
+
+/// How a fill locks what it fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LockMode {
+    /// One advisory lock per key (the default): fills of disjoint keys run
+    /// concurrently, fills of the same key are serialized.
+    #[default]
+    PerKey,
+    /// One advisory lock per namespace: at most one fill of the namespace
+    /// runs at a time across the fleet ("serial batches"), for providers
+    /// that forbid concurrent calls. Exactly-once holds the same way.
+    Namespace,
+}
+
+/// The shared store: a Postgres table, filled under
+/// `pg_advisory_xact_lock`. See the [module documentation](super) for the
+/// protocol and the table.
+///
+/// Cheap to clone (an `Arc` inside); clones share the pool and settings.
+/// One store may serve many caches (providers): rows and locks are scoped by
+/// namespace.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use loadlock::{LockMode, PgStore};
+///
+/// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+/// let store = PgStore::builder(pool)
+///     .table("cache.entries")
+///     .lock_mode(LockMode::PerKey)
+///     .lock_timeout(Duration::from_secs(5))
+///     .build()?;
+/// store.migrate().await?; // at startup; safe when many instances start at once
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgStore {
+    pub(super) inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) pool: PgPool,
+    pub(super) table: TableName,
+    pub(super) unlogged: bool,
+    lock_mode: LockMode,
+    lock_timeout: Duration,
+    idle_in_transaction_timeout: Duration,
+    max_locks_per_transaction: usize,
+    sql: Statements,
+    round_trips: AtomicU64,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("PgStore")
+            .field("table", &inner.table.to_string())
+            .field("unlogged", &inner.unlogged)
+            .field("lock_mode", &inner.lock_mode)
+            .field("lock_timeout", &inner.lock_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &inner.idle_in_transaction_timeout,
+            )
+            .field(
+                "max_locks_per_transaction",
+                &inner.max_locks_per_transaction,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// A store on `pool` with every default (see [`PgStoreBuilder`]).
+    pub fn new(pool: PgPool) -> Self {
+        PgStore::builder(pool)
+            .build()
+            .expect("the default settings are valid")
+    }
+
+    /// Starts configuring a store on `pool`.
+    pub fn builder(pool: PgPool) -> PgStoreBuilder {
+        PgStoreBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            unlogged: false,
+            lock_mode: LockMode::PerKey,
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            max_locks_per_transaction: 1000,
+        }
+    }
+
+    /// The table this store reads and writes.
+    pub fn table(&self) -> &TableName {
+        &self.inner.table
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The lock mode.
+    pub fn lock_mode(&self) -> LockMode {
+        self.inner.lock_mode
+    }
+
+    /// Statements this store has sent to the database so far, `BEGIN` and
+    /// `COMMIT` included: each is one round trip.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Deletes at most `limit` expired rows (of every namespace), skipping
+    /// rows another transaction has locked, so it never blocks a fill; returns
+    /// how many it deleted. Call it periodically (for example every minute
+    /// with a limit of 10,000) to keep the table small; a cache works without
+    /// it, since expired rows are misses and refills overwrite them.
+    ///
+    /// `expires_at` is deliberately not indexed (it changes on every refill,
+    /// and an index would rule out HOT updates), so each call scans until it
+    /// has found `limit` expired rows.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the statement fails.
+    pub async fn purge_expired(&self, limit: usize) -> Result<u64, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.count_round_trips(1);
+        let done = sqlx::query(&self.inner.sql.purge_expired)
+            .bind(limit)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| self.error("purging expired rows", e))?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) fn count_round_trips(&self, n: u64) {
+        self.inner.round_trips.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Maps a database error, naming the missing table when that is the
+    /// cause.
+    pub(super) fn error(&self, doing: &str, err: sqlx::Error) -> Error {
+        if sql_state(&err).as_deref() == Some("42P01") {
+            return Error::store(
+                format!(
+                    "{doing}: table {} does not exist; call PgStore::migrate() once at startup",
+                    self.inner.table
+                ),
+                err,
+            );
+        }
+        Error::store(format!("{doing} ({})", self.inner.table), err)
+    }
+
+    async fn select_fresh<'c, E, V>(
+        &self,
+        executor: E,
+        namespace: &str,
+        keys: &[String],
+    ) -> Result<Vec<Lookup<V>>, Error>
+    where
+        E: Executor<'c, Database = Postgres>,
+        V: serde::de::DeserializeOwned + Clone,
+    {
+        self.count_round_trips(1);
+        let rows = sqlx::query(&self.inner.sql.select_fresh)
+            .bind(namespace)
+            .bind(keys)
+            .fetch_all(executor)
+            .await
+            .map_err(|e| self.error("reading cache rows", e))?;
+        let position: HashMap<&str, usize> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (key.as_str(), i))
+            .collect();
+        let mut found = vec![Lookup::Miss; keys.len()];
+        for row in rows {
+            let Some(&i) = row
+                .try_get::<&str, _>(0)
+                .ok()
+                .and_then(|key| position.get(key))
+            else {
+                continue;
+            };
+            found[i] = decode_value(&row, namespace, &keys[i]);
+        }
+        Ok(found)
+    }
+
+    /// One fill transaction over `group` (indices into `fill.keys()`).
+    async fn fill_group<F: BatchFetch>(
+        &self,
+        fill: &Fill<'_, F>,
+        displayed: &[String],
+        group: &[usize],
+        answers: &mut [Option<Filled<F::Value>>],
+    ) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let namespace = fill.namespace();
+        let keys: Vec<String> = group.iter().map(|&i| displayed[i].clone()).collect();
+        let ids: Vec<i64> = match inner.lock_mode {
+            LockMode::PerKey => keys.iter().map(|key| lock_id(namespace, key)).collect(),
+            LockMode::Namespace => vec![namespace_lock_id(namespace)],
+        };
+
+        // Dropping `tx` before COMMIT (an error, or a cancelled fill) rolls
+        // back, which releases the locks and writes nothing.
+        self.count_round_trips(1);
+        let mut tx = inner
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(|e| self.error("starting a fill transaction", e))?;
+        self.count_round_trips(1);
+        sqlx::query(inner.sql.bound_transaction)
+            .bind(pg_millis(inner.lock_timeout))
+            .bind(pg_millis(inner.idle_in_transaction_timeout))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("bounding the fill transaction", e))?;
+
+        let started = Instant::now();
+        self.count_round_trips(1);
+        let locked = sqlx::query(inner.sql.lock)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await;
+        fill.record_lock_wait(started.elapsed());
+        if let Err(err) = locked {
+            if sql_state(&err).as_deref() == Some("55P03") {
+                return Err(Error::LockTimeout {
+                    namespace: namespace.into(),
+                    keys: keys.len(),
+                    timeout: inner.lock_timeout,
+                });
+            }
+            return Err(self.error("taking the keys' locks", err));
+        }
+
+        // A new statement, so a new snapshot: it sees what others committed
+        // while we waited for the locks.
+        let reread: Vec<Lookup<F::Value>> = self.select_fresh(&mut *tx, namespace, &keys).await?;
+        let mut missing = Vec::new();
+        for (&i, lookup) in group.iter().zip(reread) {
+            match lookup {
+                Lookup::Hit(value) => answers[i] = Some(Filled::Stored(Some(value))),
+                Lookup::NegativeHit => answers[i] = Some(Filled::Stored(None)),
+                _ => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            self.count_round_trips(1);
+            return tx
+                .commit()
+                .await
+                .map_err(|e| self.error("ending a fill transaction", e));
+        }
+
+        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
+        let mut fetched = fill.fetch(&missing_keys).await?;
+
+        let mut rows: Vec<(&str, Option<String>)> = Vec::with_capacity(missing.len());
+        for (&i, key) in missing.iter().zip(&missing_keys) {
+            let value = fetched.remove(key);
+            let json = match &value {
+                Some(value) => Some(serde_json::to_string(value).map_err(|e| {
+                    Error::store(format!("value of key {:?} is not JSON", displayed[i]), e)
+                })?),
+                None => None,
+            };
+            rows.push((displayed[i].as_str(), json));
+            answers[i] = Some(Filled::Fetched(value));
+        }
+        // Sorted (so concurrent upserts take row locks in one order) and
+        // deduplicated (one statement may not touch a row twice).
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) = rows.into_iter().unzip();
+        self.count_round_trips(1);
+        sqlx::query(&inner.sql.upsert)
+            .bind(namespace)
+            .bind(&row_keys)
+            .bind(&row_values)
+            .bind(fill.ttl().as_secs_f64())
+            .bind(fill.negative_ttl().as_secs_f64())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("writing cache rows", e))?;
+        self.count_round_trips(1);
+        tx.commit()
+            .await
+            .map_err(|e| self.error("committing a fill", e))
+    }
+}
+
+#[async_trait::async_trait]
+impl<F: BatchFetch> Store<F> for PgStore {
+    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
+        let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        self.select_fresh(&self.inner.pool, namespace, &displayed)
+            .await
+    }
+
+    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
+        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
+        let mut answers: Vec<Option<Filled<F::Value>>> =
+            (0..displayed.len()).map(|_| None).collect();
+        let indices: Vec<usize> = (0..displayed.len()).collect();
+        let group_size = match self.inner.lock_mode {
+            LockMode::PerKey => self.inner.max_locks_per_transaction,
+            LockMode::Namespace => indices.len().max(1),
+        };
+        // Groups run one after another: a transaction never waits for a lock
+        // while holding another group's locks.
+        for group in indices.chunks(group_size) {
+            self.fill_group(&fill, &displayed, group, &mut answers)
+                .await?;
+        }
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.ok_or_else(|| Error::Store {
+                    message: "a fill left a key unanswered".into(),
+                    source: None,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Decodes a row's value: a hit, a negative entry (NULL), or undecodable.
+fn decode_value<V: serde::de::DeserializeOwned>(
+    row: &PgRow,
+    namespace: &str,
+    key: &str,
+) -> Lookup<V> {
+    match row.try_get::<Option<Json<V>>, _>(1) {
+        Ok(Some(Json(value))) => Lookup::Hit(value),
+        Ok(None) => Lookup::NegativeHit,
+        Err(err) => {
+            tracing::warn!(
+                namespace,
+                key,
+                error = %err,
+                "cached row does not decode into the value type; fetching it again"
+            );
+            Lookup::Undecodable
+        }
+    }
+}
+
+fn sql_state(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned())
+}
+
+/// A duration as a Postgres setting value, in whole milliseconds (at least 1;
+/// 0 would mean "no limit").
+fn pg_millis(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis().max(1))
+}
+
+/// Configures a [`PgStore`]; from [`PgStore::builder`].
+///
+/// | setting | default |
+/// |---|---|
+/// | [`table`](Self::table) | `loadlock_cache` |
+/// | [`unlogged`](Self::unlogged) | `false` |
+/// | [`lock_mode`](Self::lock_mode) | [`LockMode::PerKey`] |
+/// | [`lock_timeout`](Self::lock_timeout) | 10 s |
+/// | [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout) | 60 s |
+/// | [`max_locks_per_transaction`](Self::max_locks_per_transaction) | 1,000 |
+#[must_use = "a builder does nothing until .build() is called"]
+pub struct PgStoreBuilder {
+    pool: PgPool,
+    table: String,
+    unlogged: bool,
+    lock_mode: LockMode,
+    lock_timeout: Duration,
+    idle_in_transaction_timeout: Duration,
+    max_locks_per_transaction: usize,
+}
+
+impl fmt::Debug for PgStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStoreBuilder")
+            .field("table", &self.table)
+            .field("unlogged", &self.unlogged)
+            .field("lock_mode", &self.lock_mode)
+            .field("lock_timeout", &self.lock_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
+            .field("max_locks_per_transaction", &self.max_locks_per_transaction)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStoreBuilder {
+    /// The table, `table` or `schema.table` (see [`TableName`]); validated by
+    /// [`build`](Self::build).
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// Whether [`PgStore::migrate`] creates the table `UNLOGGED`.
+    ///
+    /// An unlogged table skips the write-ahead log: fills write faster and
+    /// put no load on WAL archiving, but the table is **emptied after a
+    /// crash** of the database server and is **not replicated** to standbys
+    /// (a failover starts with an empty cache). For a cache, both only cost
+    /// refetches. Applies when the table is created; an existing table is
+    /// left as it is (`ALTER TABLE … SET UNLOGGED` changes it).
+    pub fn unlogged(mut self, unlogged: bool) -> Self {
+        self.unlogged = unlogged;
+        self
+    }
+
+    /// How fills lock their keys; see [`LockMode`].
+    pub fn lock_mode(mut self, mode: LockMode) -> Self {
+        self.lock_mode = mode;
+        self
+    }
+
+    /// How long a fill waits for its keys' locks before failing with
+    /// [`Error::LockTimeout`]. At least 1 ms.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// How long a fill transaction may sit idle, which is how long the
+    /// provider may take while the keys' locks are held. Past it, the server
+    /// ends the session: the locks are released and the load fails with
+    /// [`Error::Store`], so a hung provider cannot hold keys forever. At
+    /// least 1 ms.
+    pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// The most keys one fill transaction locks; larger miss sets are filled
+    /// in several transactions, one after another. The server's lock table is
+    /// shared and finite (default settings fail near 10–20 thousand locks in
+    /// one transaction). At least 1.
+    pub fn max_locks_per_transaction(mut self, max: usize) -> Self {
+        self.max_locks_per_transaction = max;
+        self
+    }
+
+    /// Builds the store. It does not touch the database: call
+    /// [`PgStore::migrate`] at startup.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid table name, a zero timeout or a zero
+    /// lock cap.
+    pub fn build(self) -> Result<PgStore, Error> {
+        let table = TableName::parse(&self.table)?;
+        if self.lock_timeout < Duration::from_millis(1) {
+            return Err(Error::config("lock_timeout must be at least 1 ms"));
+        }
+        if self.idle_in_transaction_timeout < Duration::from_millis(1) {
+            return Err(Error::config(
+                "idle_in_transaction_timeout must be at least 1 ms",
+            ));
+        }
+        if self.max_locks_per_transaction == 0 {
+            return Err(Error::config(
+                "max_locks_per_transaction must be at least 1",
+            ));
+        }
+        let sql = Statements::new(&table);
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                table,
+                unlogged: self.unlogged,
+                lock_mode: self.lock_mode,
+                lock_timeout: self.lock_timeout,
+                idle_in_transaction_timeout: self.idle_in_transaction_timeout,
+                max_locks_per_transaction: self.max_locks_per_transaction,
+                sql,
+                round_trips: AtomicU64::new(0),
+            }),
+        })
+    }
+}

@@ -1,0 +1,443 @@
+//! PgStore against a real PostgreSQL: the conformance suite, the protocol
+//! (locks, re-read, timeouts, round trips), migration, bad input.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use loadlock::store::lock_id;
+use loadlock::{Cache, Error, LockMode, PgStore};
+use sqlx::{Connection, PgConnection};
+use support::pg::TestDb;
+use support::{conformance, value_of, Fake};
+use tokio::sync::{Barrier, Semaphore};
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            let db = TestDb::new(stringify!($name)).await;
+            let store = db.store(LockMode::PerKey).await;
+            conformance::$name(store, concat!("pg/", stringify!($name))).await;
+            db.cleanup().await;
+        }
+    )*};
+}
+
+conformance_tests!(
+    fill_then_hit,
+    negative_entries,
+    exactly_once_between_instances,
+    failure_caches_nothing,
+    namespaces_are_isolated,
+    odd_keys_round_trip,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire() {
+    let db = TestDb::new("expire").await;
+    let store = db.store(LockMode::PerKey).await;
+    // Expiry is computed by the database clock: real time passes here.
+    conformance::entries_expire(store, "pg/expire", Duration::from_secs(2), |d| async move {
+        tokio::time::sleep(d + Duration::from_millis(50)).await
+    })
+    .await;
+    db.cleanup().await;
+}
+
+/// The conformance suite's exactly-once property holds in namespace mode too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_between_instances_namespace_mode() {
+    let db = TestDb::new("once_ns").await;
+    let store = db.store(LockMode::Namespace).await;
+    conformance::exactly_once_between_instances(store, "pg/once_ns").await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrate_applies_once() {
+    let db = TestDb::new("migrate").await;
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(
+            PgStore::builder(db.pool(2).await)
+                .table(db.table())
+                .unlogged(true)
+                .build()
+                .unwrap(),
+        );
+    }
+    let barrier = Arc::new(Barrier::new(stores.len()));
+    let results = join_all(stores.iter().map(|store| {
+        let barrier = barrier.clone();
+        async move {
+            barrier.wait().await;
+            store.migrate().await
+        }
+    }))
+    .await;
+    for result in results {
+        result.expect("every concurrent migrate succeeds");
+    }
+    // Once more, later: nothing to do, no error.
+    stores[0].migrate().await.unwrap();
+
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let history: Vec<(i32, String)> = sqlx::query_as(&format!(
+        "SELECT version, description FROM {}.cache_migrations ORDER BY version",
+        db.schema
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(history, vec![(1, "cache table".to_string())]);
+    let persistence: String = sqlx::query_scalar(
+        "SELECT relpersistence::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = 'cache'",
+    )
+    .bind(&db.schema)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(persistence, "u", "created UNLOGGED");
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_missing_table_says_to_migrate() {
+    let db = TestDb::new("unmigrated").await;
+    let store = PgStore::builder(db.pool(2).await)
+        .table(db.table())
+        .build()
+        .unwrap();
+    let cache = Cache::builder(Fake::<u64>::new("pg/unmigrated"))
+        .store(store)
+        .build()
+        .unwrap();
+    let err = cache.loader().load(1).await.unwrap_err();
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert!(err.to_string().contains("migrate()"), "{err}");
+    assert!(err.to_string().contains(&db.table()), "{err}");
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_settings_are_rejected_at_build_time() {
+    let db = TestDb::new("badcfg").await;
+    let pool = db.pool(1).await;
+    for bad in [
+        "users; DROP TABLE x",
+        "a.b.c",
+        "1cache",
+        "",
+        "cache\"",
+        "x y",
+    ] {
+        let err = PgStore::builder(pool.clone())
+            .table(bad)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{bad:?}: {err}");
+    }
+    assert!(PgStore::builder(pool.clone())
+        .lock_timeout(Duration::ZERO)
+        .build()
+        .is_err());
+    assert!(PgStore::builder(pool.clone())
+        .max_locks_per_transaction(0)
+        .build()
+        .is_err());
+    assert!(PgStore::builder(pool)
+        .table("ok_schema.ok_table")
+        .build()
+        .is_ok());
+    db.cleanup().await;
+}
+
+/// A row that no longer decodes into the value type is a miss: refetched,
+/// overwritten, counted; never an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_row_is_refetched() {
+    let db = TestDb::new("corrupt").await;
+    let store = db.store(LockMode::PerKey).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {} (namespace, key, value, fetched_at, expires_at) \
+         VALUES ('pg/corrupt', '7', '{{\"old\": \"shape\"}}', now(), now() + interval '1 hour')",
+        db.table()
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let provider = Fake::<u64>::new("pg/corrupt");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(7).await.unwrap(), Some(value_of(&7)));
+    assert_eq!(provider.calls(), vec![vec![7]]);
+    assert_eq!(cache.stats().undecodable, 1);
+
+    let stored: serde_json::Value = sqlx::query_scalar(&format!(
+        "SELECT value FROM {} WHERE namespace = 'pg/corrupt' AND key = '7'",
+        db.table()
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(stored, serde_json::json!("v:7"), "overwritten");
+    assert_eq!(cache.loader().load(7).await.unwrap(), Some(value_of(&7)));
+    assert_eq!(provider.call_count(), 1);
+    db.cleanup().await;
+}
+
+/// Rows are plain SQL: the key's Display form, the value as jsonb, NULL for a
+/// negative entry, expiry in the future by the database clock.
+#[tokio::test]
+async fn rows_are_readable_with_plain_sql() {
+    let db = TestDb::new("rows").await;
+    let store = db.store(LockMode::PerKey).await;
+    let provider = Fake::<u64>::builder("pg/rows").not_found([2]).build();
+    let cache = Cache::builder(provider)
+        .store(store)
+        .ttl(Duration::from_secs(600))
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    cache.loader().load_many([1, 2]).await.unwrap();
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let rows: Vec<(String, Option<serde_json::Value>, f64)> = sqlx::query_as(&format!(
+        "SELECT key, value, extract(epoch FROM expires_at - fetched_at)::float8 \
+         FROM {} WHERE namespace = 'pg/rows' ORDER BY key",
+        db.table()
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("1".to_string(), Some(serde_json::json!("v:1")), 600.0),
+            ("2".to_string(), None, 60.0),
+        ]
+    );
+    db.cleanup().await;
+}
+
+/// An instance that waited on another's locks finds the other's rows in its
+/// re-read and does not call its provider for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reread_after_lock_finds_the_other_instances_rows() {
+    let db = TestDb::new("reread").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let first = Fake::<u64>::builder("pg/reread").gate(gate.clone()).build();
+    let second = Fake::<u64>::new("pg/reread");
+    let a = Cache::builder(first.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let b = Cache::builder(second.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let keys: Vec<u64> = (0..10).collect();
+
+    let a_load = tokio::spawn({
+        let (a, keys) = (a.clone(), keys.clone());
+        async move { a.loader().load_many(keys).await }
+    });
+    // A holds the locks, its provider held at the gate.
+    wait_until(|| first.call_count() == 1).await;
+    let b_load = tokio::spawn({
+        let (b, keys) = (b.clone(), keys.clone());
+        async move { b.loader().load_many(keys).await }
+    });
+    let ids: Vec<i64> = keys
+        .iter()
+        .map(|k| lock_id("pg/reread", &k.to_string()))
+        .collect();
+    wait_for_lock_waiters(&db.url, &ids).await;
+    gate.add_permits(1);
+
+    assert_eq!(a_load.await.unwrap().unwrap().len(), 10);
+    let got = b_load.await.unwrap().unwrap();
+    assert_eq!(got[&3], value_of(&3));
+    assert_eq!(second.call_count(), 0, "B must not call its provider");
+    let stats = b.stats();
+    assert_eq!(stats.store_hits_after_lock, 10);
+    assert_eq!(stats.store_hits, 10);
+    assert_eq!(stats.lock_waits, 1);
+    assert!(stats.lock_wait_max > Duration::ZERO);
+    db.cleanup().await;
+}
+
+/// A lock held elsewhere makes a load fail with `LockTimeout` after the
+/// configured timeout, not hang; once released, the key loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeout_is_an_error_not_a_hang() {
+    let db = TestDb::new("locktimeout").await;
+    let store = PgStore::builder(db.pool(2).await)
+        .table(db.table())
+        .lock_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let provider = Fake::<u64>::new("pg/locktimeout");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_id("pg/locktimeout", "5"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let err = cache.loader().load(5).await.unwrap_err();
+    let waited = started.elapsed();
+    match &err {
+        Error::LockTimeout {
+            timeout,
+            keys,
+            namespace,
+        } => {
+            assert_eq!(*timeout, Duration::from_millis(300));
+            assert_eq!(*keys, 1);
+            assert_eq!(&**namespace, "pg/locktimeout");
+        }
+        other => panic!("expected LockTimeout, got {other:?}"),
+    }
+    assert!(!err.is_provider());
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(provider.call_count(), 0);
+
+    tx.commit().await.unwrap();
+    assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
+    assert_eq!(provider.call_count(), 1);
+    db.cleanup().await;
+}
+
+/// An all-hit batch is one round trip; a miss batch a constant number per
+/// lock group, whatever its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_are_constant_per_batch() {
+    let db = TestDb::new("roundtrips").await;
+    let store = PgStore::builder(db.pool(2).await)
+        .table(db.table())
+        .max_locks_per_transaction(1000)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let provider = Fake::<u64>::builder("pg/roundtrips").max_batch(500).build();
+    let cache = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+
+    let measure = |before: u64| store.round_trips() - before;
+    for n in [1u64, 100, 1000] {
+        let keys: Vec<u64> = (n * 10_000..n * 10_000 + n).collect();
+        let before = store.round_trips();
+        cache.loader().load_many(keys.clone()).await.unwrap();
+        let miss = measure(before);
+        let before = store.round_trips();
+        cache.loader().load_many(keys).await.unwrap();
+        let hit = measure(before);
+        eprintln!("{n:>5} keys: all-miss batch {miss} round trips, all-hit batch {hit}");
+        // get + (BEGIN, bound, lock, re-read, upsert, COMMIT)
+        assert_eq!(miss, 7, "{n} keys");
+        assert_eq!(hit, 1, "{n} keys");
+    }
+    // Past the lock cap, one more transaction per group of 1,000 keys.
+    let keys: Vec<u64> = (900_000..902_500).collect();
+    let before = store.round_trips();
+    cache.loader().load_many(keys).await.unwrap();
+    assert_eq!(measure(before), 1 + 3 * 6);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_expired_deletes_in_bounded_batches_without_blocking() {
+    let db = TestDb::new("purge").await;
+    let store = db.store(LockMode::PerKey).await;
+    let short = Cache::builder(Fake::<u64>::new("pg/purge-short"))
+        .store(store.clone())
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let long = Cache::builder(Fake::<u64>::new("pg/purge-long"))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    short.loader().load_many(0..30).await.unwrap();
+    long.loader().load_many(0..10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Another transaction holds one expired row: purge skips it, no waiting.
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE namespace = 'pg/purge-short' AND key = '0' FOR UPDATE",
+        db.table()
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+
+    let first = tokio::time::timeout(Duration::from_secs(5), store.purge_expired(10))
+        .await
+        .expect("purge does not block on a locked row")
+        .unwrap();
+    assert_eq!(first, 10);
+    let rest = store.purge_expired(1000).await.unwrap();
+    assert_eq!(rest, 19, "all expired rows but the locked one");
+    tx.rollback().await.unwrap();
+    assert_eq!(store.purge_expired(1000).await.unwrap(), 1);
+
+    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", db.table()))
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(left, 10, "fresh rows are kept");
+    db.cleanup().await;
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until some session waits for one of the advisory locks `ids`.
+async fn wait_for_lock_waiters(url: &str, ids: &[i64]) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "nobody waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
