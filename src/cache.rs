@@ -5,15 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::inflight::InFlight;
-use crate::provider::ProviderCaller;
+use crate::limit::{FleetLimiter, Limiter};
+use crate::provider::{CallPolicy, ProviderCaller};
 use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
-use crate::{BatchFetch, Error, Loader, MemoryStore, Stats, Store};
+use crate::{BatchFetch, Error, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store};
 
 /// The default time a value stays fresh: 5 minutes.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// The default time a negative entry stays fresh: 1 minute.
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// The longest TTL kept: about 100 years. Longer TTLs (`Duration::MAX` for
+/// "never expire") are capped to it.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The default limit on one provider call: 10 s.
+pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default batch window: 500 µs.
 ///
 /// Chosen by measurement (`cargo run --release --example batch_window`, 2
@@ -80,6 +86,13 @@ pub struct CacheConfig {
     pub batch_window: Duration,
     /// The provider's `max_batch_size`, read once when the cache was built.
     pub max_batch_size: usize,
+    /// The limit on one provider call; past it the call counts as a transient
+    /// failure.
+    pub provider_timeout: Duration,
+    /// How many chunks of one batch call the provider at the same time.
+    pub chunk_concurrency: usize,
+    /// How failed provider calls are retried.
+    pub retry: RetryPolicy,
 }
 
 pub(crate) struct CacheInner<F: BatchFetch> {
@@ -99,6 +112,12 @@ impl<F: BatchFetch> Cache<F> {
             ttl: DEFAULT_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             batch_window: DEFAULT_BATCH_WINDOW,
+            provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
+            chunk_concurrency: 1,
+            retry: RetryPolicy::default(),
+            calls_quota: None,
+            keys_quota: None,
+            fleet: None,
         }
     }
 
@@ -139,6 +158,17 @@ impl<F: BatchFetch> CacheInner<F> {
     ) -> Result<Vec<Option<F::Value>>, Error> {
         let namespace = self.provider.namespace();
         let looked = self.store.get(namespace, keys).await?;
+        if looked.len() != keys.len() {
+            return Err(Error::Store {
+                message: format!(
+                    "store answered {} keys of a get of {}",
+                    looked.len(),
+                    keys.len()
+                )
+                .into(),
+                source: None,
+            });
+        }
         let mut values = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, lookup) in looked.into_iter().enumerate() {
@@ -170,12 +200,15 @@ impl<F: BatchFetch> CacheInner<F> {
         }
 
         let missing_keys: Vec<F::Key> = missing.iter().map(|&i| keys[i].clone()).collect();
+        // Wait for the provider's budget before the store locks anything.
+        let prepaid = self.provider.prepay(missing.len(), &self.counters).await?;
         let fill = Fill {
             namespace,
             keys: &missing_keys,
             ttl: self.config.ttl,
             negative_ttl: self.config.negative_ttl,
             provider: &self.provider,
+            prepaid: &prepaid,
             counters: &self.counters,
         };
         let filled = self.store.fill(fill).await?;
@@ -237,6 +270,10 @@ impl Tally {
 /// | [`ttl`](CacheBuilder::ttl) | [`DEFAULT_TTL`], 5 min |
 /// | [`negative_ttl`](CacheBuilder::negative_ttl) | [`DEFAULT_NEGATIVE_TTL`], 1 min |
 /// | [`batch_window`](CacheBuilder::batch_window) | [`DEFAULT_BATCH_WINDOW`], 500 µs |
+/// | [`provider_timeout`](CacheBuilder::provider_timeout) | [`DEFAULT_PROVIDER_TIMEOUT`], 10 s |
+/// | [`chunk_concurrency`](CacheBuilder::chunk_concurrency) | 1 |
+/// | [`retry`](CacheBuilder::retry) | [`RetryPolicy::default`] |
+/// | [`rate_limit_calls`](CacheBuilder::rate_limit_calls), [`rate_limit_keys`](CacheBuilder::rate_limit_keys) | none |
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct CacheBuilder<F: BatchFetch> {
     provider: F,
@@ -244,6 +281,12 @@ pub struct CacheBuilder<F: BatchFetch> {
     ttl: Duration,
     negative_ttl: Duration,
     batch_window: Duration,
+    provider_timeout: Duration,
+    chunk_concurrency: usize,
+    retry: RetryPolicy,
+    calls_quota: Option<Quota>,
+    keys_quota: Option<Quota>,
+    fleet: Option<Arc<dyn FleetLimiter>>,
 }
 
 impl<F: BatchFetch> fmt::Debug for CacheBuilder<F> {
@@ -254,6 +297,12 @@ impl<F: BatchFetch> fmt::Debug for CacheBuilder<F> {
             .field("ttl", &self.ttl)
             .field("negative_ttl", &self.negative_ttl)
             .field("batch_window", &self.batch_window)
+            .field("provider_timeout", &self.provider_timeout)
+            .field("chunk_concurrency", &self.chunk_concurrency)
+            .field("retry", &self.retry)
+            .field("calls_quota", &self.calls_quota)
+            .field("keys_quota", &self.keys_quota)
+            .field("fleet_rate_limit", &self.fleet)
             .finish_non_exhaustive()
     }
 }
@@ -267,16 +316,17 @@ impl<F: BatchFetch> CacheBuilder<F> {
         self
     }
 
-    /// How long a fetched value stays fresh. Must be non-zero.
+    /// How long a fetched value stays fresh. Must be non-zero; capped at
+    /// [`MAX_TTL`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = ttl.min(MAX_TTL);
         self
     }
 
     /// How long a negative entry (the provider has no such key) stays fresh.
-    /// Must be non-zero.
+    /// Must be non-zero; capped at [`MAX_TTL`].
     pub fn negative_ttl(mut self, negative_ttl: Duration) -> Self {
-        self.negative_ttl = negative_ttl;
+        self.negative_ttl = negative_ttl.min(MAX_TTL);
         self
     }
 
@@ -290,12 +340,61 @@ impl<F: BatchFetch> CacheBuilder<F> {
         self
     }
 
+    /// The limit on one provider call. A call that exceeds it is abandoned
+    /// and counts as a transient failure (retried per the
+    /// [`retry`](Self::retry) policy, then
+    /// [`Error::ProviderTimeout`]). Must be non-zero, and shorter than the
+    /// store's bound on a fill, if it has one.
+    pub fn provider_timeout(mut self, timeout: Duration) -> Self {
+        self.provider_timeout = timeout;
+        self
+    }
+
+    /// How many chunks of one batch (when its misses exceed
+    /// `max_batch_size`) call the provider at the same time. The default, 1,
+    /// sends them one after another, so the rate limiter sees a steady
+    /// stream. Must be at least 1.
+    pub fn chunk_concurrency(mut self, concurrency: usize) -> Self {
+        self.chunk_concurrency = concurrency;
+        self
+    }
+
+    /// How failed provider calls are retried; see [`RetryPolicy`] and
+    /// [`BatchFetch::classify`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Limits provider calls made by this cache (this process).
+    pub fn rate_limit_calls(mut self, quota: Quota) -> Self {
+        self.calls_quota = Some(quota);
+        self
+    }
+
+    /// Limits keys sent to the provider by this cache (this process). The
+    /// quota's burst must be at least the provider's `max_batch_size`.
+    pub fn rate_limit_keys(mut self, quota: Quota) -> Self {
+        self.keys_quota = Some(quota);
+        self
+    }
+
+    /// Limits provider calls across every instance sharing `limit`'s table,
+    /// and pauses them all when the provider asks one of them to back off.
+    #[cfg(feature = "postgres")]
+    pub fn fleet_rate_limit(mut self, limit: crate::PgRateLimit) -> Self {
+        self.fleet = Some(Arc::new(limit));
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the TTL or negative TTL is zero, or the
-    /// provider's `max_batch_size` is zero.
+    /// [`Error::Config`] when the TTL, negative TTL, provider timeout or
+    /// chunk concurrency is zero, the provider's `max_batch_size` is zero,
+    /// the keys quota's burst is below `max_batch_size`, or the provider
+    /// timeout is not shorter than the store's bound on a fill.
     pub fn build(self) -> Result<Cache<F>, Error> {
         if self.ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
@@ -303,16 +402,61 @@ impl<F: BatchFetch> CacheBuilder<F> {
         if self.negative_ttl.is_zero() {
             return Err(Error::config("negative_ttl must be greater than zero"));
         }
-        let provider = ProviderCaller::new(self.provider)?;
+        if self.provider_timeout.is_zero() {
+            return Err(Error::config("provider_timeout must be greater than zero"));
+        }
+        if self.chunk_concurrency == 0 {
+            return Err(Error::config("chunk_concurrency must be at least 1"));
+        }
+        let max_batch_size = self.provider.max_batch_size();
+        if max_batch_size == 0 {
+            return Err(Error::config(format!(
+                "provider `{}` has max_batch_size 0; it must be at least 1",
+                self.provider.namespace()
+            )));
+        }
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store<F>>);
+        if let Some(bound) = store.fill_time_limit() {
+            // Every attempt may time out, and every retry may wait.
+            let worst = self.provider_timeout * self.retry.max_attempts().get()
+                + self.retry.worst_case_waits();
+            if worst >= bound {
+                return Err(Error::config(format!(
+                    "a provider call with its retries may take {worst:?} (provider_timeout {:?} x {} \
+                     attempts, plus waits), not shorter than the store's bound on a fill ({bound:?}): \
+                     lower the provider timeout or attempts, or raise the store's bound",
+                    self.provider_timeout,
+                    self.retry.max_attempts()
+                )));
+            }
+        }
+        let limiter = Limiter::new(
+            self.calls_quota,
+            self.keys_quota,
+            self.fleet,
+            max_batch_size,
+        )?;
         let config = CacheConfig {
             ttl: self.ttl,
             negative_ttl: self.negative_ttl,
             batch_window: self.batch_window,
-            max_batch_size: provider.max_batch_size(),
+            max_batch_size,
+            provider_timeout: self.provider_timeout,
+            chunk_concurrency: self.chunk_concurrency,
+            retry: self.retry,
         };
-        let store = self
-            .store
-            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store<F>>);
+        let provider = ProviderCaller::new(
+            self.provider,
+            max_batch_size,
+            CallPolicy {
+                limiter,
+                retry: self.retry,
+                timeout: self.provider_timeout,
+                chunk_concurrency: self.chunk_concurrency,
+            },
+        );
         Ok(Cache {
             inner: Arc::new(CacheInner {
                 provider,

@@ -7,10 +7,11 @@ pub(crate) type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>
 
 /// Everything that can go wrong while loading.
 ///
-/// Provider failures ([`Error::Provider`], [`Error::ProviderPanicked`]) are kept
-/// apart from the machinery's own failures ([`Error::Store`],
+/// Provider failures ([`Error::Provider`], [`Error::ProviderPanicked`],
+/// [`Error::ProviderTimeout`]) are kept apart from the machinery's own
+/// failures ([`Error::Store`], [`Error::LockTimeout`], [`Error::RateLimited`],
 /// [`Error::Closed`], [`Error::Config`]), so a caller can tell "the upstream
-/// said no" from "the cache is broken".
+/// said no" from "the cache is broken or throttled".
 ///
 /// `Error` is `Clone`: when one provider call fails, every load that waited on
 /// it receives the same error, sharing the original error behind an `Arc`.
@@ -40,6 +41,26 @@ pub enum Error {
         namespace: Arc<str>,
         /// The panic payload, when it was a string.
         message: Arc<str>,
+    },
+
+    /// The provider asked to back off for longer than the retry policy's
+    /// `max_retry_after`, or kept throttling until the attempts ran out.
+    /// Nothing was cached; try again after `retry_after`.
+    #[error("provider `{namespace}` is rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// How long the provider asked to wait.
+        retry_after: std::time::Duration,
+    },
+
+    /// Every attempt of a provider call exceeded the provider timeout.
+    #[error("provider `{namespace}` did not answer within {timeout:?}")]
+    ProviderTimeout {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// The per-call timeout.
+        timeout: std::time::Duration,
     },
 
     /// The store (tier 2) failed: a database error, a broken connection.
@@ -99,7 +120,7 @@ impl Error {
     pub fn is_provider(&self) -> bool {
         matches!(
             self,
-            Error::Provider { .. } | Error::ProviderPanicked { .. }
+            Error::Provider { .. } | Error::ProviderPanicked { .. } | Error::ProviderTimeout { .. }
         )
     }
 

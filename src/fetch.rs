@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -89,6 +90,40 @@ pub trait BatchFetch: Send + Sync + 'static {
         &self,
         keys: &[Self::Key],
     ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error>;
+
+    /// Says how the cache should treat an error of `fetch`: wait and retry
+    /// ([`ErrorClass::RateLimited`]), retry with backoff
+    /// ([`ErrorClass::Transient`]), or fail at once
+    /// ([`ErrorClass::Permanent`]). Retries are bounded by the cache's
+    /// [`RetryPolicy`](crate::RetryPolicy).
+    ///
+    /// The default treats every error as permanent: override it to let the
+    /// cache recover from throttling and blips by itself.
+    fn classify(&self, error: &Self::Error) -> ErrorClass {
+        let _ = error;
+        ErrorClass::Permanent
+    }
+}
+
+/// How a provider error should be handled; from [`BatchFetch::classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The provider is throttling: retry after `retry_after` (its
+    /// `Retry-After`), or after an exponential backoff when it gave none. A
+    /// delay above the policy's
+    /// [`max_retry_after`](crate::RetryPolicy::with_max_retry_after) fails the
+    /// load with [`Error::RateLimited`](crate::Error::RateLimited). With a
+    /// fleet-wide limit, every instance pauses until then.
+    RateLimited {
+        /// How long the provider asked to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// A blip (5xx, a dropped connection, a timeout): retry with exponential
+    /// backoff and jitter.
+    Transient,
+    /// Retrying will not help (4xx, an undecodable answer): fail at once.
+    Permanent,
 }
 
 #[async_trait::async_trait]
@@ -110,5 +145,9 @@ impl<F: BatchFetch + ?Sized> BatchFetch for Arc<F> {
         keys: &[Self::Key],
     ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error> {
         (**self).fetch(keys).await
+    }
+
+    fn classify(&self, error: &Self::Error) -> ErrorClass {
+        (**self).classify(error)
     }
 }

@@ -96,20 +96,25 @@ mod cache;
 mod error;
 mod fetch;
 mod inflight;
+mod limit;
 mod loader;
 mod provider;
+mod retry;
 mod stats;
 pub mod store;
 
 pub use cache::{
-    Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL, DEFAULT_TTL,
+    Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_TTL,
 };
 pub use error::Error;
-pub use fetch::BatchFetch;
+pub use fetch::{BatchFetch, ErrorClass};
+pub use limit::Quota;
 pub use loader::Loader;
+pub use retry::RetryPolicy;
 pub use stats::Stats;
 #[cfg(feature = "postgres")]
-pub use store::postgres::{LockMode, PgStore, PgStoreBuilder};
+pub use store::postgres::{LockMode, PgRateLimit, PgStore, PgStoreBuilder};
 pub use store::{MemoryStore, Store};
 
 /// The README's examples, compiled and run as doctests.

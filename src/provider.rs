@@ -1,41 +1,53 @@
-//! Calls into the provider (tier 3): chunking to `max_batch_size`, catching
-//! panics, turning errors into [`Error`], counting calls.
+//! Calls into the provider (tier 3): chunks of `max_batch_size` under a
+//! concurrency limit, the rate limiter, a timeout per call, retries by error
+//! class, panics caught, everything counted.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::future::try_join_all;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 
+use crate::limit::{Limiter, Prepaid};
 use crate::stats::Counters;
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
+
+/// The provider's settings as the cache enforces them.
+#[derive(Debug)]
+pub(crate) struct CallPolicy {
+    pub(crate) limiter: Limiter,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) timeout: Duration,
+    pub(crate) chunk_concurrency: usize,
+}
 
 /// The provider with everything the cache puts in front of it.
 pub(crate) struct ProviderCaller<F> {
     provider: F,
     namespace: Arc<str>,
     max_batch_size: usize,
+    policy: CallPolicy,
+}
+
+/// Why one attempt failed, and what to do about it.
+enum Failure {
+    Retry { after: Option<Duration>, err: Error },
+    RateLimited { after: Option<Duration>, err: Error },
+    Fail(Error),
 }
 
 impl<F: BatchFetch> ProviderCaller<F> {
-    /// Reads the provider's settings once; `max_batch_size` must be non-zero.
-    pub(crate) fn new(provider: F) -> Result<Self, Error> {
-        let max_batch_size = provider.max_batch_size();
-        if max_batch_size == 0 {
-            return Err(Error::config(format!(
-                "provider `{}` has max_batch_size 0; it must be at least 1",
-                provider.namespace()
-            )));
-        }
+    pub(crate) fn new(provider: F, max_batch_size: usize, policy: CallPolicy) -> Self {
         let namespace = Arc::from(provider.namespace());
-        Ok(ProviderCaller {
+        ProviderCaller {
             provider,
             namespace,
             max_batch_size,
-        })
+            policy,
+        }
     }
 
     pub(crate) fn provider(&self) -> &F {
@@ -50,40 +62,128 @@ impl<F: BatchFetch> ProviderCaller<F> {
         self.max_batch_size
     }
 
-    /// Fetches `keys` in chunks of at most `max_batch_size`, run concurrently.
-    /// The first failing chunk fails the whole call (and drops the others).
+    /// Pays, before a fill starts, for the first call it will make for
+    /// `missing` keys (see [`crate::limit`] for why).
+    pub(crate) async fn prepay(
+        &self,
+        missing: usize,
+        counters: &Counters,
+    ) -> Result<Prepaid, Error> {
+        let keys = missing.min(self.max_batch_size);
+        self.policy
+            .limiter
+            .prepay(&self.namespace, keys, counters)
+            .await
+    }
+
+    /// Fetches `keys` in chunks of at most `max_batch_size`, at most
+    /// `chunk_concurrency` at a time, in order. The first failing chunk fails
+    /// the whole call.
     pub(crate) async fn call(
         &self,
         keys: &[F::Key],
+        prepaid: &Prepaid,
         counters: &Counters,
     ) -> Result<HashMap<F::Key, F::Value>, Error> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
+        // Collected first: a stream of futures built by a closure trips the
+        // compiler's `Send` inference in async traits.
+        let calls: Vec<_> = keys
+            .chunks(self.max_batch_size)
+            .map(|chunk| self.call_chunk(chunk, prepaid, counters))
+            .collect();
+        let mut results = futures::stream::iter(calls).buffered(self.policy.chunk_concurrency);
+        let mut all = HashMap::with_capacity(keys.len());
+        while let Some(values) = results.next().await {
+            all.extend(values?);
         }
-        let chunks = try_join_all(
-            keys.chunks(self.max_batch_size)
-                .map(|chunk| self.call_one(chunk, counters)),
-        )
-        .await?;
-        let mut values = HashMap::with_capacity(keys.len());
-        for chunk in chunks {
-            values.extend(chunk);
-        }
-        Ok(values)
+        Ok(all)
     }
 
-    async fn call_one(
+    /// One chunk: limiter, call, and retries as the error's class says.
+    async fn call_chunk(
+        &self,
+        chunk: &[F::Key],
+        prepaid: &Prepaid,
+        counters: &Counters,
+    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+        let policy = &self.policy;
+        let mut backoff = policy.retry.backoff();
+        let mut attempt = 1;
+        loop {
+            policy
+                .limiter
+                .before_call(&self.namespace, chunk.len(), prepaid, counters)
+                .await?;
+            let failure = match self.attempt(chunk, counters).await {
+                Ok(values) => return Ok(values),
+                Err(failure) => failure,
+            };
+            let last = attempt >= policy.retry.max_attempts().get();
+            let delay = match failure {
+                Failure::Fail(err) => return Err(err),
+                Failure::Retry { after, err } => {
+                    if last {
+                        return Err(err);
+                    }
+                    after.or_else(|| backoff.next()).unwrap_or_default()
+                }
+                Failure::RateLimited { after, err } => {
+                    let delay = after.or_else(|| backoff.next()).unwrap_or_default();
+                    let rate_limited = Error::RateLimited {
+                        namespace: self.namespace.clone(),
+                        retry_after: delay,
+                    };
+                    if delay > policy.retry.max_retry_after() {
+                        tracing::warn!(namespace = %self.namespace, retry_after_ms = delay.as_millis() as u64,
+                            "provider asked to back off longer than max_retry_after");
+                        return Err(rate_limited);
+                    }
+                    policy.limiter.pause_fleet(&self.namespace, delay).await?;
+                    if last {
+                        tracing::debug!(namespace = %self.namespace, error = %err, "still rate limited after the last attempt");
+                        return Err(rate_limited);
+                    }
+                    Counters::add(&counters.rate_limited_waits, 1);
+                    delay
+                }
+            };
+            Counters::add(&counters.provider_retries, 1);
+            tracing::debug!(
+                namespace = %self.namespace,
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                "retrying provider call"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// One provider call, bounded by the timeout, panics caught.
+    async fn attempt(
         &self,
         chunk: &[F::Key],
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+    ) -> Result<HashMap<F::Key, F::Value>, Failure> {
         Counters::add(&counters.provider_calls, 1);
         Counters::add(&counters.provider_keys, chunk.len());
         tracing::trace!(namespace = %self.namespace, keys = chunk.len(), "provider call");
-        match AssertUnwindSafe(self.provider.fetch(chunk))
-            .catch_unwind()
-            .await
-        {
+        let call = AssertUnwindSafe(self.provider.fetch(chunk)).catch_unwind();
+        let outcome = match tokio::time::timeout(self.policy.timeout, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                Counters::add(&counters.provider_timeouts, 1);
+                tracing::debug!(namespace = %self.namespace, "provider call timed out");
+                return Err(Failure::Retry {
+                    after: None,
+                    err: Error::ProviderTimeout {
+                        namespace: self.namespace.clone(),
+                        timeout: self.policy.timeout,
+                    },
+                });
+            }
+        };
+        match outcome {
             Ok(Ok(mut values)) => {
                 // Keep only what was asked for: extra keys are ignored.
                 Ok(chunk
@@ -91,20 +191,29 @@ impl<F: BatchFetch> ProviderCaller<F> {
                     .filter_map(|key| values.remove_entry(key))
                     .collect())
             }
-            Ok(Err(err)) => {
-                tracing::debug!(namespace = %self.namespace, error = %err, "provider call failed");
-                Err(Error::Provider {
+            Ok(Err(source)) => {
+                let class = self.provider.classify(&source);
+                tracing::debug!(namespace = %self.namespace, error = %source, ?class, "provider call failed");
+                let err = Error::Provider {
                     namespace: self.namespace.clone(),
-                    source: Arc::new(err),
+                    source: Arc::new(source),
+                };
+                Err(match class {
+                    ErrorClass::RateLimited { retry_after } => Failure::RateLimited {
+                        after: retry_after,
+                        err,
+                    },
+                    ErrorClass::Transient => Failure::Retry { after: None, err },
+                    _ => Failure::Fail(err),
                 })
             }
             Err(panic) => {
                 let message = panic_message(&*panic);
                 tracing::error!(namespace = %self.namespace, %message, "provider panicked");
-                Err(Error::ProviderPanicked {
+                Err(Failure::Fail(Error::ProviderPanicked {
                     namespace: self.namespace.clone(),
                     message: message.into(),
-                })
+                }))
             }
         }
     }
@@ -115,6 +224,7 @@ impl<F> fmt::Debug for ProviderCaller<F> {
         f.debug_struct("ProviderCaller")
             .field("namespace", &self.namespace)
             .field("max_batch_size", &self.max_batch_size)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }

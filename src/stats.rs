@@ -45,8 +45,17 @@ pub struct Stats {
     pub batches: u64,
     /// Calls made to the provider's `fetch`.
     pub provider_calls: u64,
-    /// Keys passed to the provider's `fetch`, over all calls.
+    /// Keys passed to the provider's `fetch`, over all calls (retries
+    /// included).
     pub provider_keys: u64,
+    /// Provider calls repeated after a transient error, a timeout or a
+    /// rate-limit answer.
+    pub provider_retries: u64,
+    /// Provider calls that exceeded the provider timeout.
+    pub provider_timeouts: u64,
+    /// Waits for the provider's budget: the local or fleet-wide rate limit,
+    /// or a back-off the provider asked for.
+    pub rate_limited_waits: u64,
     /// `load` / `load_many` calls that returned an error.
     pub errors: u64,
     /// Keys being loaded right now by this cache (the in-flight table's size).
@@ -84,6 +93,9 @@ pub(crate) struct Counters {
     pub(crate) batches: AtomicU64,
     pub(crate) provider_calls: AtomicU64,
     pub(crate) provider_keys: AtomicU64,
+    pub(crate) provider_retries: AtomicU64,
+    pub(crate) provider_timeouts: AtomicU64,
+    pub(crate) rate_limited_waits: AtomicU64,
     pub(crate) errors: AtomicU64,
 }
 
@@ -116,6 +128,9 @@ impl Counters {
             batches: self.batches.load(Relaxed),
             provider_calls: self.provider_calls.load(Relaxed),
             provider_keys: self.provider_keys.load(Relaxed),
+            provider_retries: self.provider_retries.load(Relaxed),
+            provider_timeouts: self.provider_timeouts.load(Relaxed),
+            rate_limited_waits: self.rate_limited_waits.load(Relaxed),
             errors: self.errors.load(Relaxed),
             in_flight: in_flight as u64,
         }

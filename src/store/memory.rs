@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::OwnedMutexGuard;
@@ -117,6 +118,11 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+/// An instant no cache will live to see, for TTLs past the clock's range.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
 /// The map key of `(namespace, key)`: the namespace's length first, so no two
 /// pairs map to the same string.
 fn entry_key(namespace: &str, key: &impl fmt::Display) -> String {
@@ -181,7 +187,7 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
             };
             let entry = Entry {
                 value: stored,
-                expires_at: now + ttl,
+                expires_at: now.checked_add(ttl).unwrap_or(far_future(now)),
             };
             self.inner.entries.insert(entry_keys[i].clone(), entry);
             answers[i] = Filled::Fetched(value);

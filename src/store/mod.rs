@@ -28,6 +28,7 @@ use std::time::Duration;
 
 pub use memory::MemoryStore;
 
+use crate::limit::Prepaid;
 use crate::provider::ProviderCaller;
 use crate::stats::Counters;
 use crate::{BatchFetch, Error};
@@ -100,9 +101,17 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Store`] when the store fails, and whatever [`Fill::fetch`]
-    /// returned, unchanged, when the provider fails. Nothing fetched by a fill
-    /// that fails is written.
+    /// returned, unchanged, when the provider fails. Nothing fetched by a
+    /// failed [`Fill::fetch`] call is written.
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error>;
+
+    /// The longest a fill may take once it holds its locks, if the store
+    /// bounds it (a shared store must: a hung provider must not hold keys
+    /// forever). The cache's provider timeout must be shorter. `None`, the
+    /// default, means unbounded.
+    fn fill_time_limit(&self) -> Option<Duration> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -114,6 +123,10 @@ impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
         (**self).fill(fill).await
     }
+
+    fn fill_time_limit(&self) -> Option<Duration> {
+        (**self).fill_time_limit()
+    }
 }
 
 /// One fill request handed to [`Store::fill`]: the keys, their time to live,
@@ -124,6 +137,7 @@ pub struct Fill<'a, F: BatchFetch> {
     pub(crate) ttl: Duration,
     pub(crate) negative_ttl: Duration,
     pub(crate) provider: &'a ProviderCaller<F>,
+    pub(crate) prepaid: &'a Prepaid,
     pub(crate) counters: &'a Counters,
 }
 
@@ -148,6 +162,13 @@ impl<F: BatchFetch> Fill<'_, F> {
         self.negative_ttl
     }
 
+    /// The provider's `max_batch_size`: [`fetch`](Self::fetch) splits its
+    /// keys into calls of at most this many. A store that fills in groups
+    /// should make groups a multiple of it.
+    pub fn max_batch_size(&self) -> usize {
+        self.provider.max_batch_size()
+    }
+
     /// Reports how long the fill waited for its keys' locks; counted in
     /// [`Stats::lock_wait_total`](crate::Stats::lock_wait_total) and
     /// [`Stats::lock_wait_max`](crate::Stats::lock_wait_max).
@@ -156,16 +177,17 @@ impl<F: BatchFetch> Fill<'_, F> {
     }
 
     /// Asks the provider for `keys`, in as few calls as its
-    /// `max_batch_size` allows. Call it only while the keys' locks are held,
-    /// with only the keys still missing. A key absent from the answer is not
-    /// found.
+    /// `max_batch_size` allows, under the cache's rate limits, timeout and
+    /// retry policy. Call it only while the keys' locks are held, with only
+    /// the keys still missing. A key absent from the answer is not found.
     ///
     /// # Errors
     ///
-    /// [`Error::Provider`] or [`Error::ProviderPanicked`]; the store must then
-    /// write nothing from this fill and return the error.
+    /// [`Error::Provider`], [`Error::ProviderPanicked`],
+    /// [`Error::ProviderTimeout`] or [`Error::RateLimited`]; the store must
+    /// then write nothing from this fill and return the error.
     pub async fn fetch(&self, keys: &[F::Key]) -> Result<HashMap<F::Key, F::Value>, Error> {
-        self.provider.call(keys, self.counters).await
+        self.provider.call(keys, self.prepaid, self.counters).await
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! 1. **Optimistic read** — one statement, no transaction, no lock:
 //!    `SELECT key, value … WHERE namespace = $1 AND key = ANY($2) AND
-//!    expires_at > now()`. Fresh rows are hits.
+//!    expires_at > statement_timestamp()`. Fresh rows are hits.
 //! 2. **Fill**, for the keys still missing, in one `READ COMMITTED`
 //!    transaction per group of at most
 //!    [`max_locks_per_transaction`](PgStoreBuilder::max_locks_per_transaction)
@@ -60,13 +60,17 @@
 //!
 //! # Behind PgBouncer
 //!
-//! The store uses transaction-scoped locks and settings only (no session
-//! state), so it works through PgBouncer in transaction mode.
+//! The protocol uses transaction-scoped locks and settings only, so it works
+//! through PgBouncer in transaction mode. sqlx prepares its statements, so
+//! PgBouncer must track prepared statements (version 1.21 or later, with
+//! `max_prepared_statements` above zero).
 
 mod migrate;
+mod rate_limit;
 mod sql;
 mod store;
 mod table;
 
+pub use rate_limit::PgRateLimit;
 pub use store::{LockMode, PgStore, PgStoreBuilder};
 pub use table::TableName;

@@ -6,7 +6,9 @@ use super::table::TableName;
 /// The statements a [`PgStore`](super::PgStore) runs.
 #[derive(Debug)]
 pub(crate) struct Statements {
-    /// `$1` namespace, `$2` keys: fresh rows only, by the database clock.
+    /// `$1` namespace, `$2` keys: fresh rows only, by the database clock at
+    /// the statement's start (not the transaction's: the re-read runs after
+    /// a lock wait).
     pub(crate) select_fresh: String,
     /// `$1` lock ids: all of them, in one statement, ascending. The outer
     /// `ORDER BY` is what guarantees the order (output expressions are
@@ -29,7 +31,8 @@ impl Statements {
         Statements {
             select_fresh: format!(
                 "SELECT key, value FROM {t} \
-                 WHERE namespace = $1 AND key = ANY($2::text[]) AND expires_at > now()"
+                 WHERE namespace = $1 AND key = ANY($2::text[]) \
+                   AND expires_at > statement_timestamp()"
             ),
             lock: "SELECT pg_advisory_xact_lock(id) \
                    FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id",

@@ -107,7 +107,7 @@ impl PgStore {
             unlogged: false,
             lock_mode: LockMode::PerKey,
             lock_timeout: Duration::from_secs(10),
-            idle_in_transaction_timeout: Duration::from_secs(60),
+            idle_in_transaction_timeout: Duration::from_secs(120),
             max_locks_per_transaction: 1000,
         }
     }
@@ -326,17 +326,33 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .await
     }
 
+    fn fill_time_limit(&self) -> Option<Duration> {
+        Some(self.inner.idle_in_transaction_timeout)
+    }
+
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
         let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
         let mut answers: Vec<Option<Filled<F::Value>>> =
             (0..displayed.len()).map(|_| None).collect();
         let indices: Vec<usize> = (0..displayed.len()).collect();
         let group_size = match self.inner.lock_mode {
-            LockMode::PerKey => self.inner.max_locks_per_transaction,
+            // A whole number of provider calls per group where the cap
+            // allows, so groups add no provider call.
+            LockMode::PerKey => {
+                let cap = self.inner.max_locks_per_transaction;
+                let batch = fill.max_batch_size();
+                if batch <= cap {
+                    cap / batch * batch
+                } else {
+                    cap
+                }
+            }
             LockMode::Namespace => indices.len().max(1),
         };
         // Groups run one after another: a transaction never waits for a lock
-        // while holding another group's locks.
+        // while holding another group's locks. Each group commits on its own:
+        // when a later group's provider call fails, earlier groups' values
+        // stay stored (they are good values), and the load still fails.
         for group in indices.chunks(group_size) {
             self.fill_group(&fill, &displayed, group, &mut answers)
                 .await?;
@@ -394,7 +410,7 @@ fn pg_millis(duration: Duration) -> String {
 /// | [`unlogged`](Self::unlogged) | `false` |
 /// | [`lock_mode`](Self::lock_mode) | [`LockMode::PerKey`] |
 /// | [`lock_timeout`](Self::lock_timeout) | 10 s |
-/// | [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout) | 60 s |
+/// | [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout) | 120 s |
 /// | [`max_locks_per_transaction`](Self::max_locks_per_transaction) | 1,000 |
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct PgStoreBuilder {
@@ -458,10 +474,12 @@ impl PgStoreBuilder {
     }
 
     /// How long a fill transaction may sit idle, which is how long the
-    /// provider may take while the keys' locks are held. Past it, the server
-    /// ends the session: the locks are released and the load fails with
-    /// [`Error::Store`], so a hung provider cannot hold keys forever. At
-    /// least 1 ms.
+    /// provider (with its retries) may take while the keys' locks are held.
+    /// Past it, the server ends the session: the locks are released and the
+    /// load fails with [`Error::Store`], so nothing can hold keys forever.
+    /// The cache's provider timeout, times its attempts, plus retry waits,
+    /// must be shorter ([`CacheBuilder::build`](crate::CacheBuilder::build)
+    /// checks). At least 1 ms.
     pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.idle_in_transaction_timeout = timeout;
         self
@@ -485,12 +503,16 @@ impl PgStoreBuilder {
     /// lock cap.
     pub fn build(self) -> Result<PgStore, Error> {
         let table = TableName::parse(&self.table)?;
-        if self.lock_timeout < Duration::from_millis(1) {
-            return Err(Error::config("lock_timeout must be at least 1 ms"));
-        }
-        if self.idle_in_transaction_timeout < Duration::from_millis(1) {
+        // Postgres takes these settings as 32-bit milliseconds.
+        let pg_range = Duration::from_millis(1)..=Duration::from_millis(i32::MAX as u64);
+        if !pg_range.contains(&self.lock_timeout) {
             return Err(Error::config(
-                "idle_in_transaction_timeout must be at least 1 ms",
+                "lock_timeout must be between 1 ms and 2^31 - 1 ms (about 24 days)",
+            ));
+        }
+        if !pg_range.contains(&self.idle_in_transaction_timeout) {
+            return Err(Error::config(
+                "idle_in_transaction_timeout must be between 1 ms and 2^31 - 1 ms (about 24 days)",
             ));
         }
         if self.max_locks_per_transaction == 0 {

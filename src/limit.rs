@@ -1,0 +1,336 @@
+//! Rate limiting in front of the provider: a local GCRA (governor's, on
+//! tokio time) for calls and/or keys, and an optional fleet-wide limiter
+//! shared by every instance.
+//!
+//! # Where the wait happens
+//!
+//! A batch with misses first waits for the **first** provider call's permit
+//! (its call and its keys) *before* the store opens its fill transaction:
+//! while the provider's budget is exhausted, no Postgres connection is held
+//! and no key is locked. That permit is then spent by the first provider call
+//! of the fill. Only further calls of the same fill (more chunks than one,
+//! retries) wait inside the fill, holding its locks: those keys could not be
+//! fetched by anyone else anyway, and releasing the locks would let another
+//! instance spend budget on the same keys. If the re-read after locking finds
+//! every key filled by someone else, the prepaid permit goes unused.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use tokio::time::Instant;
+
+use crate::stats::Counters;
+use crate::Error;
+
+/// A rate: at most `count` per `period`, with a burst.
+///
+/// Enforced as a GCRA (generic cell rate algorithm): one unit is replenished
+/// every `period / count`, and up to `burst` units may be taken at once. With
+/// the default burst of 1 no window of length `period` ever sees more than
+/// `count` units; with a burst `b`, a window can see up to `count + b - 1`.
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use std::time::Duration;
+/// use loadlock::Quota;
+///
+/// let calls = Quota::per_second(NonZeroU32::new(10).unwrap());
+/// let keys = Quota::per_period(NonZeroU32::new(6000).unwrap(), Duration::from_secs(60))
+///     .unwrap()
+///     .with_burst(NonZeroU32::new(100).unwrap());
+/// assert_eq!(calls.emission_interval(), Duration::from_millis(100));
+/// assert_eq!(keys.burst().get(), 100);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    count: NonZeroU32,
+    period: Duration,
+    burst: NonZeroU32,
+}
+
+impl Quota {
+    /// At most `count` per second, burst 1.
+    pub fn per_second(count: NonZeroU32) -> Quota {
+        Quota {
+            count,
+            period: Duration::from_secs(1),
+            burst: NonZeroU32::MIN,
+        }
+    }
+
+    /// At most `count` per `period`, burst 1; `None` when `period` is zero.
+    pub fn per_period(count: NonZeroU32, period: Duration) -> Option<Quota> {
+        (!period.is_zero()).then_some(Quota {
+            count,
+            period,
+            burst: NonZeroU32::MIN,
+        })
+    }
+
+    /// The same rate, allowing up to `burst` units at once.
+    #[must_use]
+    pub fn with_burst(self, burst: NonZeroU32) -> Quota {
+        Quota { burst, ..self }
+    }
+
+    /// The units allowed per period.
+    pub fn count(&self) -> NonZeroU32 {
+        self.count
+    }
+
+    /// The period.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The most units that may be taken at once.
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
+    }
+
+    /// The time one unit takes to replenish: `period / count`.
+    pub fn emission_interval(&self) -> Duration {
+        self.period / self.count.get()
+    }
+
+    fn to_governor(self) -> Option<governor::Quota> {
+        governor::Quota::with_period(self.emission_interval()).map(|q| q.allow_burst(self.burst))
+    }
+}
+
+/// A clock on tokio time, so paused-time tests drive the limiter.
+#[derive(Debug, Clone)]
+struct TokioClock {
+    start: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// A limiter shared by every instance of a fleet; see `PgRateLimit`.
+#[async_trait::async_trait]
+pub(crate) trait FleetLimiter: Send + Sync + fmt::Debug + 'static {
+    /// Charges one call to `namespace`'s budget if it conforms, returning
+    /// zero; otherwise charges nothing and returns how long to wait before
+    /// trying again (the budget, or a pause another instance was told of).
+    async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error>;
+    /// How long the namespace is paused for by a provider's back-off, if it
+    /// is.
+    async fn paused_for(&self, namespace: &str) -> Result<Duration, Error>;
+    /// Pauses the namespace for `delay` across the fleet.
+    async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error>;
+}
+
+/// Everything that limits provider calls of one cache.
+pub(crate) struct Limiter {
+    calls: Option<Gcra>,
+    keys: Option<(Gcra, NonZeroU32)>,
+    fleet: Option<Arc<dyn FleetLimiter>>,
+    clock: TokioClock,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("calls", &self.calls.is_some())
+            .field("keys", &self.keys.is_some())
+            .field("fleet", &self.fleet)
+            .finish()
+    }
+}
+
+/// A provider call paid for in advance; spent by the first call that takes
+/// it from its [`Prepaid`] slot.
+#[derive(Debug, Default)]
+pub(crate) struct Prepaid {
+    keys: Mutex<Option<usize>>,
+}
+
+impl Prepaid {
+    /// Takes the prepaid permit if it covers `keys` keys.
+    fn take(&self, keys: usize) -> bool {
+        let mut slot = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match *slot {
+            Some(paid) if paid >= keys => {
+                *slot = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Limiter {
+    /// Builds the limiter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the keys quota's burst is below
+    /// `max_batch_size` (a full call could never be let through).
+    pub(crate) fn new(
+        calls: Option<Quota>,
+        keys: Option<Quota>,
+        fleet: Option<Arc<dyn FleetLimiter>>,
+        max_batch_size: usize,
+    ) -> Result<Self, Error> {
+        let clock = TokioClock {
+            start: Instant::now(),
+        };
+        let gcra = |quota: Quota| {
+            quota
+                .to_governor()
+                .map(|q| governor::RateLimiter::direct_with_clock(q, clock.clone()))
+                .ok_or_else(|| Error::config("a quota's period divided by its count is zero"))
+        };
+        let keys = match keys {
+            Some(quota) => {
+                if (quota.burst.get() as usize) < max_batch_size {
+                    return Err(Error::config(format!(
+                        "the keys quota's burst ({}) must be at least max_batch_size ({max_batch_size})",
+                        quota.burst
+                    )));
+                }
+                Some((gcra(quota)?, quota.burst))
+            }
+            None => None,
+        };
+        Ok(Limiter {
+            calls: calls.map(gcra).transpose()?,
+            keys,
+            fleet,
+            clock,
+        })
+    }
+
+    pub(crate) fn is_unlimited(&self) -> bool {
+        self.calls.is_none() && self.keys.is_none() && self.fleet.is_none()
+    }
+
+    /// Waits until one call of `keys` keys may be made, and charges it.
+    /// Each wait is counted in `rate_limited_waits`.
+    pub(crate) async fn acquire(
+        &self,
+        namespace: &str,
+        keys: usize,
+        counters: &Counters,
+    ) -> Result<(), Error> {
+        if let Some(gcra) = &self.calls {
+            self.wait_local(gcra, NonZeroU32::MIN, namespace, counters)
+                .await?;
+        }
+        if let Some((gcra, burst)) = &self.keys {
+            let n = u32::try_from(keys)
+                .ok()
+                .and_then(NonZeroU32::new)
+                .map_or(NonZeroU32::MIN, |n| n.min(*burst));
+            self.wait_local(gcra, n, namespace, counters).await?;
+        }
+        if let Some(fleet) = &self.fleet {
+            loop {
+                let wait = fleet.try_acquire(namespace).await?;
+                if wait.is_zero() {
+                    break;
+                }
+                Self::note_wait(namespace, wait, "fleet rate limit", counters);
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pays for the first call of a fill before the fill starts.
+    pub(crate) async fn prepay(
+        &self,
+        namespace: &str,
+        keys: usize,
+        counters: &Counters,
+    ) -> Result<Prepaid, Error> {
+        if self.is_unlimited() {
+            return Ok(Prepaid::default());
+        }
+        self.acquire(namespace, keys, counters).await?;
+        Ok(Prepaid {
+            keys: Mutex::new(Some(keys)),
+        })
+    }
+
+    /// Before a call: spends the prepaid permit (then only honours a fleet
+    /// pause recorded since), or acquires a new one.
+    pub(crate) async fn before_call(
+        &self,
+        namespace: &str,
+        keys: usize,
+        prepaid: &Prepaid,
+        counters: &Counters,
+    ) -> Result<(), Error> {
+        if !prepaid.take(keys) {
+            return self.acquire(namespace, keys, counters).await;
+        }
+        if let Some(fleet) = &self.fleet {
+            loop {
+                let paused = fleet.paused_for(namespace).await?;
+                if paused.is_zero() {
+                    break;
+                }
+                Self::note_wait(namespace, paused, "fleet paused", counters);
+                tokio::time::sleep(paused).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the fleet that the provider asked to back off for `delay`.
+    pub(crate) async fn pause_fleet(&self, namespace: &str, delay: Duration) -> Result<(), Error> {
+        match &self.fleet {
+            Some(fleet) => fleet.pause(namespace, delay).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_local(
+        &self,
+        gcra: &Gcra,
+        n: NonZeroU32,
+        namespace: &str,
+        counters: &Counters,
+    ) -> Result<(), Error> {
+        loop {
+            match gcra.check_n(n) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    Self::note_wait(namespace, wait, "local rate limit", counters);
+                    tokio::time::sleep(wait).await;
+                }
+                Err(_) => {
+                    // Excluded by `new`: n never exceeds the burst.
+                    return Err(Error::config(
+                        "a call needs more keys than the quota's burst",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn note_wait(namespace: &str, wait: Duration, why: &'static str, counters: &Counters) {
+        Counters::add(&counters.rate_limited_waits, 1);
+        tracing::debug!(
+            namespace,
+            wait_ms = wait.as_millis() as u64,
+            why,
+            "waiting for the provider's budget"
+        );
+    }
+}

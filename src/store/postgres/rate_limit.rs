@@ -1,0 +1,236 @@
+//! [`PgRateLimit`]: one provider budget for a whole fleet, kept in Postgres.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+
+use super::table::TableName;
+use crate::limit::FleetLimiter;
+use crate::store::lock_id;
+use crate::{Error, Quota};
+
+/// A provider budget shared by every instance: one GCRA state row per
+/// provider namespace, charged atomically per provider call with the
+/// database clock (`clock_timestamp()`), so N instances together stay within
+/// one [`Quota`]. When the provider tells any instance to back off (429 with
+/// `Retry-After`), that instance records `blocked_until` in the row, and
+/// every instance pauses until then.
+///
+/// Give it a pool of its own (two connections are plenty): it is charged
+/// while fills hold connections of the store's pool, and must not wait for
+/// one of them.
+///
+/// The table (default `loadlock_rate_limit`) and its charge function are
+/// created by [`migrate`](PgRateLimit::migrate):
+///
+/// ```sql
+/// CREATE TABLE loadlock_rate_limit (
+///     namespace     text PRIMARY KEY,
+///     tat           timestamptz NOT NULL,  -- GCRA theoretical arrival time
+///     blocked_until timestamptz            -- a provider-requested pause
+/// );
+/// ```
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::num::NonZeroU32;
+/// use loadlock::{PgRateLimit, Quota};
+///
+/// let limiter_pool = sqlx::postgres::PgPoolOptions::new()
+///     .max_connections(2)
+///     .connect("postgres://localhost/app")
+///     .await?;
+/// let budget = PgRateLimit::new(limiter_pool, Quota::per_second(NonZeroU32::new(10).unwrap()))?;
+/// budget.migrate().await?;
+/// // Cache::builder(provider).fleet_rate_limit(budget.clone()) on every instance
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgRateLimit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: TableName,
+    quota: Quota,
+    charge: String,
+    pause: String,
+    paused_for: String,
+}
+
+impl fmt::Debug for PgRateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgRateLimit")
+            .field("table", &self.inner.table.to_string())
+            .field("quota", &self.inner.quota)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgRateLimit {
+    /// A fleet-wide budget of `quota` provider calls, in the table
+    /// `loadlock_rate_limit`.
+    ///
+    /// # Errors
+    ///
+    /// Never, with the default table; see [`with_table`](Self::with_table).
+    pub fn new(pool: PgPool, quota: Quota) -> Result<Self, Error> {
+        Self::with_table(pool, quota, "loadlock_rate_limit")
+    }
+
+    /// The same, in the table `table` (`table` or `schema.table`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid table name.
+    pub fn with_table(pool: PgPool, quota: Quota, table: &str) -> Result<Self, Error> {
+        let table = TableName::parse(table)?;
+        let t = table.quoted("");
+        let charge_fn = table.quoted("_charge");
+        Ok(PgRateLimit {
+            inner: Arc::new(Inner {
+                pool,
+                quota,
+                charge: format!("SELECT {charge_fn}($1, $2, $3)"),
+                pause: format!(
+                    "INSERT INTO {t} AS r (namespace, tat, blocked_until) \
+                     VALUES ($1, clock_timestamp(), clock_timestamp() + make_interval(secs => $2)) \
+                     ON CONFLICT (namespace) DO UPDATE SET blocked_until = \
+                       greatest(coalesce(r.blocked_until, '-infinity'), EXCLUDED.blocked_until)"
+                ),
+                paused_for: format!(
+                    "SELECT coalesce(greatest(extract(epoch FROM blocked_until - clock_timestamp()), 0), 0)::float8 \
+                     FROM {t} WHERE namespace = $1"
+                ),
+                table,
+            }),
+        })
+    }
+
+    /// The quota every instance shares.
+    pub fn quota(&self) -> Quota {
+        self.inner.quota
+    }
+
+    /// Creates the table and its charge function; idempotent and safe when
+    /// many instances call it at once (serialized by an advisory lock).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when a statement fails.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let table = &self.inner.table;
+        let t = table.quoted("");
+        let mut statements = Vec::new();
+        if let Some(schema) = table.schema() {
+            statements.push(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""));
+        }
+        statements.push(format!(
+            "CREATE TABLE IF NOT EXISTS {t} ( \
+                 namespace text PRIMARY KEY, \
+                 tat timestamptz NOT NULL, \
+                 blocked_until timestamptz)"
+        ));
+        // GCRA: a call conforms when tat - now <= tolerance; it then moves
+        // tat to max(tat, now) + emission. Returns the seconds to wait (0 when
+        // charged). The row lock makes the check and the charge atomic.
+        statements.push(format!(
+            "CREATE OR REPLACE FUNCTION {charge}(ns text, emission float8, tolerance float8) \
+             RETURNS float8 LANGUAGE plpgsql AS $fn$ \
+             DECLARE cur timestamptz; blocked timestamptz; t timestamptz; base timestamptz; \
+             BEGIN \
+               INSERT INTO {t} (namespace, tat) VALUES (ns, clock_timestamp()) \
+                 ON CONFLICT (namespace) DO NOTHING; \
+               SELECT tat, blocked_until INTO cur, blocked FROM {t} WHERE namespace = ns FOR UPDATE; \
+               t := clock_timestamp(); \
+               IF blocked IS NOT NULL AND blocked > t THEN \
+                 RETURN extract(epoch FROM blocked - t); \
+               END IF; \
+               base := greatest(cur, t); \
+               IF extract(epoch FROM base - t) > tolerance THEN \
+                 RETURN extract(epoch FROM base - t) - tolerance; \
+               END IF; \
+               UPDATE {t} SET tat = base + make_interval(secs => emission) WHERE namespace = ns; \
+               RETURN 0; \
+             END $fn$",
+            charge = table.quoted("_charge"),
+        ));
+        let fail = |e| Error::store(format!("migrating the rate limit table {table}"), e);
+        let mut tx = self.inner.pool.begin().await.map_err(fail)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_id("loadlock/migrate", &table.to_string()))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        for statement in statements {
+            sqlx::query(&statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)
+    }
+
+    fn error(&self, doing: &str, err: sqlx::Error) -> Error {
+        let missing = err
+            .as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|code| code == "42P01" || code == "42883");
+        if missing {
+            return Error::store(
+                format!(
+                    "{doing}: rate limit table {} is missing; call PgRateLimit::migrate() once at startup",
+                    self.inner.table
+                ),
+                err,
+            );
+        }
+        Error::store(format!("{doing} ({})", self.inner.table), err)
+    }
+}
+
+#[async_trait::async_trait]
+impl FleetLimiter for PgRateLimit {
+    async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error> {
+        let quota = self.inner.quota;
+        let emission = quota.emission_interval();
+        let tolerance = emission * (quota.burst().get() - 1);
+        let wait: f64 = sqlx::query_scalar(&self.inner.charge)
+            .bind(namespace)
+            .bind(emission.as_secs_f64())
+            .bind(tolerance.as_secs_f64())
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| self.error("charging the fleet rate limit", e))?;
+        Ok(Duration::try_from_secs_f64(wait).unwrap_or_default())
+    }
+
+    async fn paused_for(&self, namespace: &str) -> Result<Duration, Error> {
+        let wait: Option<f64> = sqlx::query_scalar(&self.inner.paused_for)
+            .bind(namespace)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| self.error("reading the fleet pause", e))?;
+        Ok(wait
+            .and_then(|w| Duration::try_from_secs_f64(w).ok())
+            .unwrap_or_default())
+    }
+
+    async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error> {
+        sqlx::query(&self.inner.pause)
+            .bind(namespace)
+            .bind(delay.as_secs_f64())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| self.error("recording the fleet pause", e))?;
+        tracing::info!(
+            namespace,
+            delay_ms = delay.as_millis() as u64,
+            "provider asked to back off; fleet paused"
+        );
+        Ok(())
+    }
+}
