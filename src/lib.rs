@@ -95,6 +95,8 @@ mod batch;
 mod cache;
 mod error;
 mod fetch;
+#[cfg(feature = "http")]
+mod http;
 mod inflight;
 mod limit;
 mod loader;
@@ -109,6 +111,8 @@ pub use cache::{
 };
 pub use error::Error;
 pub use fetch::{BatchFetch, ErrorClass};
+#[cfg(feature = "http")]
+pub use http::{HttpBatchProvider, HttpError};
 pub use limit::Quota;
 pub use loader::Loader;
 pub use retry::RetryPolicy;
@@ -117,8 +121,9 @@ pub use stats::Stats;
 pub use store::postgres::{LockMode, PgRateLimit, PgStore, PgStoreBuilder};
 pub use store::{MemoryStore, Store};
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (they use every
+/// feature).
+#[cfg(all(doctest, feature = "postgres", feature = "http"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 

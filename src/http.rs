@@ -1,0 +1,315 @@
+//! [`HttpBatchProvider`]: a ready-made provider for the common JSON batch
+//! API shape (feature `http`).
+
+use std::collections::HashMap;
+use std::fmt::{self, Display};
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::RETRY_AFTER;
+use reqwest::{Client, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{BatchFetch, Error, ErrorClass};
+
+/// A provider for APIs shaped like
+/// `GET {url}?ids=1,2,3 → {"items": [{"id": 1, …}, {"id": 2, …}]}`.
+///
+/// The query parameter (`ids`), the id field of each item (`id`) and the
+/// path to the item array (`items`; dotted for nested objects, empty when
+/// the body is the array itself) are configurable. Each item is decoded
+/// whole into `V`; an id the answer does not contain is "not found". Ids are
+/// matched by their text: `1` and `"1"` both answer the key `1`.
+///
+/// Errors are classified for the cache's retry policy:
+///
+/// | answer | class |
+/// |---|---|
+/// | 429, with `Retry-After` in seconds or as an HTTP date | [`ErrorClass::RateLimited`] |
+/// | 5xx, connection errors, timeouts | [`ErrorClass::Transient`] |
+/// | other 4xx, an undecodable body | [`ErrorClass::Permanent`] |
+///
+/// ```no_run
+/// # fn run() -> Result<(), loadlock::Error> {
+/// use loadlock::{Cache, HttpBatchProvider};
+///
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// struct User { id: u64, name: String }
+///
+/// let users = HttpBatchProvider::<u64, User>::new(
+///     reqwest::Client::new(),
+///     "http://users.internal/v1/users",
+///     "users/v1",
+/// )?
+/// .ids_param("id")
+/// .items_path("data.users")
+/// .max_batch_size(50);
+/// let cache = Cache::builder(users).build()?;
+/// # Ok(()) }
+/// ```
+///
+/// No TLS is compiled in by default: enable reqwest's `rustls` feature in
+/// your own `Cargo.toml` to call `https` URLs.
+pub struct HttpBatchProvider<K, V> {
+    client: Client,
+    url: Url,
+    namespace: String,
+    ids_param: String,
+    id_field: String,
+    items_path: Vec<String>,
+    max_batch_size: usize,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> fmt::Debug for HttpBatchProvider<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpBatchProvider")
+            .field("url", &self.url.as_str())
+            .field("namespace", &self.namespace)
+            .field("ids_param", &self.ids_param)
+            .field("id_field", &self.id_field)
+            .field("items_path", &self.items_path)
+            .field("max_batch_size", &self.max_batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> HttpBatchProvider<K, V> {
+    /// A provider calling `url` with `client`, its entries under
+    /// `namespace`. Defaults: parameter `ids`, id field `id`, items at
+    /// `items`, 100 ids per call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `url` does not parse.
+    pub fn new(client: Client, url: &str, namespace: impl Into<String>) -> Result<Self, Error> {
+        let url =
+            Url::parse(url).map_err(|e| Error::config(format!("provider url {url:?}: {e}")))?;
+        Ok(HttpBatchProvider {
+            client,
+            url,
+            namespace: namespace.into(),
+            ids_param: "ids".into(),
+            id_field: "id".into(),
+            items_path: vec!["items".into()],
+            max_batch_size: 100,
+            _types: PhantomData,
+        })
+    }
+
+    /// The query parameter carrying the comma-separated ids.
+    #[must_use]
+    pub fn ids_param(mut self, name: impl Into<String>) -> Self {
+        self.ids_param = name.into();
+        self
+    }
+
+    /// The field of each item holding its id.
+    #[must_use]
+    pub fn id_field(mut self, name: impl Into<String>) -> Self {
+        self.id_field = name.into();
+        self
+    }
+
+    /// Where the item array is in the body: dotted object keys
+    /// (`"data.items"`), or `""` when the body is the array.
+    #[must_use]
+    pub fn items_path(mut self, path: &str) -> Self {
+        self.items_path = path
+            .split('.')
+            .filter(|part| !part.is_empty())
+            .map(str::to_owned)
+            .collect();
+        self
+    }
+
+    /// The most ids per request (the API's limit). Zero is rejected when the
+    /// cache is built.
+    #[must_use]
+    pub fn max_batch_size(mut self, max: usize) -> Self {
+        self.max_batch_size = max;
+        self
+    }
+}
+
+/// Why an [`HttpBatchProvider`] call failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// 429 Too Many Requests, with the delay from `Retry-After` if it had a
+    /// valid one.
+    RateLimited {
+        /// How long the API asked to wait.
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-success status.
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The start of the body, for the log.
+        body: String,
+    },
+    /// The request did not complete: connection refused or reset, timeout.
+    Transport(reqwest::Error),
+    /// The body was not the expected JSON.
+    Decode(String),
+}
+
+impl Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::RateLimited {
+                retry_after: Some(after),
+            } => write!(f, "rate limited (429), retry after {after:?}"),
+            HttpError::RateLimited { retry_after: None } => f.write_str("rate limited (429)"),
+            HttpError::Status { status, body } => write!(f, "HTTP {status}: {body}"),
+            HttpError::Transport(err) => write!(f, "request failed: {err}"),
+            HttpError::Decode(why) => write!(f, "undecodable answer: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpError::Transport(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds (`"120"`) or an HTTP date (`"Wed, 21
+/// Oct 2015 07:28:00 GMT"`, counted from `now`; a past date is zero).
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// The text an id is matched by.
+fn id_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl<K, V> BatchFetch for HttpBatchProvider<K, V>
+where
+    K: Eq + Hash + Clone + Display + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+    type Value = V;
+    type Error = HttpError;
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+    }
+
+    async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, V>, HttpError> {
+        let by_text: HashMap<String, &K> = keys.iter().map(|k| (k.to_string(), k)).collect();
+        let ids = keys
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut url = self.url.clone();
+        url.query_pairs_mut().append_pair(&self.ids_param, &ids);
+
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(HttpError::Transport)?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            return Err(HttpError::RateLimited { retry_after });
+        }
+        let body = response.bytes().await.map_err(HttpError::Transport)?;
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return Err(HttpError::Status { status, body });
+        }
+
+        let mut document: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| HttpError::Decode(e.to_string()))?;
+        let mut items = &mut document;
+        for part in &self.items_path {
+            items = items
+                .get_mut(part)
+                .ok_or_else(|| HttpError::Decode(format!("no `{part}` in the answer")))?;
+        }
+        let serde_json::Value::Array(items) = items.take() else {
+            return Err(HttpError::Decode("the items are not an array".into()));
+        };
+        let mut found = HashMap::with_capacity(items.len());
+        for item in items {
+            let Some(key) = item
+                .get(&self.id_field)
+                .and_then(id_text)
+                .and_then(|text| by_text.get(&text).copied())
+            else {
+                continue; // not asked for, or no usable id
+            };
+            let value = serde_json::from_value(item)
+                .map_err(|e| HttpError::Decode(format!("item {key}: {e}")))?;
+            found.insert(key.clone(), value);
+        }
+        Ok(found)
+    }
+
+    fn classify(&self, error: &HttpError) -> ErrorClass {
+        match error {
+            HttpError::RateLimited { retry_after } => ErrorClass::RateLimited {
+                retry_after: *retry_after,
+            },
+            HttpError::Status { status, .. } if status.is_server_error() => ErrorClass::Transient,
+            HttpError::Transport(err) if !err.is_builder() => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_both_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        // 1445412480 is Wed, 21 Oct 2015 07:28:00 GMT.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:05 GMT", now),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+}
