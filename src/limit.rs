@@ -218,24 +218,24 @@ impl Limiter {
         self.calls.is_none() && self.keys.is_none() && self.fleet.is_none()
     }
 
-    /// Waits until one call of `keys` keys may be made, and charges it.
-    /// Each wait is counted in `rate_limited_waits`.
+    /// Waits until one call of `keys` keys may be made, and charges it. A
+    /// call that had to wait counts once in `rate_limited_waits`.
     pub(crate) async fn acquire(
         &self,
         namespace: &str,
         keys: usize,
         counters: &Counters,
     ) -> Result<(), Error> {
+        let mut waited = false;
         if let Some(gcra) = &self.calls {
-            self.wait_local(gcra, NonZeroU32::MIN, namespace, counters)
-                .await?;
+            waited |= self.wait_local(gcra, NonZeroU32::MIN, namespace).await?;
         }
         if let Some((gcra, burst)) = &self.keys {
             let n = u32::try_from(keys)
                 .ok()
                 .and_then(NonZeroU32::new)
                 .map_or(NonZeroU32::MIN, |n| n.min(*burst));
-            self.wait_local(gcra, n, namespace, counters).await?;
+            waited |= self.wait_local(gcra, n, namespace).await?;
         }
         if let Some(fleet) = &self.fleet {
             loop {
@@ -243,9 +243,13 @@ impl Limiter {
                 if wait.is_zero() {
                     break;
                 }
-                Self::note_wait(namespace, wait, "fleet rate limit", counters);
+                waited = true;
+                Self::trace_wait(namespace, wait, "fleet rate limit");
                 tokio::time::sleep(wait).await;
             }
+        }
+        if waited {
+            Counters::add(&counters.rate_limited_waits, 1);
         }
         Ok(())
     }
@@ -279,13 +283,18 @@ impl Limiter {
             return self.acquire(namespace, keys, counters).await;
         }
         if let Some(fleet) = &self.fleet {
+            let mut waited = false;
             loop {
                 let paused = fleet.paused_for(namespace).await?;
                 if paused.is_zero() {
                     break;
                 }
-                Self::note_wait(namespace, paused, "fleet paused", counters);
+                waited = true;
+                Self::trace_wait(namespace, paused, "fleet paused");
                 tokio::time::sleep(paused).await;
+            }
+            if waited {
+                Counters::add(&counters.rate_limited_waits, 1);
             }
         }
         Ok(())
@@ -299,19 +308,16 @@ impl Limiter {
         }
     }
 
-    async fn wait_local(
-        &self,
-        gcra: &Gcra,
-        n: NonZeroU32,
-        namespace: &str,
-        counters: &Counters,
-    ) -> Result<(), Error> {
+    /// Waits for `n` units of `gcra`; returns whether it had to wait.
+    async fn wait_local(&self, gcra: &Gcra, n: NonZeroU32, namespace: &str) -> Result<bool, Error> {
+        let mut waited = false;
         loop {
             match gcra.check_n(n) {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => return Ok(waited),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.clock.now());
-                    Self::note_wait(namespace, wait, "local rate limit", counters);
+                    waited = true;
+                    Self::trace_wait(namespace, wait, "local rate limit");
                     tokio::time::sleep(wait).await;
                 }
                 Err(_) => {
@@ -324,8 +330,7 @@ impl Limiter {
         }
     }
 
-    fn note_wait(namespace: &str, wait: Duration, why: &'static str, counters: &Counters) {
-        Counters::add(&counters.rate_limited_waits, 1);
+    fn trace_wait(namespace: &str, wait: Duration, why: &'static str) {
         tracing::debug!(
             namespace,
             wait_ms = wait.as_millis() as u64,

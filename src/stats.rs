@@ -53,8 +53,9 @@ pub struct Stats {
     pub provider_retries: u64,
     /// Provider calls that exceeded the provider timeout.
     pub provider_timeouts: u64,
-    /// Waits for the provider's budget: the local or fleet-wide rate limit,
-    /// or a back-off the provider asked for.
+    /// Provider calls that had to wait for the budget (the local or
+    /// fleet-wide rate limit, or a fleet pause), plus waits the provider
+    /// asked for with a rate-limit answer.
     pub rate_limited_waits: u64,
     /// `load` / `load_many` calls that returned an error.
     pub errors: u64,

@@ -441,3 +441,33 @@ async fn wait_for_lock_waiters(url: &str, ids: &[i64]) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A provider call with its retries must fit in the store's bound on a fill
+/// (its idle-in-transaction timeout), or the server would end the session
+/// under a slow but healthy provider.
+#[tokio::test]
+async fn provider_timeout_must_fit_the_fill_bound() {
+    let db = TestDb::new("fillbound").await;
+    let store = PgStore::builder(db.pool(1).await)
+        .table(db.table())
+        .idle_in_transaction_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let too_slow = Cache::builder(Fake::<u64>::new("pg/fillbound"))
+        .store(store.clone())
+        .provider_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_err();
+    assert!(matches!(too_slow, Error::Config(_)), "{too_slow}");
+    assert!(
+        too_slow.to_string().contains("provider_timeout"),
+        "{too_slow}"
+    );
+    let fits = Cache::builder(Fake::<u64>::new("pg/fillbound"))
+        .store(store)
+        .provider_timeout(Duration::from_secs(2))
+        .retry(loadlock::RetryPolicy::none())
+        .build();
+    assert!(fits.is_ok());
+    db.cleanup().await;
+}
