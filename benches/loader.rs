@@ -1,23 +1,39 @@
-//! The in-process path: memo hits, coalescing and batching, store hits, with
-//! an instant provider, so what is measured is loadlock's own overhead.
+//! loadlock side by side with async-graphql's `DataLoader` on identical
+//! in-process workloads, and `PgStore`'s all-hit read next to a hand-written
+//! query on the same pool.
 //!
 //! ```text
 //! cargo bench --bench loader
 //! ```
+//!
+//! The Postgres group finds a server as the tests do (`DATABASE_URL`, a
+//! local server, or a throwaway cluster).
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/pg.rs"]
+mod pg;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use async_graphql::dataloader::{DataLoader, HashMapCache, Loader as GqlLoader};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache};
+use loadlock::store::{Lookup, Store};
+use loadlock::{BatchFetch, Cache, LockMode};
+use sqlx::types::Json;
+use sqlx::Row;
 
+/// The same instant provider for both loaders.
+#[derive(Clone)]
 struct Echo;
 
 #[async_trait::async_trait]
 impl BatchFetch for Echo {
     type Key = u64;
     type Value = u64;
-    type Error = std::convert::Infallible;
+    type Error = Infallible;
 
     fn namespace(&self) -> &str {
         "bench/echo"
@@ -27,50 +43,172 @@ impl BatchFetch for Echo {
         1000
     }
 
-    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Infallible> {
         Ok(keys.iter().map(|&k| (k, k)).collect())
     }
 }
 
-fn in_process(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+impl GqlLoader<u64> for Echo {
+    type Value = u64;
+    type Error = Infallible;
+
+    async fn load(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Infallible> {
+        Ok(keys.iter().map(|&k| (k, k)).collect())
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn in_process(c: &mut Criterion) {
+    let rt = runtime();
     let mut group = c.benchmark_group("in_process");
 
-    // 1,000 concurrent loads over 100 distinct keys, a fresh cache each time:
-    // dedup in the memo, one batch, one provider call.
-    group.bench_function("1000_loads_100_keys_cold", |b| {
-        b.to_async(&rt).iter(|| async {
-            let cache = Cache::builder(Echo).build().unwrap();
-            let loader = cache.loader();
-            let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
-            assert_eq!(results.len(), 1000);
-        })
-    });
+    // 1,000 concurrent loads over 100 distinct keys, a fresh loader each
+    // time (a new request), instant provider. Both with their default window
+    // (loadlock 500 µs, async-graphql 1 ms) and both at 1 ms.
+    for window_us in [None, Some(1000u64)] {
+        let label = window_us.map_or("default window".to_string(), |w| format!("{w} us window"));
+        group.bench_function(
+            BenchmarkId::new("1000_loads_100_keys/loadlock", &label),
+            |b| {
+                b.to_async(&rt).iter(|| async {
+                    let mut builder = Cache::builder(Echo);
+                    if let Some(w) = window_us {
+                        builder = builder.batch_window(Duration::from_micros(w));
+                    }
+                    let cache = builder.build().unwrap();
+                    let loader = cache.loader();
+                    let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
+                    assert_eq!(results.len(), 1000);
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("1000_loads_100_keys/async-graphql", &label),
+            |b| {
+                b.to_async(&rt).iter(|| async {
+                    let mut loader =
+                        DataLoader::with_cache(Echo, tokio::spawn, HashMapCache::default());
+                    if let Some(w) = window_us {
+                        loader = loader.delay(Duration::from_micros(w));
+                    }
+                    let results = join_all((0..1000u64).map(|i| loader.load_one(i % 100))).await;
+                    assert_eq!(results.len(), 1000);
+                })
+            },
+        );
+    }
 
-    // 10,000 loads that are all memo hits.
+    // 10,000 loads, all memo hits, on a warm loader.
     let cache = Cache::builder(Echo).build().unwrap();
     let warm = cache.loader();
     rt.block_on(warm.load_many(0..100)).unwrap();
-    group.bench_function("10000_memo_hits", |b| {
+    group.bench_function("10000_memo_hits/loadlock", |b| {
         b.to_async(&rt).iter(|| async {
             let results = join_all((0..10_000u64).map(|i| warm.load(i % 100))).await;
             assert_eq!(results.len(), 10_000);
         })
     });
-
-    // A new request's loader, 100 keys, all fresh in the MemoryStore.
-    group.bench_function("100_store_hits_new_loader", |b| {
+    let gql = DataLoader::with_cache(Echo, tokio::spawn, HashMapCache::default());
+    rt.block_on(gql.load_many(0..100u64)).unwrap();
+    group.bench_function("10000_memo_hits/async-graphql", |b| {
         b.to_async(&rt).iter(|| async {
-            let got = cache.loader().load_many(0..100).await.unwrap();
-            assert_eq!(got.len(), 100);
+            let results = join_all((0..10_000u64).map(|i| gql.load_one(i % 100))).await;
+            assert_eq!(results.len(), 10_000);
         })
     });
     group.finish();
 }
 
-criterion_group!(benches, in_process);
+#[derive(Clone)]
+struct Users;
+
+#[async_trait::async_trait]
+impl BatchFetch for Users {
+    type Key = u64;
+    type Value = String;
+    type Error = Infallible;
+
+    fn namespace(&self) -> &str {
+        "bench/users"
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, String>, Infallible> {
+        Ok(keys
+            .iter()
+            .map(|&k| (k, format!("user {k} with a name")))
+            .collect())
+    }
+}
+
+fn postgres(c: &mut Criterion) {
+    let rt = runtime();
+    let (db, store) = rt.block_on(async {
+        let db = pg::TestDb::new("bench").await;
+        let store = db.store(LockMode::PerKey).await;
+        (db, store)
+    });
+    let keys: Vec<u64> = (0..100).collect();
+    let texts: Vec<String> = keys.iter().map(u64::to_string).collect();
+    // Fill the 100 keys once.
+    let cache = Cache::builder(Users)
+        .store(store.clone())
+        .batch_window(Duration::ZERO)
+        .build()
+        .unwrap();
+    rt.block_on(cache.loader().load_many(keys.clone())).unwrap();
+
+    let mut group = c.benchmark_group("pg_all_hit_100");
+    group.bench_function("PgStore::get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let found = Store::<Users>::get(&store, "bench/users", &keys)
+                .await
+                .unwrap();
+            assert!(matches!(found[99], Lookup::Hit(_)));
+        })
+    });
+    let pool = store.pool().clone();
+    let table = db.table();
+    let sql = format!(
+        "SELECT key, value FROM {table} WHERE namespace = $1 AND key = ANY($2) AND expires_at > now()"
+    );
+    group.bench_function("hand-written SELECT", |b| {
+        b.to_async(&rt).iter(|| async {
+            let rows = sqlx::query(&sql)
+                .bind("bench/users")
+                .bind(&texts)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let values: HashMap<String, String> = rows
+                .iter()
+                .map(|row| {
+                    let Json(value): Json<String> = row.get(1);
+                    (row.get(0), value)
+                })
+                .collect();
+            assert_eq!(values.len(), 100);
+        })
+    });
+    group.bench_function("Loader::load_many (window 0)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let got = cache
+                .loader()
+                .load_many(keys.iter().copied())
+                .await
+                .unwrap();
+            assert_eq!(got.len(), 100);
+        })
+    });
+    group.finish();
+    rt.block_on(db.cleanup());
+}
+
+criterion_group!(benches, in_process, postgres);
 criterion_main!(benches);
