@@ -1,14 +1,14 @@
 //! [`MemoryStore`]: the embedded store, for one process.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{lock_id, Fill, Filled, Lookup, Store};
@@ -143,10 +143,16 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
         let namespace = fill.namespace();
-        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
-        let ids = displayed
+        let entry_keys: Vec<String> = fill
+            .keys()
             .iter()
-            .map(|key| lock_id(namespace, key))
+            .map(|key| entry_key(namespace, key))
+            .collect();
+        // The key's text is the entry key's tail.
+        let prefix = entry_key(namespace, &"").len();
+        let ids = entry_keys
+            .iter()
+            .map(|k| lock_id(namespace, &k[prefix..]))
             .collect();
         let started = std::time::Instant::now();
         let _held = self.inner.locks.lock_all(ids).await;
@@ -154,11 +160,6 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
 
         // Re-read: another fill may have written while we waited.
         let now = Instant::now();
-        let entry_keys: Vec<String> = fill
-            .keys()
-            .iter()
-            .map(|key| entry_key(namespace, key))
-            .collect();
         let mut answers: Vec<Filled<F::Value>> = Vec::with_capacity(entry_keys.len());
         let mut missing = Vec::new();
         for (i, entry_key) in entry_keys.iter().enumerate() {
@@ -197,52 +198,65 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
     }
 }
 
-/// Per-key exclusive locks, created on demand and dropped when unused.
+/// Per-key exclusive locks: the set of lock ids held, and one notification
+/// for every release. Taking a batch's locks costs one mutex acquisition
+/// when they are free; a waiter wakes on each release and tries again.
 #[derive(Default)]
 struct KeyLocks {
-    table: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    held: Mutex<HashSet<i64>>,
+    released: Notify,
 }
 
 impl KeyLocks {
     /// Takes the locks of `ids` in ascending order (so two callers never
-    /// deadlock). Cancel safe: whatever was taken is released on drop.
+    /// deadlock: whoever waits holds only lower ids than the one it waits
+    /// for). Cancel safe: whatever was taken is released on drop.
     async fn lock_all(&self, mut ids: Vec<i64>) -> HeldLocks<'_> {
         ids.sort_unstable();
         ids.dedup();
         let mut held = HeldLocks {
             owner: self,
-            guards: Vec::with_capacity(ids.len()),
             ids: Vec::with_capacity(ids.len()),
         };
-        for id in ids {
-            let mutex = {
-                let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-                Arc::clone(table.entry(id).or_default())
-            };
-            held.ids.push(id);
-            held.guards.push(mutex.lock_owned().await);
+        let mut next = 0;
+        loop {
+            // Registered before looking, so a release in between is not
+            // missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                while next < ids.len() && set.insert(ids[next]) {
+                    held.ids.push(ids[next]);
+                    next += 1;
+                }
+            }
+            if next == ids.len() {
+                return held;
+            }
+            released.await;
         }
-        held
     }
 }
 
-/// The locks one fill holds.
+/// The locks one fill holds; released on drop.
 struct HeldLocks<'a> {
     owner: &'a KeyLocks,
-    guards: Vec<OwnedMutexGuard<()>>,
-    /// Every id this holder touched, taken or still awaited.
     ids: Vec<i64>,
 }
 
 impl Drop for HeldLocks<'_> {
     fn drop(&mut self) {
-        self.guards.clear();
-        let mut table = self.owner.table.lock().unwrap_or_else(|e| e.into_inner());
-        for id in &self.ids {
-            // Only the table still refers to it: nobody holds or awaits it.
-            if table.get(id).is_some_and(|m| Arc::strong_count(m) == 1) {
-                table.remove(id);
+        if self.ids.is_empty() {
+            return;
+        }
+        {
+            let mut set = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &self.ids {
+                set.remove(id);
             }
         }
+        self.owner.released.notify_waiters();
     }
 }
