@@ -18,6 +18,7 @@ use crate::cache::{CacheInner, Tally};
 use crate::inflight::{Claim, FailUnfinished};
 use crate::loader::{Batch, LoaderShared};
 use crate::stats::Counters;
+use crate::store::Lookup;
 use crate::{BatchFetch, Error};
 
 /// Starts the batch window of `loader` on a task of its own, in the caller's
@@ -79,32 +80,59 @@ impl<F: BatchFetch> Drop for PendingGuard<F> {
 
 /// Runs one batch to the end: every flight of it is completed when this
 /// returns or is dropped, and every key it led has left the in-flight table.
+///
+/// Keys are read from the store first. Only the keys the read missed enter
+/// the in-flight table, to be filled (or joined, when another loader of this
+/// process is filling them), and a fill leaves the table before its writes
+/// become visible. So a load joins only a fill that has not committed yet:
+/// whatever it receives was still the store's newest when it joined, and a
+/// load that starts after an invalidation returned never receives a value
+/// read before it.
 async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, F::Value>) {
     let started = Instant::now();
     Counters::add(&cache.counters.batches, 1);
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
+    let mut tally = Tally::default();
+
+    let keys: Vec<F::Key> = batch.iter().map(|(key, _)| key.clone()).collect();
+    let looked = match cache.read(&keys, &mut tally).await {
+        Ok(looked) => looked,
+        Err(err) => {
+            for (_, flight) in &batch {
+                flight.complete(Err(err.clone()));
+            }
+            return;
+        }
+    };
+    // Counted before any caller wakes, so a caller reads its own load in the
+    // stats.
+    tally.record(&cache.counters);
 
     let mut lease = cache.inflight.lease();
     let mut joins = Vec::new();
-    for (key, flight) in batch {
-        match cache.inflight.claim(&key, &flight) {
-            Claim::Lead => lease.push(key, flight),
-            Claim::Join(leader) => joins.push((flight, leader)),
+    for ((key, flight), lookup) in batch.into_iter().zip(looked) {
+        match lookup {
+            Lookup::Hit(value) => flight.complete(Ok(Some(value))),
+            Lookup::NegativeHit => flight.complete(Ok(None)),
+            _ => match cache.inflight.claim(&key, &flight) {
+                Claim::Lead => lease.push(key, flight),
+                Claim::Join(leader) => joins.push((flight, leader)),
+            },
         }
     }
-    let mut tally = Tally {
-        coalesced: joins.len(),
-        ..Tally::default()
-    };
+    tally.coalesced = joins.len();
     Counters::add(&cache.counters.coalesced, tally.coalesced);
 
     let lead = async {
         if !lease.keys().is_empty() {
-            let outcome = cache.resolve(lease.keys(), &mut tally).await;
-            // Counted before any caller wakes, so a caller reads its own load
-            // in the stats.
-            tally.record(&cache.counters);
+            let mut filled = Tally::default();
+            let leave = |indices: &[usize]| lease.leave(indices);
+            let outcome = cache.fill(lease.keys(), &leave, &mut filled).await;
+            filled.record(&cache.counters);
             lease.settle(outcome);
+            filled
+        } else {
+            Tally::default()
         }
     };
     let follow = join_all(
@@ -112,12 +140,12 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, F::Value
             .iter()
             .map(|(mine, leader)| async move { mine.complete(leader.wait().await) }),
     );
-    futures::join!(lead, follow);
+    let (filled, _) = futures::join!(lead, follow);
 
     let span = tracing::Span::current();
     span.record("coalesced", tally.coalesced);
-    span.record("store_hits", tally.store_hits);
-    span.record("negative_hits", tally.negative_hits);
-    span.record("fetched", tally.fetched);
+    span.record("store_hits", tally.store_hits + filled.store_hits);
+    span.record("negative_hits", tally.negative_hits + filled.negative_hits);
+    span.record("fetched", filled.fetched);
     span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
 }

@@ -149,15 +149,13 @@ impl<F: BatchFetch> Cache<F> {
 }
 
 impl<F: BatchFetch> CacheInner<F> {
-    /// Loads `keys` (deduplicated, led by the caller) from the store, filling
-    /// what the store misses from the provider. Aligned with `keys`.
-    pub(crate) async fn resolve(
+    /// The optimistic read of `keys`; aligned with `keys`.
+    pub(crate) async fn read(
         &self,
         keys: &[F::Key],
         tally: &mut Tally,
-    ) -> Result<Vec<Option<F::Value>>, Error> {
-        let namespace = self.provider.namespace();
-        let looked = self.store.get(namespace, keys).await?;
+    ) -> Result<Vec<Lookup<F::Value>>, Error> {
+        let looked = self.store.get(self.provider.namespace(), keys).await?;
         if looked.len() != keys.len() {
             return Err(Error::Store {
                 message: format!(
@@ -169,62 +167,56 @@ impl<F: BatchFetch> CacheInner<F> {
                 source: None,
             });
         }
-        let mut values = Vec::with_capacity(keys.len());
-        let mut missing = Vec::new();
-        for (i, lookup) in looked.into_iter().enumerate() {
-            values.push(match lookup {
-                Lookup::Hit(value) => {
-                    tally.store_hits += 1;
-                    Some(value)
-                }
+        for lookup in &looked {
+            match lookup {
+                Lookup::Hit(_) => tally.store_hits += 1,
                 Lookup::NegativeHit => {
                     tally.store_hits += 1;
                     tally.negative_hits += 1;
-                    None
                 }
-                Lookup::Undecodable => {
-                    tally.undecodable += 1;
-                    missing.push(i);
-                    None
-                }
-                // `Lookup` is non-exhaustive for other stores; anything else
-                // is a miss.
-                _ => {
-                    missing.push(i);
-                    None
-                }
-            });
+                Lookup::Undecodable => tally.undecodable += 1,
+                _ => {}
+            }
         }
-        if missing.is_empty() {
-            return Ok(values);
-        }
+        Ok(looked)
+    }
 
-        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| keys[i].clone()).collect();
+    /// Fills `keys` (missed by the read, led by the caller) through the
+    /// store; aligned with `keys`. `leave` is called with indices into
+    /// `keys` right before their writes become visible.
+    pub(crate) async fn fill(
+        &self,
+        keys: &[F::Key],
+        leave: &(dyn Fn(&[usize]) + Send + Sync),
+        tally: &mut Tally,
+    ) -> Result<Vec<Option<F::Value>>, Error> {
         // Wait for the provider's budget before the store locks anything.
-        let prepaid = self.provider.prepay(missing.len(), &self.counters).await?;
+        let prepaid = self.provider.prepay(keys.len(), &self.counters).await?;
         let fill = Fill {
-            namespace,
-            keys: &missing_keys,
+            namespace: self.provider.namespace(),
+            keys,
             ttl: self.config.ttl,
             negative_ttl: self.config.negative_ttl,
             provider: &self.provider,
             prepaid: &prepaid,
             counters: &self.counters,
+            leave,
         };
         let filled = self.store.fill(fill).await?;
-        if filled.len() != missing.len() {
+        if filled.len() != keys.len() {
             return Err(Error::Store {
                 message: format!(
                     "store answered {} keys of a fill of {}",
                     filled.len(),
-                    missing.len()
+                    keys.len()
                 )
                 .into(),
                 source: None,
             });
         }
-        for (i, answer) in missing.into_iter().zip(filled) {
-            values[i] = match answer {
+        Ok(filled
+            .into_iter()
+            .map(|answer| match answer {
                 Filled::Stored(value) => {
                     tally.store_hits += 1;
                     tally.store_hits_after_lock += 1;
@@ -235,9 +227,8 @@ impl<F: BatchFetch> CacheInner<F> {
                     tally.fetched += 1;
                     value
                 }
-            };
-        }
-        Ok(values)
+            })
+            .collect())
     }
 }
 

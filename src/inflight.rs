@@ -201,7 +201,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Lease<'_, K, V> {
     /// Leaving first means a newcomer never joins a flight that is about to
     /// fail; it goes to the store, which already holds what succeeded.
     pub(crate) fn settle(mut self, outcome: Result<Vec<Option<V>>, Error>) {
-        self.leave();
+        self.leave_all();
         let flights = std::mem::take(&mut self.flights);
         match outcome {
             Ok(values) => {
@@ -218,7 +218,18 @@ impl<K: Eq + Hash + Clone, V: Clone> Lease<'_, K, V> {
         }
     }
 
-    fn leave(&mut self) {
+    /// Leaves the table for the keys at `indices` (into
+    /// [`keys`](Lease::keys)): from now on, loads of them no longer join this
+    /// lease's flights. Idempotent.
+    pub(crate) fn leave(&self, indices: &[usize]) {
+        for &i in indices {
+            if let (Some(key), Some(flight)) = (self.keys.get(i), self.flights.get(i)) {
+                self.table.release(key, flight);
+            }
+        }
+    }
+
+    fn leave_all(&mut self) {
         for (key, flight) in self.keys.iter().zip(&self.flights) {
             self.table.release(key, flight);
         }
@@ -228,6 +239,6 @@ impl<K: Eq + Hash + Clone, V: Clone> Lease<'_, K, V> {
 
 impl<K: Eq + Hash + Clone, V: Clone> Drop for Lease<'_, K, V> {
     fn drop(&mut self) {
-        self.leave();
+        self.leave_all();
     }
 }

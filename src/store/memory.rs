@@ -173,7 +173,9 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
                 }
             });
         }
+        let all: Vec<usize> = (0..answers.len()).collect();
         if missing.is_empty() {
+            fill.about_to_commit(&all);
             return Ok(answers);
         }
 
@@ -194,6 +196,8 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
             answers[i] = Filled::Fetched(value);
         }
         self.note_writes(missing.len());
+        // The locks are released when `_held` drops, on return.
+        fill.about_to_commit(&all);
         Ok(answers)
     }
 }

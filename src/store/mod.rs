@@ -139,6 +139,7 @@ pub struct Fill<'a, F: BatchFetch> {
     pub(crate) provider: &'a ProviderCaller<F>,
     pub(crate) prepaid: &'a Prepaid,
     pub(crate) counters: &'a Counters,
+    pub(crate) leave: &'a (dyn Fn(&[usize]) + Send + Sync),
 }
 
 impl<F: BatchFetch> Fill<'_, F> {
@@ -167,6 +168,18 @@ impl<F: BatchFetch> Fill<'_, F> {
     /// should make groups a multiple of it.
     pub fn max_batch_size(&self) -> usize {
         self.provider.max_batch_size()
+    }
+
+    /// Tells the cache that the writes for the keys at `indices` (into
+    /// [`keys`](Self::keys)) are about to become visible: call it right
+    /// before committing them (before releasing their locks), also for keys
+    /// that the re-read found. From then on, loads of those keys in this
+    /// process read the store instead of joining this fill, so a load that
+    /// starts after an invalidation of the key returned can never receive a
+    /// value this fill read or fetched before it. A store that never calls
+    /// it keeps the keys joinable until the fill returns.
+    pub fn about_to_commit(&self, indices: &[usize]) {
+        (self.leave)(indices);
     }
 
     /// Reports how long the fill waited for its keys' locks; counted in

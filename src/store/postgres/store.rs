@@ -274,6 +274,7 @@ impl PgStore {
             }
         }
         if missing.is_empty() {
+            fill.about_to_commit(group);
             self.count_round_trips(1);
             return tx
                 .commit()
@@ -311,6 +312,7 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error("writing cache rows", e))?;
+        fill.about_to_commit(group);
         self.count_round_trips(1);
         tx.commit()
             .await
