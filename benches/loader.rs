@@ -75,6 +75,10 @@ impl Store<Echo> for PassThrough {
             .map(|k| Filled::Fetched(found.remove(k)))
             .collect())
     }
+
+    async fn invalidate(&self, _: &str, _: &[u64]) -> Result<(), loadlock::Error> {
+        Ok(())
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

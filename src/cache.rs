@@ -127,6 +127,48 @@ impl<F: BatchFetch> Cache<F> {
         Loader::new(Arc::clone(&self.inner))
     }
 
+    /// Invalidates `keys` after their source of truth changed: their entries
+    /// are never served again, and the next load of each fetches it afresh.
+    ///
+    /// Invalidation takes the same per-key locks as a fill: it waits for
+    /// fills of the keys in progress anywhere (in every instance sharing the
+    /// store), and no fill can interleave with it. So once it returns, a
+    /// load that starts afterwards, on any instance, returns a value the
+    /// provider gave after the invalidation took the key's lock; a slow fill
+    /// that fetched the old value before cannot write it back. The classic
+    /// race ("invalidate, then a slow reader writes back old data") cannot
+    /// happen. Change the source first, then invalidate.
+    ///
+    /// Not covered: a [`Loader`] that already answered a key keeps its
+    /// answer for its life (one request, one value per key; use
+    /// [`Loader::clear`] to forget it).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it returns may leave the keys invalidated
+    /// or not (each group of keys is one transaction); invalidate again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the store fails, [`Error::LockTimeout`] when a
+    /// fill held a key longer than the store's lock timeout.
+    pub async fn invalidate(&self, keys: impl IntoIterator<Item = F::Key>) -> Result<(), Error> {
+        let keys: Vec<F::Key> = keys.into_iter().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .inner
+            .store
+            .invalidate(self.inner.provider.namespace(), &keys)
+            .await;
+        if result.is_ok() {
+            Counters::add(&self.inner.counters.invalidations, keys.len());
+            tracing::debug!(namespace = %self.inner.provider.namespace(), keys = keys.len(), "invalidated");
+        }
+        result
+    }
+
     /// A snapshot of this cache's counters.
     pub fn stats(&self) -> Stats {
         self.inner.counters.snapshot(self.inner.inflight.len())

@@ -59,6 +59,8 @@ pub struct Stats {
     pub rate_limited_waits: u64,
     /// `load` / `load_many` calls that returned an error.
     pub errors: u64,
+    /// Keys invalidated through this cache.
+    pub invalidations: u64,
     /// Keys being loaded right now by this cache (the in-flight table's size).
     pub in_flight: u64,
 }
@@ -98,6 +100,7 @@ pub(crate) struct Counters {
     pub(crate) provider_timeouts: AtomicU64,
     pub(crate) rate_limited_waits: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
 }
 
 impl Counters {
@@ -133,6 +136,7 @@ impl Counters {
             provider_timeouts: self.provider_timeouts.load(Relaxed),
             rate_limited_waits: self.rate_limited_waits.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            invalidations: self.invalidations.load(Relaxed),
             in_flight: in_flight as u64,
         }
     }

@@ -200,6 +200,22 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         fill.about_to_commit(&all);
         Ok(answers)
     }
+
+    async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
+        let keys = keys.iter().map(ToString::to_string).collect();
+        self.remove_locked(namespace, keys).await;
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    async fn remove_locked(&self, namespace: &str, keys: Vec<String>) {
+        let ids = keys.iter().map(|key| lock_id(namespace, key)).collect();
+        let _held = self.inner.locks.lock_all(ids).await;
+        for key in keys {
+            self.inner.entries.remove(&entry_key(namespace, &key));
+        }
+    }
 }
 
 /// Per-key exclusive locks: the set of lock ids held, and one notification

@@ -105,6 +105,17 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// failed [`Fill::fetch`] call is written.
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error>;
 
+    /// Invalidates `keys` in `namespace`: takes the same per-key locks as a
+    /// fill (so it waits for fills in progress, and no fill interleaves),
+    /// makes every entry of the keys unservable, and returns once that is
+    /// durable. A fill that starts after it returns fetches afresh.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] or [`Error::LockTimeout`]; the keys may then be
+    /// partly invalidated, and invalidating again is safe.
+    async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error>;
+
     /// The longest a fill may take once it holds its locks, if the store
     /// bounds it (a shared store must: a hung provider must not hold keys
     /// forever). The cache's provider timeout must be shorter. `None`, the
@@ -126,6 +137,10 @@ impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
 
     fn fill_time_limit(&self) -> Option<Duration> {
         (**self).fill_time_limit()
+    }
+
+    async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
+        (**self).invalidate(namespace, keys).await
     }
 }
 

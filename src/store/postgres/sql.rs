@@ -23,6 +23,9 @@ pub(crate) struct Statements {
     pub(crate) upsert: String,
     /// `$1` how many expired rows to delete at most.
     pub(crate) purge_expired: String,
+    /// `$1` namespace, `$2` keys (deduplicated, sorted): tombstones, rows
+    /// that are never fresh (`expires_at = -infinity`), so never served.
+    pub(crate) tombstone: String,
 }
 
 impl Statements {
@@ -48,6 +51,13 @@ impl Statements {
                  ON CONFLICT (namespace, key) DO UPDATE \
                  SET value = EXCLUDED.value, fetched_at = EXCLUDED.fetched_at, \
                      expires_at = EXCLUDED.expires_at"
+            ),
+            tombstone: format!(
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at) \
+                 SELECT $1, k, NULL, statement_timestamp(), '-infinity' \
+                 FROM unnest($2::text[]) AS k ORDER BY k \
+                 ON CONFLICT (namespace, key) DO UPDATE \
+                 SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity'"
             ),
             purge_expired: format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \

@@ -212,6 +212,66 @@ impl PgStore {
         Ok(found)
     }
 
+    /// Opens a bounded READ COMMITTED transaction holding the locks of
+    /// `keys` (or of the namespace), in one ordered statement. Dropping the
+    /// transaction before COMMIT rolls back, which releases the locks and
+    /// writes nothing.
+    async fn begin_locked(
+        &self,
+        namespace: &str,
+        keys: &[String],
+    ) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+        let inner = &*self.inner;
+        let ids: Vec<i64> = match inner.lock_mode {
+            LockMode::PerKey => keys.iter().map(|key| lock_id(namespace, key)).collect(),
+            LockMode::Namespace => vec![namespace_lock_id(namespace)],
+        };
+        self.count_round_trips(1);
+        let mut tx = inner
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(|e| self.error("starting a transaction", e))?;
+        self.count_round_trips(1);
+        sqlx::query(inner.sql.bound_transaction)
+            .bind(pg_millis(inner.lock_timeout))
+            .bind(pg_millis(inner.idle_in_transaction_timeout))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("bounding the transaction", e))?;
+        self.count_round_trips(1);
+        let locked = sqlx::query(inner.sql.lock)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await;
+        match locked {
+            Ok(_) => Ok(tx),
+            Err(err) if sql_state(&err).as_deref() == Some("55P03") => Err(Error::LockTimeout {
+                namespace: namespace.into(),
+                keys: keys.len(),
+                timeout: inner.lock_timeout,
+            }),
+            Err(err) => Err(self.error("taking the keys' locks", err)),
+        }
+    }
+
+    /// One invalidation transaction: the keys' locks, then a tombstone per
+    /// key (an entry that is never fresh, so never served, stale or not).
+    async fn invalidate_group(&self, namespace: &str, keys: &[String]) -> Result<(), Error> {
+        let mut tx = self.begin_locked(namespace, keys).await?;
+        self.count_round_trips(1);
+        sqlx::query(&self.inner.sql.tombstone)
+            .bind(namespace)
+            .bind(keys)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("invalidating cache rows", e))?;
+        self.count_round_trips(1);
+        tx.commit()
+            .await
+            .map_err(|e| self.error("committing an invalidation", e))
+    }
+
     /// One fill transaction over `group` (indices into `fill.keys()`).
     async fn fill_group<F: BatchFetch>(
         &self,
@@ -223,44 +283,10 @@ impl PgStore {
         let inner = &*self.inner;
         let namespace = fill.namespace();
         let keys: Vec<String> = group.iter().map(|&i| displayed[i].clone()).collect();
-        let ids: Vec<i64> = match inner.lock_mode {
-            LockMode::PerKey => keys.iter().map(|key| lock_id(namespace, key)).collect(),
-            LockMode::Namespace => vec![namespace_lock_id(namespace)],
-        };
-
-        // Dropping `tx` before COMMIT (an error, or a cancelled fill) rolls
-        // back, which releases the locks and writes nothing.
-        self.count_round_trips(1);
-        let mut tx = inner
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(|e| self.error("starting a fill transaction", e))?;
-        self.count_round_trips(1);
-        sqlx::query(inner.sql.bound_transaction)
-            .bind(pg_millis(inner.lock_timeout))
-            .bind(pg_millis(inner.idle_in_transaction_timeout))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("bounding the fill transaction", e))?;
-
         let started = Instant::now();
-        self.count_round_trips(1);
-        let locked = sqlx::query(inner.sql.lock)
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await;
+        let locked = self.begin_locked(namespace, &keys).await;
         fill.record_lock_wait(started.elapsed());
-        if let Err(err) = locked {
-            if sql_state(&err).as_deref() == Some("55P03") {
-                return Err(Error::LockTimeout {
-                    namespace: namespace.into(),
-                    keys: keys.len(),
-                    timeout: inner.lock_timeout,
-                });
-            }
-            return Err(self.error("taking the keys' locks", err));
-        }
+        let mut tx = locked?;
 
         // A new statement, so a new snapshot: it sees what others committed
         // while we waited for the locks.
@@ -330,6 +356,18 @@ impl<F: BatchFetch> Store<F> for PgStore {
 
     fn fill_time_limit(&self) -> Option<Duration> {
         Some(self.inner.idle_in_transaction_timeout)
+    }
+
+    async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
+        let mut displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        // Sorted and deduplicated: one statement may not touch a row twice,
+        // and concurrent invalidations take row locks in one order.
+        displayed.sort_unstable();
+        displayed.dedup();
+        for group in displayed.chunks(self.inner.max_locks_per_transaction) {
+            self.invalidate_group(namespace, group).await?;
+        }
+        Ok(())
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {

@@ -1,0 +1,286 @@
+//! Invalidation serialized with fills: after `invalidate` returns, no load
+//! that starts afterwards, on any instance, returns a value older than the
+//! write that preceded the invalidation.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use loadlock::{BatchFetch, Cache, LockMode, MemoryStore, Store};
+use rand::{Rng, SeedableRng};
+use support::pg::TestDb;
+use tokio::sync::Semaphore;
+
+/// The source of truth: a version per key, bumped by writers.
+#[derive(Clone, Default)]
+struct Source {
+    versions: Arc<Mutex<HashMap<u64, u64>>>,
+}
+
+impl Source {
+    fn read(&self, key: u64) -> u64 {
+        *self.versions.lock().unwrap().get(&key).unwrap_or(&0)
+    }
+
+    fn write(&self, key: u64) -> u64 {
+        let mut versions = self.versions.lock().unwrap();
+        let version = versions.entry(key).or_insert(0);
+        *version += 1;
+        *version
+    }
+}
+
+/// A provider that reads the source at a random point of a slow call, so
+/// fills that read an old version can still be running when the source
+/// changes.
+#[derive(Clone)]
+struct SlowReader {
+    source: Source,
+    namespace: String,
+    seed: Arc<AtomicU64>,
+    /// When set, every call takes a permit before reading: a test holds a
+    /// fill mid-fetch with it.
+    gate: Option<Arc<Semaphore>>,
+    read_done: Arc<Semaphore>,
+}
+
+impl SlowReader {
+    fn new(source: &Source, namespace: &str) -> Self {
+        SlowReader {
+            source: source.clone(),
+            namespace: namespace.to_owned(),
+            seed: Arc::new(AtomicU64::new(1)),
+            gate: None,
+            read_done: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BatchFetch for SlowReader {
+    type Key = u64;
+    type Value = u64;
+    type Error = std::convert::Infallible;
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
+        let seed = self.seed.fetch_add(1, Ordering::Relaxed);
+        let (before, after) = {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            (rng.gen_range(0..8u64), rng.gen_range(0..15u64))
+        };
+        tokio::time::sleep(Duration::from_millis(before)).await;
+        let values = keys.iter().map(|&k| (k, self.source.read(k))).collect();
+        self.read_done.add_permits(1);
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate").forget();
+        }
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        Ok(values)
+    }
+}
+
+/// The classic race, step by step: a fill has read v1 and is held before it
+/// writes; the source changes to v2 and `invalidate` is called. It waits for
+/// the fill; once it returns, every instance loads v2.
+async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec<S>) {
+    let source = Source::default();
+    source.write(1); // v1
+    let gate = Arc::new(Semaphore::new(0));
+    let mut slow = SlowReader::new(&source, "consistency/classic");
+    slow.gate = Some(gate.clone());
+    let holder = Cache::builder(slow.clone())
+        .store(stores[0].clone())
+        .build()
+        .unwrap();
+    let others: Vec<_> = stores[1..]
+        .iter()
+        .map(|store| {
+            Cache::builder(SlowReader::new(&source, "consistency/classic"))
+                .store(store.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+
+    // The fill reads v1, then is held.
+    let filling = tokio::spawn({
+        let holder = holder.clone();
+        async move { holder.loader().load(1).await }
+    });
+    slow.read_done.acquire().await.unwrap().forget();
+    assert_eq!(source.write(1), 2); // the source changes to v2
+    let invalidating = tokio::spawn({
+        let cache = others[0].clone();
+        async move { cache.invalidate([1]).await }
+    });
+    // The invalidation waits for the held fill.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !invalidating.is_finished(),
+        "invalidate must wait for the fill"
+    );
+    gate.add_permits(1);
+    assert_eq!(
+        filling.await.unwrap().unwrap(),
+        Some(1),
+        "the fill that began before"
+    );
+    invalidating.await.unwrap().unwrap();
+
+    for cache in others.iter().chain([&holder]) {
+        assert_eq!(cache.loader().load(1).await.unwrap(), Some(2));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_memory_store() {
+    let store = MemoryStore::new();
+    slow_reader_cannot_write_back(vec![store.clone(), store.clone(), store]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_postgres() {
+    let db = TestDb::new("classic").await;
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(db.store(LockMode::PerKey).await);
+    }
+    slow_reader_cannot_write_back(stores).await;
+    db.cleanup().await;
+}
+
+/// One recorded load: the key, when it started, the version it returned.
+struct Read {
+    key: u64,
+    started: Instant,
+    version: u64,
+}
+
+/// One recorded invalidation: the key, the version written before it, when
+/// it returned.
+struct Invalidated {
+    key: u64,
+    version: u64,
+    returned: Instant,
+}
+
+/// A randomized history over `caches` (instances sharing one store): loads,
+/// source writes each followed by `invalidate`, from random instances, all
+/// concurrent. The checker fails on any load that started after an
+/// invalidation of its key returned and still saw a version older than the
+/// write before that invalidation. Returns (loads checked, invalidations).
+async fn history<S: Store<SlowReader> + Clone>(
+    stores: Vec<S>,
+    tag: &str,
+    seed: u64,
+) -> (usize, usize) {
+    const KEYS: u64 = 4;
+    const WORKERS: usize = 16;
+    const OPS_PER_WORKER: usize = 40;
+    let source = Source::default();
+    let caches: Vec<Cache<SlowReader>> = stores
+        .iter()
+        .map(|store| {
+            Cache::builder(SlowReader::new(&source, &format!("consistency/{tag}")))
+                .store(store.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let invalidations = Arc::new(Mutex::new(Vec::new()));
+    let workers = (0..WORKERS).map(|w| {
+        let (caches, source, reads, invalidations) = (
+            caches.clone(),
+            source.clone(),
+            reads.clone(),
+            invalidations.clone(),
+        );
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + w as u64);
+            for _ in 0..OPS_PER_WORKER {
+                let cache = &caches[rng.gen_range(0..caches.len())];
+                let key = rng.gen_range(0..KEYS);
+                if rng.gen_bool(0.25) {
+                    let version = source.write(key);
+                    cache.invalidate([key]).await.unwrap();
+                    invalidations.lock().unwrap().push(Invalidated {
+                        key,
+                        version,
+                        returned: Instant::now(),
+                    });
+                } else {
+                    let started = Instant::now();
+                    let version = cache.loader().load(key).await.unwrap().unwrap();
+                    reads.lock().unwrap().push(Read {
+                        key,
+                        started,
+                        version,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..4))).await;
+            }
+        })
+    });
+    for worker in join_all(workers).await {
+        worker.unwrap();
+    }
+
+    let reads = reads.lock().unwrap();
+    let invalidations = invalidations.lock().unwrap();
+    let mut stale = Vec::new();
+    for read in reads.iter() {
+        let required = invalidations
+            .iter()
+            .filter(|inv| inv.key == read.key && inv.returned < read.started)
+            .map(|inv| inv.version)
+            .max()
+            .unwrap_or(0);
+        if read.version < required {
+            stale.push((read.key, read.version, required));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} stale reads after an invalidation returned (key, seen, required): {stale:?}",
+        stale.len()
+    );
+    (reads.len(), invalidations.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_memory_store() {
+    let store = MemoryStore::new();
+    let (mut loads, mut invalidations) = (0, 0);
+    for seed in 0..5 {
+        let (l, i) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed).await;
+        loads += l;
+        invalidations += i;
+    }
+    eprintln!("memory store: {loads} loads checked against {invalidations} invalidations");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_postgres() {
+    let db = TestDb::new("history").await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(db.store(LockMode::PerKey).await);
+    }
+    let (mut loads, mut invalidations) = (0, 0);
+    for seed in 0..5 {
+        let (l, i) = history(stores.clone(), &format!("pg{seed}"), seed).await;
+        loads += l;
+        invalidations += i;
+    }
+    eprintln!("postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
+    db.cleanup().await;
+}
