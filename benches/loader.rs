@@ -21,7 +21,7 @@ use async_graphql::dataloader::{DataLoader, HashMapCache, Loader as GqlLoader};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures::future::join_all;
 use loadlock::store::{Fill, Filled, Lookup, Store};
-use loadlock::{BatchFetch, Cache, LockMode};
+use loadlock::{BatchFetch, Cache, Entry, LockMode};
 use sqlx::types::Json;
 use sqlx::Row;
 
@@ -72,12 +72,26 @@ impl Store<Echo> for PassThrough {
         Ok(fill
             .keys()
             .iter()
-            .map(|k| Filled::Fetched(found.remove(k)))
+            .map(|k| {
+                let now = std::time::SystemTime::now();
+                Filled::Fetched(found.remove(k).map(|v| Entry::new(v, 0, now, now)))
+            })
             .collect())
     }
 
     async fn invalidate(&self, _: &str, _: &[u64]) -> Result<(), loadlock::Error> {
         Ok(())
+    }
+
+    async fn put_if_version(
+        &self,
+        _: &str,
+        _: &u64,
+        _: u64,
+        _: u64,
+        _: Duration,
+    ) -> Result<u64, loadlock::Error> {
+        Ok(0)
     }
 }
 

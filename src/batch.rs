@@ -19,7 +19,7 @@ use crate::inflight::{Claim, FailUnfinished};
 use crate::loader::{Batch, LoaderShared};
 use crate::stats::Counters;
 use crate::store::Lookup;
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Entry, Error};
 
 /// Starts the batch window of `loader` on a task of its own, in the caller's
 /// tracing span.
@@ -62,7 +62,7 @@ struct PendingGuard<F: BatchFetch> {
 }
 
 impl<F: BatchFetch> PendingGuard<F> {
-    fn take(&mut self) -> Batch<F::Key, F::Value> {
+    fn take(&mut self) -> Batch<F::Key, Entry<F::Value>> {
         self.taken = true;
         self.loader.take_batch()
     }
@@ -88,7 +88,7 @@ impl<F: BatchFetch> Drop for PendingGuard<F> {
 /// whatever it receives was still the store's newest when it joined, and a
 /// load that starts after an invalidation returned never receives a value
 /// read before it.
-async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, F::Value>) {
+async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F::Value>>) {
     let started = Instant::now();
     Counters::add(&cache.counters.batches, 1);
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
@@ -112,7 +112,7 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, F::Value
     let mut joins = Vec::new();
     for ((key, flight), lookup) in batch.into_iter().zip(looked) {
         match lookup {
-            Lookup::Hit(value) => flight.complete(Ok(Some(value))),
+            Lookup::Hit(entry) => flight.complete(Ok(Some(entry))),
             Lookup::NegativeHit => flight.complete(Ok(None)),
             _ => match cache.inflight.claim(&key, &flight) {
                 Claim::Lead => lease.push(key, flight),

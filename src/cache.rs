@@ -9,7 +9,7 @@ use crate::limit::{FleetLimiter, Limiter};
 use crate::provider::{CallPolicy, ProviderCaller};
 use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
-use crate::{BatchFetch, Error, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store};
+use crate::{BatchFetch, Entry, Error, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store};
 
 /// The default time a value stays fresh: 5 minutes.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -98,7 +98,7 @@ pub struct CacheConfig {
 pub(crate) struct CacheInner<F: BatchFetch> {
     pub(crate) provider: ProviderCaller<F>,
     pub(crate) store: Arc<dyn Store<F>>,
-    pub(crate) inflight: InFlight<F::Key, F::Value>,
+    pub(crate) inflight: InFlight<F::Key, Entry<F::Value>>,
     pub(crate) counters: Counters,
     pub(crate) config: CacheConfig,
 }
@@ -169,6 +169,39 @@ impl<F: BatchFetch> Cache<F> {
         result
     }
 
+    /// Compare-and-set for update-on-write users (optimistic locking): if the
+    /// entry of `key` is still at version `expected` (from
+    /// [`Loader::load_entry`]), replaces its value with `value`, fresh for
+    /// the cache's TTL, and returns the new version. Takes the key's lock, so
+    /// it serializes with fills and invalidations.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the put done or not; load the entry to
+    /// see which.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VersionMismatch`] when the entry changed (or is gone) since
+    /// it was read; [`Error::Store`] or [`Error::LockTimeout`].
+    pub async fn put_if_version(
+        &self,
+        key: F::Key,
+        expected: u64,
+        value: F::Value,
+    ) -> Result<u64, Error> {
+        self.inner
+            .store
+            .put_if_version(
+                self.inner.provider.namespace(),
+                &key,
+                expected,
+                value,
+                self.inner.config.ttl,
+            )
+            .await
+    }
+
     /// A snapshot of this cache's counters.
     pub fn stats(&self) -> Stats {
         self.inner.counters.snapshot(self.inner.inflight.len())
@@ -231,7 +264,7 @@ impl<F: BatchFetch> CacheInner<F> {
         keys: &[F::Key],
         leave: &(dyn Fn(&[usize]) + Send + Sync),
         tally: &mut Tally,
-    ) -> Result<Vec<Option<F::Value>>, Error> {
+    ) -> Result<Vec<Option<Entry<F::Value>>>, Error> {
         // Wait for the provider's budget before the store locks anything.
         let prepaid = self.provider.prepay(keys.len(), &self.counters).await?;
         let fill = Fill {

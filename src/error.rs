@@ -63,6 +63,23 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    /// [`Cache::put_if_version`](crate::Cache::put_if_version) found another
+    /// version than expected: someone changed the entry since it was read.
+    /// Load it again and retry the change on the fresh version.
+    #[error(
+        "entry `{key}` in `{namespace}` is at version {actual:?}, not the expected {expected}"
+    )]
+    VersionMismatch {
+        /// The namespace.
+        namespace: Arc<str>,
+        /// The key's text.
+        key: Arc<str>,
+        /// The version the caller expected.
+        expected: u64,
+        /// The version found; `None` when the store has no entry for the key.
+        actual: Option<u64>,
+    },
+
     /// The store (tier 2) failed: a database error, a broken connection.
     #[error("cache store failed: {message}")]
     Store {

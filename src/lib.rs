@@ -93,6 +93,7 @@
 
 mod batch;
 mod cache;
+mod entry;
 mod error;
 mod fetch;
 #[cfg(feature = "http")]
@@ -109,6 +110,7 @@ pub use cache::{
     Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL,
     DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_TTL,
 };
+pub use entry::Entry;
 pub use error::Error;
 pub use fetch::{BatchFetch, ErrorClass};
 #[cfg(feature = "http")]

@@ -9,7 +9,7 @@ use crate::batch;
 use crate::cache::CacheInner;
 use crate::inflight::{Flight, Waiter};
 use crate::stats::Counters;
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Entry, Error};
 
 /// A per-request loader: collects the keys a request asks for during one
 /// batch window, deduplicates them, and loads them as one batch through its
@@ -30,7 +30,7 @@ pub struct Loader<F: BatchFetch> {
 
 pub(crate) struct LoaderShared<F: BatchFetch> {
     pub(crate) cache: Arc<CacheInner<F>>,
-    state: Mutex<LoaderState<F::Key, F::Value>>,
+    state: Mutex<LoaderState<F::Key, Entry<F::Value>>>,
 }
 
 struct LoaderState<K, V> {
@@ -97,6 +97,21 @@ impl<F: BatchFetch> Loader<F> {
     /// call for the key's batch failed; [`Error::Store`] when the store did;
     /// [`Error::Closed`] when the runtime shut down under the batch.
     pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {
+        Ok(self.load_entry(key).await?.map(|entry| entry.value))
+    }
+
+    /// Loads one key with its version and times ([`Entry`]); `Ok(None)` when
+    /// the provider has no such resource. Loads, guarantees and errors as
+    /// [`load`](Loader::load), with which it shares the memo.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`load`](Loader::load).
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Loader::load).
+    pub async fn load_entry(&self, key: F::Key) -> Result<Option<Entry<F::Value>>, Error> {
         let waiter = self.shared.register(std::iter::once(key));
         let outcome = match waiter.first() {
             Some((_, waiter)) => waiter.wait().await,
@@ -126,8 +141,8 @@ impl<F: BatchFetch> Loader<F> {
         let mut found = HashMap::with_capacity(waiters.len());
         for (key, waiter) in waiters {
             match waiter.wait().await {
-                Ok(Some(value)) => {
-                    found.insert(key, value);
+                Ok(Some(entry)) => {
+                    found.insert(key, entry.value);
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -148,7 +163,9 @@ impl<F: BatchFetch> Loader<F> {
         match state.memo.get(&key) {
             Some(flight) if !flight.has_failed() => {}
             _ => {
-                state.memo.insert(key, Flight::ready(Some(value)));
+                let now = std::time::SystemTime::now();
+                let entry = Entry::new(value, 0, now, now);
+                state.memo.insert(key, Flight::ready(Some(entry)));
             }
         }
     }
@@ -166,7 +183,7 @@ impl<F: BatchFetch> Loader<F> {
 }
 
 impl<F: BatchFetch> LoaderShared<F> {
-    fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, F::Value>> {
+    fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, Entry<F::Value>>> {
         // The state is consistent between statements; a panic elsewhere while
         // it was held does not poison the request.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -178,7 +195,7 @@ impl<F: BatchFetch> LoaderShared<F> {
     fn register(
         self: &Arc<Self>,
         keys: impl IntoIterator<Item = F::Key>,
-    ) -> Vec<(F::Key, Waiter<F::Value>)> {
+    ) -> Vec<(F::Key, Waiter<Entry<F::Value>>)> {
         let keys = keys.into_iter();
         let mut waiters = Vec::with_capacity(keys.size_hint().0);
         let mut memo_hits = 0;
@@ -215,7 +232,7 @@ impl<F: BatchFetch> LoaderShared<F> {
 
     /// Takes the keys of the current window. Keys whose every caller has
     /// gone are dropped (and forgotten) instead of dispatched.
-    pub(crate) fn take_batch(&self) -> Batch<F::Key, F::Value> {
+    pub(crate) fn take_batch(&self) -> Batch<F::Key, Entry<F::Value>> {
         let mut state = self.state();
         let pending = mem::take(&mut state.pending);
         let mut batch = Vec::with_capacity(pending.len());

@@ -284,3 +284,61 @@ async fn randomized_history_postgres() {
     eprintln!("postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
     db.cleanup().await;
 }
+
+/// Versions only grow across fill, invalidate and refill; a compare-and-set
+/// with a stale version fails, with the current one succeeds.
+async fn versions_and_compare_and_set<S: Store<SlowReader> + Clone>(store: S, tag: &str) {
+    let source = Source::default();
+    source.write(1);
+    let cache = Cache::builder(SlowReader::new(&source, &format!("consistency/{tag}")))
+        .store(store)
+        .build()
+        .unwrap();
+    let first = cache.loader().load_entry(1).await.unwrap().unwrap();
+    assert_eq!(first.value, 1);
+    assert!(first.version > 0);
+    assert!(first.expires_at > first.fetched_at);
+
+    source.write(1);
+    cache.invalidate([1]).await.unwrap();
+    let second = cache.loader().load_entry(1).await.unwrap().unwrap();
+    assert_eq!(second.value, 2);
+    assert!(second.version > first.version, "{second:?} after {first:?}");
+
+    let stale = cache
+        .put_if_version(1, first.version, 10)
+        .await
+        .unwrap_err();
+    match stale {
+        loadlock::Error::VersionMismatch {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, first.version);
+            assert_eq!(actual, Some(second.version));
+        }
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+    let third = cache.put_if_version(1, second.version, 10).await.unwrap();
+    assert!(third > second.version);
+    let now = cache.loader().load_entry(1).await.unwrap().unwrap();
+    assert_eq!((now.value, now.version), (10, third));
+
+    // A key never stored has no version to match.
+    let missing = cache.put_if_version(99, 1, 5).await.unwrap_err();
+    assert!(matches!(
+        missing,
+        loadlock::Error::VersionMismatch { actual: None, .. }
+    ));
+}
+
+#[tokio::test]
+async fn versions_only_grow_memory_store() {
+    versions_and_compare_and_set(MemoryStore::new(), "cas-mem").await;
+}
+
+#[tokio::test]
+async fn versions_only_grow_postgres() {
+    let db = TestDb::new("cas").await;
+    versions_and_compare_and_set(db.store(LockMode::PerKey).await, "cas-pg").await;
+    db.cleanup().await;
+}

@@ -92,7 +92,13 @@ async fn concurrent_migrate_applies_once() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    assert_eq!(history, vec![(1, "cache table".to_string())]);
+    assert_eq!(
+        history,
+        vec![
+            (1, "cache table".to_string()),
+            (2, "entry versions".to_string())
+        ]
+    );
     let persistence: String = sqlx::query_scalar(
         "SELECT relpersistence::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = 'cache'",

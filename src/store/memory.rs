@@ -3,9 +3,9 @@
 use std::any::Any;
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
@@ -39,17 +39,23 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    entries: DashMap<String, Entry>,
+    entries: DashMap<String, Stored>,
+    /// The last version given out; versions only grow, store-wide.
+    versions: AtomicU64,
     locks: KeyLocks,
     writes_since_sweep: AtomicUsize,
     /// Entries left by the last sweep.
     swept_len: AtomicUsize,
 }
 
-struct Entry {
+struct Stored {
     /// `None` is a negative entry.
     value: Option<Arc<dyn Any + Send + Sync>>,
+    /// Freshness, on tokio's clock (paused-time tests move it).
     expires_at: Instant,
+    version: u64,
+    fetched_at: SystemTime,
+    expires_wall: SystemTime,
 }
 
 impl MemoryStore {
@@ -89,7 +95,12 @@ impl MemoryStore {
         match &entry.value {
             None => Lookup::NegativeHit,
             Some(value) => match value.downcast_ref::<V>() {
-                Some(value) => Lookup::Hit(value.clone()),
+                Some(value) => Lookup::Hit(crate::Entry::new(
+                    value.clone(),
+                    entry.version,
+                    entry.fetched_at,
+                    entry.expires_wall,
+                )),
                 None => Lookup::Undecodable,
             },
         }
@@ -181,19 +192,24 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
 
         let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
         let mut fetched = fill.fetch(&missing_keys).await?;
-        let now = Instant::now();
         for (&i, key) in missing.iter().zip(missing_keys) {
             let value = fetched.remove(&key);
-            let (stored, ttl): (Option<Arc<dyn Any + Send + Sync>>, _) = match &value {
-                Some(value) => (Some(Arc::new(value.clone())), fill.ttl()),
-                None => (None, fill.negative_ttl()),
+            let ttl = if value.is_some() {
+                fill.ttl()
+            } else {
+                fill.negative_ttl()
             };
-            let entry = Entry {
-                value: stored,
-                expires_at: now.checked_add(ttl).unwrap_or(far_future(now)),
-            };
-            self.inner.entries.insert(entry_keys[i].clone(), entry);
-            answers[i] = Filled::Fetched(value);
+            let stored = self.stored(value.clone(), ttl);
+            let entry = value.map(|value| {
+                crate::Entry::new(
+                    value,
+                    stored.version,
+                    stored.fetched_at,
+                    stored.expires_wall,
+                )
+            });
+            self.inner.entries.insert(entry_keys[i].clone(), stored);
+            answers[i] = Filled::Fetched(entry);
         }
         self.note_writes(missing.len());
         // The locks are released when `_held` drops, on return.
@@ -206,9 +222,53 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         self.remove_locked(namespace, keys).await;
         Ok(())
     }
+
+    async fn put_if_version(
+        &self,
+        namespace: &str,
+        key: &F::Key,
+        expected: u64,
+        value: F::Value,
+        ttl: Duration,
+    ) -> Result<u64, Error> {
+        let text = key.to_string();
+        let _held = self
+            .inner
+            .locks
+            .lock_all(vec![lock_id(namespace, &text)])
+            .await;
+        let entry_key = entry_key(namespace, &text);
+        let actual = self.inner.entries.get(&entry_key).map(|e| e.version);
+        if actual != Some(expected) {
+            return Err(Error::VersionMismatch {
+                namespace: namespace.into(),
+                key: text.into(),
+                expected,
+                actual,
+            });
+        }
+        let stored = self.stored(Some(value), ttl);
+        let version = stored.version;
+        self.inner.entries.insert(entry_key, stored);
+        Ok(version)
+    }
 }
 
 impl MemoryStore {
+    /// A new entry of `value` (or a negative one) fresh for `ttl`, with the
+    /// next version.
+    fn stored<V: Send + Sync + 'static>(&self, value: Option<V>, ttl: Duration) -> Stored {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        Stored {
+            value: value.map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>),
+            expires_at: now.checked_add(ttl).unwrap_or(far_future(now)),
+            version: self.inner.versions.fetch_add(1, Ordering::Relaxed) + 1,
+            fetched_at: wall,
+            expires_wall: wall.checked_add(ttl).unwrap_or(wall),
+        }
+    }
+
     async fn remove_locked(&self, namespace: &str, keys: Vec<String>) {
         let ids = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let _held = self.inner.locks.lock_all(ids).await;

@@ -31,14 +31,14 @@ pub use memory::MemoryStore;
 use crate::limit::Prepaid;
 use crate::provider::ProviderCaller;
 use crate::stats::Counters;
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Entry, Error};
 
 /// What the store holds for one key, as seen by [`Store::get`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Lookup<V> {
-    /// A fresh value.
-    Hit(V),
+    /// A fresh value, with its version and times.
+    Hit(Entry<V>),
     /// A fresh negative entry: the provider said it has no such resource.
     NegativeHit,
     /// Nothing fresh: absent or expired.
@@ -55,18 +55,18 @@ pub enum Lookup<V> {
 pub enum Filled<V> {
     /// Found fresh in the store once the key's lock was held: someone else
     /// filled it while this fill waited. `None` is a negative entry.
-    Stored(Option<V>),
-    /// Fetched from the provider by this fill and written to the store.
-    /// `None` means the provider does not have it (a negative entry was
-    /// written).
-    Fetched(Option<V>),
+    Stored(Option<Entry<V>>),
+    /// Fetched from the provider by this fill and written to the store, with
+    /// the version and times it was written with. `None` means the provider
+    /// does not have it (a negative entry was written).
+    Fetched(Option<Entry<V>>),
 }
 
 impl<V> Filled<V> {
-    /// The value, wherever it came from.
-    pub fn into_value(self) -> Option<V> {
+    /// The entry, wherever it came from.
+    pub fn into_entry(self) -> Option<Entry<V>> {
         match self {
-            Filled::Stored(value) | Filled::Fetched(value) => value,
+            Filled::Stored(entry) | Filled::Fetched(entry) => entry,
         }
     }
 }
@@ -116,6 +116,24 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// partly invalidated, and invalidating again is safe.
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error>;
 
+    /// Compare-and-set: under the key's lock, replaces the entry of `key`
+    /// with `value`, fresh for `ttl`, if its version is `expected`; returns
+    /// the new version.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VersionMismatch`] when the version differs (or there is no
+    /// entry); [`Error::Store`] or [`Error::LockTimeout`] when the store
+    /// fails.
+    async fn put_if_version(
+        &self,
+        namespace: &str,
+        key: &F::Key,
+        expected: u64,
+        value: F::Value,
+        ttl: Duration,
+    ) -> Result<u64, Error>;
+
     /// The longest a fill may take once it holds its locks, if the store
     /// bounds it (a shared store must: a hung provider must not hold keys
     /// forever). The cache's provider timeout must be shorter. `None`, the
@@ -141,6 +159,19 @@ impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
         (**self).invalidate(namespace, keys).await
+    }
+
+    async fn put_if_version(
+        &self,
+        namespace: &str,
+        key: &F::Key,
+        expected: u64,
+        value: F::Value,
+        ttl: Duration,
+    ) -> Result<u64, Error> {
+        (**self)
+            .put_if_version(namespace, key, expected, value, ttl)
+            .await
     }
 }
 

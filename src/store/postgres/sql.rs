@@ -26,14 +26,22 @@ pub(crate) struct Statements {
     /// `$1` namespace, `$2` keys (deduplicated, sorted): tombstones, rows
     /// that are never fresh (`expires_at = -infinity`), so never served.
     pub(crate) tombstone: String,
+    /// `$1` namespace, `$2` key, `$3` expected version, `$4` JSON value,
+    /// `$5` TTL seconds: the compare-and-set; returns the new version.
+    pub(crate) put_if_version: String,
+    /// `$1` namespace, `$2` key: the current version.
+    pub(crate) version_of: String,
 }
 
 impl Statements {
     pub(crate) fn new(table: &TableName) -> Self {
         let t = table.quoted("");
+        let next_version = format!("nextval('{}')", table.quoted("_version"));
+        let meta = "version, extract(epoch FROM fetched_at)::float8, \
+                    extract(epoch FROM expires_at)::float8";
         Statements {
             select_fresh: format!(
-                "SELECT key, value FROM {t} \
+                "SELECT key, value, {meta} FROM {t} \
                  WHERE namespace = $1 AND key = ANY($2::text[]) \
                    AND expires_at > statement_timestamp()"
             ),
@@ -42,23 +50,33 @@ impl Statements {
             bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
                                 set_config('idle_in_transaction_session_timeout', $2, true)",
             upsert: format!(
-                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at) \
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version) \
                  SELECT $1, u.key, u.value::jsonb, statement_timestamp(), \
                         statement_timestamp() + make_interval(secs => \
-                            CASE WHEN u.value IS NULL THEN $5::float8 ELSE $4::float8 END) \
+                            CASE WHEN u.value IS NULL THEN $5::float8 ELSE $4::float8 END), \
+                        {next_version} \
                  FROM unnest($2::text[], $3::text[]) AS u(key, value) \
                  ORDER BY u.key \
                  ON CONFLICT (namespace, key) DO UPDATE \
                  SET value = EXCLUDED.value, fetched_at = EXCLUDED.fetched_at, \
-                     expires_at = EXCLUDED.expires_at"
+                     expires_at = EXCLUDED.expires_at, version = EXCLUDED.version \
+                 RETURNING key, {meta}"
             ),
             tombstone: format!(
-                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at) \
-                 SELECT $1, k, NULL, statement_timestamp(), '-infinity' \
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version) \
+                 SELECT $1, k, NULL, statement_timestamp(), '-infinity', {next_version} \
                  FROM unnest($2::text[]) AS k ORDER BY k \
                  ON CONFLICT (namespace, key) DO UPDATE \
-                 SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity'"
+                 SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity', \
+                     version = EXCLUDED.version"
             ),
+            put_if_version: format!(
+                "UPDATE {t} SET value = $4::jsonb, fetched_at = statement_timestamp(), \
+                   expires_at = statement_timestamp() + make_interval(secs => $5::float8), \
+                   version = {next_version} \
+                 WHERE namespace = $1 AND key = $2 AND version = $3 RETURNING version"
+            ),
+            version_of: format!("SELECT version FROM {t} WHERE namespace = $1 AND key = $2"),
             purge_expired: format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
                      SELECT ctid FROM {t} WHERE expires_at <= now() \
@@ -78,17 +96,18 @@ pub(crate) struct Migration {
 }
 
 /// The schema's history. Append only: a released migration never changes.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "cache table",
-    statements: |table, unlogged| {
-        let unlogged = if unlogged { "UNLOGGED " } else { "" };
-        // No index beyond the primary key: `value`, `fetched_at` and
-        // `expires_at` change on every refill, and an index on any of them
-        // would rule out HOT updates. The fill factor leaves room on each
-        // page for those updates.
-        vec![format!(
-            "CREATE {unlogged}TABLE IF NOT EXISTS {} ( \
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "cache table",
+        statements: |table, unlogged| {
+            let unlogged = if unlogged { "UNLOGGED " } else { "" };
+            // No index beyond the primary key: `value`, `fetched_at` and
+            // `expires_at` change on every refill, and an index on any of them
+            // would rule out HOT updates. The fill factor leaves room on each
+            // page for those updates.
+            vec![format!(
+                "CREATE {unlogged}TABLE IF NOT EXISTS {} ( \
                  namespace text NOT NULL, \
                  key text NOT NULL, \
                  value jsonb, \
@@ -96,10 +115,26 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
                  expires_at timestamptz NOT NULL, \
                  PRIMARY KEY (namespace, key) \
              ) WITH (fillfactor = 80)",
-            table.quoted("")
-        )]
+                table.quoted("")
+            )]
+        },
     },
-}];
+    Migration {
+        version: 2,
+        description: "entry versions",
+        statements: |table, _| {
+            // Versions come from one sequence, so a key's version only grows,
+            // even across a purge that deleted its row.
+            vec![
+                format!("CREATE SEQUENCE IF NOT EXISTS {}", table.quoted("_version")),
+                format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0",
+                    table.quoted("")
+                ),
+            ]
+        },
+    },
+];
 
 /// The statements that create the migration history table.
 pub(crate) fn history_table(table: &TableName) -> Vec<String> {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sqlx::postgres::{PgPool, PgRow, Postgres};
 use sqlx::types::Json;
@@ -13,7 +13,7 @@ use sqlx::{Executor, Row};
 use super::sql::Statements;
 use super::table::TableName;
 use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup, Store};
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Entry, Error};
 
 /// The default table: `loadlock_cache`, in the connection's search path.
 const DEFAULT_TABLE: &str = "loadlock_cache";
@@ -312,6 +312,7 @@ impl PgStore {
         let mut fetched = fill.fetch(&missing_keys).await?;
 
         let mut rows: Vec<(&str, Option<String>)> = Vec::with_capacity(missing.len());
+        let mut values: HashMap<&str, (usize, F::Value)> = HashMap::with_capacity(missing.len());
         for (&i, key) in missing.iter().zip(&missing_keys) {
             let value = fetched.remove(key);
             let json = match &value {
@@ -321,7 +322,10 @@ impl PgStore {
                 None => None,
             };
             rows.push((displayed[i].as_str(), json));
-            answers[i] = Some(Filled::Fetched(value));
+            answers[i] = Some(Filled::Fetched(None));
+            if let Some(value) = value {
+                values.insert(displayed[i].as_str(), (i, value));
+            }
         }
         // Sorted (so concurrent upserts take row locks in one order) and
         // deduplicated (one statement may not touch a row twice).
@@ -329,15 +333,27 @@ impl PgStore {
         rows.dedup_by(|a, b| a.0 == b.0);
         let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) = rows.into_iter().unzip();
         self.count_round_trips(1);
-        sqlx::query(&inner.sql.upsert)
+        let written = sqlx::query(&inner.sql.upsert)
             .bind(namespace)
             .bind(&row_keys)
             .bind(&row_values)
             .bind(fill.ttl().as_secs_f64())
             .bind(fill.negative_ttl().as_secs_f64())
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(|e| self.error("writing cache rows", e))?;
+        // The version and times each value was written with.
+        for row in written {
+            let Ok(key) = row.try_get::<&str, _>(0) else {
+                continue;
+            };
+            if let Some((i, value)) = values.remove(key) {
+                let (version, fetched_at, expires_at) = row_meta(&row, 1);
+                answers[i] = Some(Filled::Fetched(Some(Entry::new(
+                    value, version, fetched_at, expires_at,
+                ))));
+            }
+        }
         fill.about_to_commit(group);
         self.count_round_trips(1);
         tx.commit()
@@ -356,6 +372,53 @@ impl<F: BatchFetch> Store<F> for PgStore {
 
     fn fill_time_limit(&self) -> Option<Duration> {
         Some(self.inner.idle_in_transaction_timeout)
+    }
+
+    async fn put_if_version(
+        &self,
+        namespace: &str,
+        key: &F::Key,
+        expected: u64,
+        value: F::Value,
+        ttl: Duration,
+    ) -> Result<u64, Error> {
+        let text = key.to_string();
+        let json = serde_json::to_string(&value)
+            .map_err(|e| Error::store(format!("value of key {text:?} is not JSON"), e))?;
+        let expected_i64 = i64::try_from(expected).unwrap_or(i64::MAX);
+        let mut tx = self
+            .begin_locked(namespace, std::slice::from_ref(&text))
+            .await?;
+        self.count_round_trips(1);
+        let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
+            .bind(namespace)
+            .bind(&text)
+            .bind(expected_i64)
+            .bind(&json)
+            .bind(ttl.as_secs_f64())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.error("putting a value", e))?;
+        let Some(version) = written else {
+            self.count_round_trips(1);
+            let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
+                .bind(namespace)
+                .bind(&text)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| self.error("reading a version", e))?;
+            return Err(Error::VersionMismatch {
+                namespace: namespace.into(),
+                key: text.into(),
+                expected,
+                actual: actual.and_then(|v| u64::try_from(v).ok()),
+            });
+        };
+        self.count_round_trips(1);
+        tx.commit()
+            .await
+            .map_err(|e| self.error("committing a put", e))?;
+        Ok(u64::try_from(version).unwrap_or(0))
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
@@ -416,7 +479,10 @@ fn decode_value<V: serde::de::DeserializeOwned>(
     key: &str,
 ) -> Lookup<V> {
     match row.try_get::<Option<Json<V>>, _>(1) {
-        Ok(Some(Json(value))) => Lookup::Hit(value),
+        Ok(Some(Json(value))) => {
+            let (version, fetched_at, expires_at) = row_meta(row, 2);
+            Lookup::Hit(Entry::new(value, version, fetched_at, expires_at))
+        }
         Ok(None) => Lookup::NegativeHit,
         Err(err) => {
             tracing::warn!(
@@ -428,6 +494,23 @@ fn decode_value<V: serde::de::DeserializeOwned>(
             Lookup::Undecodable
         }
     }
+}
+
+/// Reads `version, fetched_at, expires_at` (the times as epoch seconds)
+/// from the columns starting at `first`.
+fn row_meta(row: &PgRow, first: usize) -> (u64, SystemTime, SystemTime) {
+    let version = row.try_get::<i64, _>(first).unwrap_or(0);
+    let time = |i: usize| {
+        let seconds = row.try_get::<f64, _>(i).unwrap_or(0.0);
+        Duration::try_from_secs_f64(seconds)
+            .map(|d| SystemTime::UNIX_EPOCH + d)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    (
+        u64::try_from(version).unwrap_or(0),
+        time(first + 1),
+        time(first + 2),
+    )
 }
 
 fn sql_state(err: &sqlx::Error) -> Option<String> {
