@@ -41,6 +41,9 @@ struct LoaderState<K, V> {
     pending: Vec<(K, Arc<Flight<V>>)>,
 }
 
+/// A caller's claim on one key's answer.
+type EntryWaiter<F> = Waiter<Entry<<F as BatchFetch>::Value>>;
+
 /// A batch taken from a loader: its keys (with their flights) in first-asked
 /// order.
 pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
@@ -195,7 +198,7 @@ impl<F: BatchFetch> LoaderShared<F> {
     fn register(
         self: &Arc<Self>,
         keys: impl IntoIterator<Item = F::Key>,
-    ) -> Vec<(F::Key, Waiter<Entry<F::Value>>)> {
+    ) -> Vec<(F::Key, EntryWaiter<F>)> {
         let keys = keys.into_iter();
         let mut waiters = Vec::with_capacity(keys.size_hint().0);
         let mut memo_hits = 0;
