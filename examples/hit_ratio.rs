@@ -287,15 +287,16 @@ impl Client {
             } => {
                 let unique = dedup(keys);
                 let texts: Vec<String> = unique.iter().map(u64::to_string).collect();
-                let found: Vec<String> = sqlx::query_scalar(&format!(
-                    "SELECT key FROM {table} WHERE namespace = $1 AND key = ANY($2) AND expires_at > now()"
+                // Reads and decodes the values, as loadlock does.
+                let found: Vec<(String, sqlx::types::Json<String>)> = sqlx::query_as(&format!(
+                    "SELECT key, value FROM {table} WHERE namespace = $1 AND key = ANY($2) AND expires_at > now()"
                 ))
                 .bind(namespace)
                 .bind(&texts)
                 .fetch_all(pool)
                 .await
                 .map_err(|e| loadlock::Error::store("cache-aside read", e))?;
-                let found: HashSet<String> = found.into_iter().collect();
+                let found: HashSet<String> = found.into_iter().map(|(key, _)| key).collect();
                 let missing: Vec<u64> = unique
                     .iter()
                     .copied()

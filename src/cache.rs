@@ -486,8 +486,11 @@ impl<F: BatchFetch> CacheBuilder<F> {
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store<F>>);
         if let Some(bound) = store.fill_time_limit() {
             // Every attempt may time out, and every retry may wait.
-            let worst = self.provider_timeout * self.retry.max_attempts().get()
-                + self.retry.worst_case_waits();
+            let worst = self
+                .provider_timeout
+                .checked_mul(self.retry.max_attempts().get())
+                .and_then(|calls| calls.checked_add(self.retry.worst_case_waits()))
+                .unwrap_or(Duration::MAX);
             if worst >= bound {
                 return Err(Error::config(format!(
                     "a provider call with its retries may take {worst:?} (provider_timeout {:?} x {} \

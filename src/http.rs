@@ -220,6 +220,11 @@ where
 
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, V>, HttpError> {
         let by_text: HashMap<String, &K> = keys.iter().map(|k| (k.to_string(), k)).collect();
+        if let Some(bad) = by_text.keys().find(|text| text.contains(',')) {
+            return Err(HttpError::Decode(format!(
+                "key {bad:?} contains a comma, which separates ids in the request"
+            )));
+        }
         let ids = keys
             .iter()
             .map(ToString::to_string)
@@ -262,12 +267,16 @@ where
         };
         let mut found = HashMap::with_capacity(items.len());
         for item in items {
-            let Some(key) = item
-                .get(&self.id_field)
-                .and_then(id_text)
-                .and_then(|text| by_text.get(&text).copied())
-            else {
-                continue; // not asked for, or no usable id
+            // An item without a usable id means the id field is wrong: every
+            // key would look "not found" and be cached so. Fail instead.
+            let id = item.get(&self.id_field).and_then(id_text).ok_or_else(|| {
+                HttpError::Decode(format!(
+                    "an item has no string or number `{}`",
+                    self.id_field
+                ))
+            })?;
+            let Some(key) = by_text.get(&id).copied() else {
+                continue; // not asked for
             };
             let value = serde_json::from_value(item)
                 .map_err(|e| HttpError::Decode(format!("item {key}: {e}")))?;

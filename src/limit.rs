@@ -63,9 +63,11 @@ impl Quota {
         }
     }
 
-    /// At most `count` per `period`, burst 1; `None` when `period` is zero.
+    /// At most `count` per `period`, burst 1; `None` when `period` is zero
+    /// or longer than a year.
     pub fn per_period(count: NonZeroU32, period: Duration) -> Option<Quota> {
-        (!period.is_zero()).then_some(Quota {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        (!period.is_zero() && period <= year).then_some(Quota {
             count,
             period,
             burst: NonZeroU32::MIN,
@@ -93,12 +95,33 @@ impl Quota {
         self.burst
     }
 
-    /// The time one unit takes to replenish: `period / count`.
+    /// The time one unit takes to replenish: `period / count`, rounded up
+    /// to a whole microsecond so that rounding never lets one more unit into
+    /// a period.
     pub fn emission_interval(&self) -> Duration {
-        self.period / self.count.get()
+        let micros = self
+            .period
+            .as_micros()
+            .div_ceil(u128::from(self.count.get()));
+        Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))
     }
 
+    /// The GCRA's tolerance: how far ahead of the rate a burst may go,
+    /// `emission_interval * (burst - 1)`.
+    pub(crate) fn tolerance(&self) -> Duration {
+        self.emission_interval()
+            .checked_mul(self.burst.get() - 1)
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// `None` when a full burst would span more than about 100 years (the
+    /// limiter's clock would overflow).
     fn to_governor(self) -> Option<governor::Quota> {
+        let century = Duration::from_secs(100 * 365 * 24 * 3600);
+        let span = self.emission_interval().checked_mul(self.burst.get())?;
+        if span > century {
+            return None;
+        }
         governor::Quota::with_period(self.emission_interval()).map(|q| q.allow_burst(self.burst))
     }
 }
@@ -192,7 +215,9 @@ impl Limiter {
             quota
                 .to_governor()
                 .map(|q| governor::RateLimiter::direct_with_clock(q, clock.clone()))
-                .ok_or_else(|| Error::config("a quota's period divided by its count is zero"))
+                .ok_or_else(|| {
+                    Error::config("a quota's burst spans more than 100 years of its rate")
+                })
         };
         let keys = match keys {
             Some(quota) => {
@@ -294,7 +319,9 @@ impl Limiter {
                 tokio::time::sleep(paused).await;
             }
             if waited {
-                Counters::add(&counters.rate_limited_waits, 1);
+                // The permit was paid before the pause; spending it now
+                // would add to the calls the budget lets through after it.
+                return self.acquire(namespace, keys, counters).await;
             }
         }
         Ok(())

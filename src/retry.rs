@@ -101,10 +101,16 @@ impl RetryPolicy {
         self.max_retry_after
     }
 
-    /// The longest time the retries of one call can spend waiting.
+    /// The longest time the retries of one call can spend waiting (jitter
+    /// can double a backoff delay).
     pub(crate) fn worst_case_waits(&self) -> Duration {
         let retries = self.max_attempts.get() - 1;
-        self.max_delay.max(self.max_retry_after) * retries
+        let longest = self
+            .max_delay
+            .checked_mul(2)
+            .unwrap_or(Duration::MAX)
+            .max(self.max_retry_after);
+        longest.checked_mul(retries).unwrap_or(Duration::MAX)
     }
 
     /// The delays between transient failures of one call.

@@ -178,9 +178,10 @@ async fn retry_after_in_seconds_is_waited_out() {
 
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_waited_out() {
-    let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
+    let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(4));
     let (elapsed, cache) = rate_limited_then_ok(at).await;
-    // HTTP dates have whole seconds: 3 s from now is at least 2 s away.
+    // HTTP dates have whole seconds: 4 s from now is more than 3 s away,
+    // which leaves a second for the test's own setup.
     assert!(elapsed >= Duration::from_secs(2), "{elapsed:?}");
     assert_eq!(cache.stats().provider_calls, 2);
 }
@@ -387,8 +388,8 @@ fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
 ///
 /// The limiter spaces calls when they are sent; the network (here: the
 /// scheduler of a loaded 2-core machine) can bunch their arrivals by a few
-/// milliseconds. As the README advises, the quota leaves a 2% margin below
-/// the provider's limit to absorb that.
+/// milliseconds. As the README advises, the quota leaves a margin below the
+/// provider's limit to absorb that (5% here, for a loaded CI machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_rate_limit_holds_in_every_window() {
     let server = MockServer::start().await;
@@ -399,7 +400,7 @@ async fn local_rate_limit_holds_in_every_window() {
         .mount(&server)
         .await;
     let quota =
-        Quota::per_period(NonZeroU32::new(10).unwrap(), Duration::from_millis(1020)).unwrap();
+        Quota::per_period(NonZeroU32::new(10).unwrap(), Duration::from_millis(1050)).unwrap();
     let cache = Cache::builder(provider(&server, "http/local-limit"))
         .rate_limit_calls(quota)
         .build()
@@ -419,7 +420,7 @@ async fn local_rate_limit_holds_in_every_window() {
         .max()
         .unwrap()
         .duration_since(*arrivals.iter().min().unwrap());
-    eprintln!("local limit 10 per 1.02 s: 50 calls over {span:?}, at most {max} in any 1 s window");
+    eprintln!("local limit 10 per 1.05 s: 50 calls over {span:?}, at most {max} in any 1 s window");
     assert!(max <= 10, "{max} requests within one second");
     assert!(cache.stats().rate_limited_waits > 0);
 }
@@ -598,7 +599,27 @@ async fn a_429_pauses_the_whole_fleet() {
         after > 10,
         "the fleet resumed: {after} requests after the pause"
     );
-    let waits: u64 = caches.iter().map(|c| c.stats().rate_limited_waits).sum();
-    assert!(waits >= 4, "every instance waited: {waits}");
+    let waits: Vec<u64> = caches
+        .iter()
+        .map(|c| c.stats().rate_limited_waits)
+        .collect();
+    assert!(
+        waits.iter().all(|&w| w > 0),
+        "every instance waited: {waits:?}"
+    );
     db.cleanup().await;
+}
+
+/// An answer whose items lack the id field (a misconfigured `id_field`)
+/// fails rather than caching every key as "not found".
+#[tokio::test]
+async fn items_without_an_id_are_permanent() {
+    let err = permanent_failure(
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "items": [{ "uid": 9 }] })),
+    )
+    .await;
+    assert!(
+        matches!(err.provider_error::<HttpError>(), Some(HttpError::Decode(why)) if why.contains("`id`")),
+        "{err:?}"
+    );
 }

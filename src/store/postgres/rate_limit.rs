@@ -197,7 +197,7 @@ impl FleetLimiter for PgRateLimit {
     async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error> {
         let quota = self.inner.quota;
         let emission = quota.emission_interval();
-        let tolerance = emission * (quota.burst().get() - 1);
+        let tolerance = quota.tolerance();
         let wait: f64 = sqlx::query_scalar(&self.inner.charge)
             .bind(namespace)
             .bind(emission.as_secs_f64())
@@ -205,7 +205,14 @@ impl FleetLimiter for PgRateLimit {
             .fetch_one(&self.inner.pool)
             .await
             .map_err(|e| self.error("charging the fleet rate limit", e))?;
-        Ok(Duration::try_from_secs_f64(wait).unwrap_or_default())
+        // Exactly 0 means charged; any other answer is a wait (at least 1 µs,
+        // so a tiny or unreadable wait is never taken for a charge).
+        if wait == 0.0 {
+            return Ok(Duration::ZERO);
+        }
+        Ok(Duration::try_from_secs_f64(wait)
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_micros(1)))
     }
 
     async fn paused_for(&self, namespace: &str) -> Result<Duration, Error> {
