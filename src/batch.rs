@@ -94,6 +94,32 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
     let mut tally = Tally::default();
 
+    // The process-local tier first, if there is one.
+    let local = cache.local.as_deref();
+    let epoch = local.map_or(0, |local| local.epoch());
+    let batch = match local {
+        Some(local) => {
+            let mut rest = Vec::with_capacity(batch.len());
+            let mut hits = Vec::new();
+            for (key, flight) in batch {
+                match local.get(&key.to_string()) {
+                    Some(entry) => hits.push((flight, entry)),
+                    None => rest.push((key, flight)),
+                }
+            }
+            // Counted before the callers wake.
+            Counters::add(&cache.counters.local_hits, hits.len());
+            for (flight, entry) in hits {
+                flight.complete(Ok(entry));
+            }
+            rest
+        }
+        None => batch,
+    };
+    if batch.is_empty() {
+        return;
+    }
+
     let keys: Vec<F::Key> = batch.iter().map(|(key, _)| key.clone()).collect();
     let looked = match cache.read(&keys, &mut tally).await {
         Ok(looked) => looked,
@@ -112,8 +138,18 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
     let mut joins = Vec::new();
     for ((key, flight), lookup) in batch.into_iter().zip(looked) {
         match lookup {
-            Lookup::Hit(entry) => flight.complete(Ok(Some(entry))),
-            Lookup::NegativeHit => flight.complete(Ok(None)),
+            Lookup::Hit(entry) => {
+                if let Some(local) = local {
+                    local.insert(epoch, key.to_string(), Some(entry.clone()));
+                }
+                flight.complete(Ok(Some(entry)));
+            }
+            Lookup::NegativeHit => {
+                if let Some(local) = local {
+                    local.insert(epoch, key.to_string(), None);
+                }
+                flight.complete(Ok(None));
+            }
             _ => match cache.inflight.claim(&key, &flight) {
                 Claim::Lead => lease.push(key, flight),
                 Claim::Join(leader) => joins.push((flight, leader)),
@@ -129,6 +165,11 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
             let leave = |indices: &[usize]| lease.leave(indices);
             let outcome = cache.fill(lease.keys(), &leave, &mut filled).await;
             filled.record(&cache.counters);
+            if let (Some(local), Ok(values)) = (local, &outcome) {
+                for (key, value) in lease.keys().iter().zip(values) {
+                    local.insert(epoch, key.to_string(), value.clone());
+                }
+            }
             lease.settle(outcome);
             filled
         } else {

@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use crate::inflight::InFlight;
 use crate::limit::{FleetLimiter, Limiter};
+use crate::local::LocalTier;
 use crate::provider::{CallPolicy, ProviderCaller};
 use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
-use crate::{BatchFetch, Entry, Error, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store};
+use crate::{
+    BatchFetch, Entry, Error, Invalidation, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store,
+};
 
 /// The default time a value stays fresh: 5 minutes.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -101,6 +104,7 @@ pub(crate) struct CacheInner<F: BatchFetch> {
     pub(crate) inflight: InFlight<F::Key, Entry<F::Value>>,
     pub(crate) counters: Counters,
     pub(crate) config: CacheConfig,
+    pub(crate) local: Option<Arc<LocalTier<F::Value>>>,
 }
 
 impl<F: BatchFetch> Cache<F> {
@@ -118,6 +122,7 @@ impl<F: BatchFetch> Cache<F> {
             calls_quota: None,
             keys_quota: None,
             fleet: None,
+            local_tier: None,
         }
     }
 
@@ -162,6 +167,12 @@ impl<F: BatchFetch> Cache<F> {
             .store
             .invalidate(self.inner.provider.namespace(), &keys)
             .await;
+        if let Some(local) = &self.inner.local {
+            // At once, whether or not the store succeeded: the entries may be
+            // gone there already.
+            let texts: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            local.evict(&texts);
+        }
         if result.is_ok() {
             Counters::add(&self.inner.counters.invalidations, keys.len());
             tracing::debug!(namespace = %self.inner.provider.namespace(), keys = keys.len(), "invalidated");
@@ -190,7 +201,8 @@ impl<F: BatchFetch> Cache<F> {
         expected: u64,
         value: F::Value,
     ) -> Result<u64, Error> {
-        self.inner
+        let put = self
+            .inner
             .store
             .put_if_version(
                 self.inner.provider.namespace(),
@@ -199,7 +211,49 @@ impl<F: BatchFetch> Cache<F> {
                 value,
                 self.inner.config.ttl,
             )
-            .await
+            .await;
+        if let Some(local) = &self.inner.local {
+            local.evict(&[key.to_string()]);
+        }
+        put
+    }
+
+    /// The invalidations of this cache's namespace, from every instance
+    /// sharing the store: an event bus for the application. It yields
+    /// [`Invalidation::Missed`] when events may have been lost (the store's
+    /// event connection was re-established, or this subscriber fell more
+    /// than a few thousand events behind), and ends when the store stops
+    /// publishing. Empty for a store without events.
+    ///
+    /// Events are delivered after the invalidating transaction committed,
+    /// typically within milliseconds; they are a notification, not the
+    /// guarantee: [`invalidate`](Self::invalidate) itself is what makes
+    /// later loads fresh.
+    pub fn invalidations(&self) -> impl futures::Stream<Item = Invalidation> + Send + 'static {
+        let namespace: Arc<str> = self.inner.provider.namespace().clone();
+        futures::stream::unfold(self.inner.store.subscribe(), move |receiver| {
+            let namespace = namespace.clone();
+            async move {
+                let mut receiver = receiver?;
+                loop {
+                    match receiver.recv().await {
+                        Ok(event) if event.concerns(&namespace) => {
+                            return Some((event.invalidation, Some(receiver)));
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            return Some((Invalidation::Missed, Some(receiver)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        })
+    }
+
+    /// The number of entries in the process-local tier (0 without one).
+    pub fn local_len(&self) -> u64 {
+        self.inner.local.as_ref().map_or(0, |local| local.len())
     }
 
     /// A snapshot of this cache's counters.
@@ -353,6 +407,7 @@ pub struct CacheBuilder<F: BatchFetch> {
     calls_quota: Option<Quota>,
     keys_quota: Option<Quota>,
     fleet: Option<Arc<dyn FleetLimiter>>,
+    local_tier: Option<(u64, Duration)>,
 }
 
 impl<F: BatchFetch> fmt::Debug for CacheBuilder<F> {
@@ -432,6 +487,25 @@ impl<F: BatchFetch> CacheBuilder<F> {
         self
     }
 
+    /// Adds a bounded process-local tier in front of the store: up to
+    /// `capacity` entries, each kept at most `ttl`. Off by default.
+    ///
+    /// It answers repeated loads without a store round trip, and is evicted
+    /// by the store's invalidation events (from every instance), flushed
+    /// whole when the event connection was lost (events may have been
+    /// missed). The staleness it adds: after an invalidation returns on
+    /// another instance, this instance may serve the old entry until the
+    /// event arrives (typically milliseconds: one `NOTIFY` delivery), and if
+    /// events are lost without the connection noticing, for at most `ttl`.
+    /// Invalidations made through this cache evict it at once.
+    ///
+    /// Needs a tokio runtime when the cache is built, and a store that
+    /// publishes events ([`MemoryStore`] and `PgStore` do).
+    pub fn local_tier(mut self, capacity: u64, ttl: Duration) -> Self {
+        self.local_tier = Some((capacity, ttl));
+        self
+    }
+
     /// Limits provider calls made by this cache (this process).
     pub fn rate_limit_calls(mut self, quota: Quota) -> Self {
         self.calls_quota = Some(quota);
@@ -507,6 +581,30 @@ impl<F: BatchFetch> CacheBuilder<F> {
             self.fleet,
             max_batch_size,
         )?;
+        let namespace: Arc<str> = Arc::from(self.provider.namespace());
+        let local = match self.local_tier {
+            None => None,
+            Some((capacity, ttl)) => {
+                if capacity == 0 || ttl.is_zero() {
+                    return Err(Error::config(
+                        "local_tier needs a capacity and a ttl above zero",
+                    ));
+                }
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(Error::config(
+                        "local_tier must be built inside a tokio runtime (it follows invalidation events)",
+                    ));
+                }
+                let events = store.subscribe().ok_or_else(|| {
+                    Error::config(
+                        "the store publishes no invalidation events, so a local tier could not be evicted",
+                    )
+                })?;
+                let tier = Arc::new(LocalTier::new(capacity, ttl));
+                LocalTier::follow(&tier, namespace.clone(), events);
+                Some(tier)
+            }
+        };
         let config = CacheConfig {
             ttl: self.ttl,
             negative_ttl: self.negative_ttl,
@@ -533,6 +631,7 @@ impl<F: BatchFetch> CacheBuilder<F> {
                 inflight: InFlight::new(),
                 counters: Counters::default(),
                 config,
+                local,
             }),
         })
     }

@@ -95,12 +95,14 @@ mod batch;
 mod cache;
 mod entry;
 mod error;
+mod events;
 mod fetch;
 #[cfg(feature = "http")]
 mod http;
 mod inflight;
 mod limit;
 mod loader;
+mod local;
 mod provider;
 mod retry;
 mod stats;
@@ -112,6 +114,7 @@ pub use cache::{
 };
 pub use entry::Entry;
 pub use error::Error;
+pub use events::{Invalidation, StoreEvent};
 pub use fetch::{BatchFetch, ErrorClass};
 #[cfg(feature = "http")]
 pub use http::{HttpBatchProvider, HttpError};

@@ -23,6 +23,9 @@ pub struct Stats {
     /// Keys that joined a load of the same key already under way in another
     /// loader of this cache (tier 1).
     pub coalesced: u64,
+    /// Keys the process-local tier answered (see
+    /// [`CacheBuilder::local_tier`](crate::CacheBuilder::local_tier)).
+    pub local_hits: u64,
     /// Keys the store answered with a fresh entry (tier 2), negative entries
     /// included.
     pub store_hits: u64,
@@ -67,7 +70,7 @@ pub struct Stats {
 
 impl Stats {
     /// The share of loads answered without asking the provider:
-    /// `(memo_hits + coalesced + store_hits) / loads`, or 0 when nothing was
+    /// `(memo_hits + coalesced + local_hits + store_hits) / loads`, or 0 when nothing was
     /// loaded yet.
     ///
     /// When every distinct key is fetched once, this equals the ideal
@@ -76,7 +79,8 @@ impl Stats {
         if self.loads == 0 {
             return 0.0;
         }
-        (self.memo_hits + self.coalesced + self.store_hits) as f64 / self.loads as f64
+        (self.memo_hits + self.coalesced + self.local_hits + self.store_hits) as f64
+            / self.loads as f64
     }
 }
 
@@ -87,6 +91,7 @@ pub(crate) struct Counters {
     pub(crate) memo_hits: AtomicU64,
     pub(crate) coalesced: AtomicU64,
     pub(crate) store_hits: AtomicU64,
+    pub(crate) local_hits: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
     pub(crate) store_hits_after_lock: AtomicU64,
     pub(crate) undecodable: AtomicU64,
@@ -123,6 +128,7 @@ impl Counters {
             memo_hits: self.memo_hits.load(Relaxed),
             coalesced: self.coalesced.load(Relaxed),
             store_hits: self.store_hits.load(Relaxed),
+            local_hits: self.local_hits.load(Relaxed),
             negative_hits: self.negative_hits.load(Relaxed),
             store_hits_after_lock: self.store_hits_after_lock.load(Relaxed),
             undecodable: self.undecodable.load(Relaxed),

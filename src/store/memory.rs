@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 
 use super::{lock_id, Fill, Filled, Lookup, Store};
-use crate::{BatchFetch, Error};
+use crate::{BatchFetch, Error, Invalidation, StoreEvent};
 
 /// The embedded store: entries in process memory, per-key locks in process.
 ///
@@ -37,7 +37,6 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     entries: DashMap<String, Stored>,
     /// The last version given out; versions only grow, store-wide.
@@ -46,6 +45,21 @@ struct Inner {
     writes_since_sweep: AtomicUsize,
     /// Entries left by the last sweep.
     swept_len: AtomicUsize,
+    /// Invalidation events, in process.
+    events: broadcast::Sender<StoreEvent>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            entries: DashMap::new(),
+            versions: AtomicU64::new(0),
+            locks: KeyLocks::default(),
+            writes_since_sweep: AtomicUsize::new(0),
+            swept_len: AtomicUsize::new(0),
+            events: broadcast::channel(1024).0,
+        }
+    }
 }
 
 struct Stored {
@@ -218,9 +232,18 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
-        let keys = keys.iter().map(ToString::to_string).collect();
-        self.remove_locked(namespace, keys).await;
+        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        self.remove_locked(namespace, keys.clone()).await;
+        // Nobody listening is not an error.
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::new(namespace, Invalidation::Keys(keys)));
         Ok(())
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<StoreEvent>> {
+        Some(self.inner.events.subscribe())
     }
 
     async fn put_if_version(
@@ -250,6 +273,10 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         let stored = self.stored(Some(value), ttl);
         let version = stored.version;
         self.inner.entries.insert(entry_key, stored);
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::new(namespace, Invalidation::Keys(vec![text])));
         Ok(version)
     }
 }

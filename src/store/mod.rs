@@ -31,7 +31,7 @@ pub use memory::MemoryStore;
 use crate::limit::Prepaid;
 use crate::provider::ProviderCaller;
 use crate::stats::Counters;
-use crate::{BatchFetch, Entry, Error};
+use crate::{BatchFetch, Entry, Error, StoreEvent};
 
 /// What the store holds for one key, as seen by [`Store::get`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +134,14 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<u64, Error>;
 
+    /// The store's invalidation events, published by every cache sharing it
+    /// (on any instance); `None` when the store has none. A receiver that
+    /// lags behind (or a store whose event connection was re-established)
+    /// is told with [`Invalidation::Missed`](crate::Invalidation::Missed).
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
+
     /// The longest a fill may take once it holds its locks, if the store
     /// bounds it (a shared store must: a hung provider must not hold keys
     /// forever). The cache's provider timeout must be shorter. `None`, the
@@ -155,6 +163,10 @@ impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
 
     fn fill_time_limit(&self) -> Option<Duration> {
         (**self).fill_time_limit()
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        (**self).subscribe()
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {

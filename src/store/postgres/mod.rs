@@ -65,6 +65,7 @@
 //! PgBouncer must track prepared statements (version 1.21 or later, with
 //! `max_prepared_statements` above zero).
 
+mod events;
 mod migrate;
 mod rate_limit;
 mod sql;

@@ -59,7 +59,7 @@ pub struct PgStore {
     pub(super) inner: Arc<Inner>,
 }
 
-pub(super) struct Inner {
+pub(crate) struct Inner {
     pub(super) pool: PgPool,
     pub(super) table: TableName,
     pub(super) unlogged: bool,
@@ -69,6 +69,10 @@ pub(super) struct Inner {
     max_locks_per_transaction: usize,
     sql: Statements,
     round_trips: AtomicU64,
+    /// The channel of this table's invalidation events.
+    channel: String,
+    /// Subscribers of the events; the listener starts with the first.
+    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<crate::StoreEvent>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -125,6 +129,13 @@ impl PgStore {
     /// The lock mode.
     pub fn lock_mode(&self) -> LockMode {
         self.inner.lock_mode
+    }
+
+    /// The `LISTEN/NOTIFY` channel of this table's invalidation events. The
+    /// listener connection shows in `pg_stat_activity` with the application
+    /// name `loadlock-listener`.
+    pub fn event_channel(&self) -> &str {
+        &self.inner.channel
     }
 
     /// Statements this store has sent to the database so far, `BEGIN` and
@@ -266,6 +277,15 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error("invalidating cache rows", e))?;
+        // Published in the transaction: delivered when (and only if) it
+        // commits.
+        self.count_round_trips(1);
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&self.inner.channel)
+            .bind(super::events::payloads(namespace, Some(keys)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("publishing an invalidation", e))?;
         self.count_round_trips(1);
         tx.commit()
             .await
@@ -374,6 +394,19 @@ impl<F: BatchFetch> Store<F> for PgStore {
         Some(self.inner.idle_in_transaction_timeout)
     }
 
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<crate::StoreEvent>> {
+        let sender = self.inner.events.get_or_init(|| {
+            let sender = tokio::sync::broadcast::channel(4096).0;
+            super::events::spawn_listener(
+                Arc::downgrade(&self.inner),
+                self.inner.channel.clone(),
+                sender.clone(),
+            );
+            sender
+        });
+        Some(sender.subscribe())
+    }
+
     async fn put_if_version(
         &self,
         namespace: &str,
@@ -399,6 +432,18 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| self.error("putting a value", e))?;
+        if written.is_some() {
+            self.count_round_trips(1);
+            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .bind(&self.inner.channel)
+                .bind(super::events::payloads(
+                    namespace,
+                    Some(std::slice::from_ref(&text)),
+                ))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error("publishing a put", e))?;
+        }
         let Some(version) = written else {
             self.count_round_trips(1);
             let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
@@ -644,6 +689,7 @@ impl PgStoreBuilder {
             ));
         }
         let sql = Statements::new(&table);
+        let channel = super::events::channel(&table);
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
@@ -653,8 +699,10 @@ impl PgStoreBuilder {
                 lock_timeout: self.lock_timeout,
                 idle_in_transaction_timeout: self.idle_in_transaction_timeout,
                 max_locks_per_transaction: self.max_locks_per_transaction,
+                channel,
                 sql,
                 round_trips: AtomicU64::new(0),
+                events: std::sync::OnceLock::new(),
             }),
         })
     }

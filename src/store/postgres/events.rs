@@ -1,0 +1,195 @@
+//! Invalidation events over `LISTEN/NOTIFY`: published inside the
+//! invalidating transaction (so delivered on commit, and only then), heard
+//! by one listener connection per store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Weak;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::broadcast;
+
+use super::store::Inner;
+use super::table::TableName;
+use crate::{Invalidation, StoreEvent};
+
+/// Postgres refuses payloads of 8,000 bytes or more; stay well below.
+const MAX_PAYLOAD: usize = 7_500;
+
+/// The application name of listener connections, so operators (and tests)
+/// can find them in `pg_stat_activity`.
+pub(crate) const LISTENER_APPLICATION_NAME: &str = "loadlock-listener";
+
+/// The channel of a table's events: `loadlock_` and a hash of its name.
+pub(super) fn channel(table: &TableName) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in table.to_string().bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("loadlock_{hash:016x}")
+}
+
+/// The payloads announcing `keys` of `namespace` (all of it for `None`),
+/// each under Postgres' size limit, each made distinct by a nonce (Postgres
+/// drops a notification identical to one already queued in the transaction).
+pub(super) fn payloads(namespace: &str, keys: Option<&[String]>) -> Vec<String> {
+    static NONCE: AtomicU64 = AtomicU64::new(0);
+    let nonce = || {
+        format!(
+            "{}-{}",
+            std::process::id(),
+            NONCE.fetch_add(1, Ordering::Relaxed)
+        )
+    };
+    let all = || serde_json::json!({ "id": nonce(), "ns": namespace, "all": true }).to_string();
+    let Some(keys) = keys else {
+        return vec![all()];
+    };
+    let base = serde_json::json!({ "id": nonce(), "ns": namespace, "keys": [] })
+        .to_string()
+        .len();
+    let mut payloads = Vec::new();
+    let mut chunk: Vec<&str> = Vec::new();
+    let mut size = base;
+    for key in keys {
+        let cost = serde_json::to_string(key).map_or(usize::MAX, |k| k.len() + 1);
+        if base.saturating_add(cost) > MAX_PAYLOAD {
+            // A key too long for any payload: announce the whole namespace.
+            return vec![all()];
+        }
+        if size + cost > MAX_PAYLOAD {
+            payloads.push(keys_payload(nonce(), namespace, &chunk));
+            chunk.clear();
+            size = base;
+        }
+        chunk.push(key);
+        size += cost;
+    }
+    if !chunk.is_empty() {
+        payloads.push(keys_payload(nonce(), namespace, &chunk));
+    }
+    payloads
+}
+
+fn keys_payload(id: String, namespace: &str, keys: &[&str]) -> String {
+    serde_json::json!({ "id": id, "ns": namespace, "keys": keys }).to_string()
+}
+
+fn parse(payload: &str) -> Option<StoreEvent> {
+    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let namespace = value.get("ns")?.as_str()?;
+    if value.get("all").and_then(|a| a.as_bool()) == Some(true) {
+        return Some(StoreEvent::new(namespace, Invalidation::Namespace));
+    }
+    let keys = value
+        .get("keys")?
+        .as_array()?
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    Some(StoreEvent::new(namespace, Invalidation::Keys(keys)))
+}
+
+/// Listens on `channel` for as long as the store lives, forwarding events to
+/// `sender`. After the connection was lost and re-established, subscribers
+/// are sent [`Invalidation::Missed`].
+pub(super) fn spawn_listener(
+    store: Weak<Inner>,
+    channel: String,
+    sender: broadcast::Sender<StoreEvent>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no tokio runtime: invalidation events are not received");
+        return;
+    };
+    runtime.spawn(async move {
+        let mut connected_before = false;
+        loop {
+            let Some(inner) = store.upgrade() else {
+                return;
+            };
+            let options = (*inner.pool.connect_options())
+                .clone()
+                .application_name(LISTENER_APPLICATION_NAME);
+            drop(inner);
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(options);
+            let listening = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(&channel).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = match listening.await {
+                Ok(listener) => listener,
+                Err(err) => {
+                    tracing::warn!(%channel, error = %err, "cannot listen for invalidations; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if connected_before {
+                tracing::info!(%channel, "invalidation listener reconnected; events may have been missed");
+                let _ = sender.send(StoreEvent::new("", Invalidation::Missed));
+            }
+            connected_before = true;
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(notification)) => match parse(notification.payload()) {
+                        Some(event) => {
+                            let _ = sender.send(event);
+                        }
+                        None => tracing::warn!(%channel, "unreadable invalidation event"),
+                    },
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::warn!(%channel, error = %err, "invalidation listener lost its connection");
+                        break;
+                    }
+                }
+                if store.strong_count() == 0 {
+                    return;
+                }
+            }
+            // The listener holds the pool's one connection: let both go.
+            drop(listener);
+            drop(pool);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_stay_under_the_limit_and_cover_every_key() {
+        let keys: Vec<String> = (0..10_000).map(|i| format!("key-{i}")).collect();
+        let announced = payloads("users/v1", Some(&keys));
+        assert!(announced.len() > 1);
+        let mut seen = Vec::new();
+        for payload in &announced {
+            assert!(payload.len() < 8_000, "{}", payload.len());
+            match parse(payload).unwrap().invalidation {
+                Invalidation::Keys(keys) => seen.extend(keys),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen, keys);
+        // Identical announcements are still distinct payloads.
+        let a = payloads_one();
+        let b = payloads_one();
+        assert_ne!(a, b);
+        // A key too long for a payload announces the namespace.
+        let long = vec!["x".repeat(9_000)];
+        let whole = payloads("ns", Some(&long));
+        assert_eq!(
+            parse(&whole[0]).unwrap().invalidation,
+            Invalidation::Namespace
+        );
+    }
+
+    fn payloads_one() -> String {
+        payloads("ns", Some(&["k".to_string()])).remove(0)
+    }
+}
