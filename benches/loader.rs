@@ -63,7 +63,12 @@ struct PassThrough;
 
 #[async_trait::async_trait]
 impl Store<Echo> for PassThrough {
-    async fn get(&self, _: &str, keys: &[u64]) -> Result<Vec<Lookup<u64>>, loadlock::Error> {
+    async fn get(
+        &self,
+        _: &str,
+        keys: &[u64],
+        _: Duration,
+    ) -> Result<Vec<Lookup<u64>>, loadlock::Error> {
         Ok(vec![Lookup::Miss; keys.len()])
     }
 
@@ -223,7 +228,7 @@ fn postgres(c: &mut Criterion) {
     let mut group = c.benchmark_group("pg_all_hit_100");
     group.bench_function("PgStore::get", |b| {
         b.to_async(&rt).iter(|| async {
-            let found = Store::<Users>::get(&store, "bench/users", &keys)
+            let found = Store::<Users>::get(&store, "bench/users", &keys, Duration::ZERO)
                 .await
                 .unwrap();
             assert!(matches!(found[99], Lookup::Hit(_)));

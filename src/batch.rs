@@ -88,7 +88,7 @@ impl<F: BatchFetch> Drop for PendingGuard<F> {
 /// whatever it receives was still the store's newest when it joined, and a
 /// load that starts after an invalidation returned never receives a value
 /// read before it.
-async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F::Value>>) {
+async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Entry<F::Value>>) {
     let started = Instant::now();
     Counters::add(&cache.counters.batches, 1);
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
@@ -136,7 +136,33 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
 
     let mut lease = cache.inflight.lease();
     let mut joins = Vec::new();
+    let now = std::time::SystemTime::now();
+    let mut to_refresh = Vec::new();
+    // Lease positions with a stale entry to serve if the refill fails.
+    let mut fallbacks = Vec::new();
     for ((key, flight), lookup) in batch.into_iter().zip(looked) {
+        let lookup = match lookup {
+            Lookup::Stale(entry) => {
+                let past = now.duration_since(entry.expires_at).unwrap_or_default();
+                if past < cache.config.stale_while_revalidate {
+                    Counters::add(&cache.counters.stale_served, 1);
+                    Counters::add(&cache.counters.store_hits, 1);
+                    flight.complete(Ok(Some(entry)));
+                    to_refresh.push(key);
+                    continue;
+                }
+                // Within stale-if-error only: refill, and keep the entry.
+                match cache.inflight.claim(&key, &flight) {
+                    Claim::Lead => {
+                        fallbacks.push((lease.keys().len(), entry));
+                        lease.push(key, flight);
+                    }
+                    Claim::Join(leader) => joins.push((flight, leader)),
+                }
+                continue;
+            }
+            other => other,
+        };
         match lookup {
             Lookup::Hit(entry) => {
                 if let Some(local) = local {
@@ -170,6 +196,16 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
                     local.insert(epoch, key.to_string(), value.clone());
                 }
             }
+            if let Err(err) = &outcome {
+                if stale_if_error_applies(err) {
+                    for (index, entry) in fallbacks.drain(..) {
+                        if let Some(flight) = lease.flight(index) {
+                            Counters::add(&cache.counters.stale_served, 1);
+                            flight.complete(Ok(Some(entry)));
+                        }
+                    }
+                }
+            }
             lease.settle(outcome);
             filled
         } else {
@@ -182,6 +218,9 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
             .map(|(mine, leader)| async move { mine.complete(leader.wait().await) }),
     );
     let (filled, _) = futures::join!(lead, follow);
+    if !to_refresh.is_empty() {
+        cache.spawn_refresh(to_refresh);
+    }
 
     let span = tracing::Span::current();
     span.record("coalesced", tally.coalesced);
@@ -189,4 +228,10 @@ async fn run<F: BatchFetch>(cache: &CacheInner<F>, batch: Batch<F::Key, Entry<F:
     span.record("negative_hits", tally.negative_hits + filled.negative_hits);
     span.record("fetched", filled.fetched);
     span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
+}
+
+/// Whether a failed refill may be answered with a stale entry: failures of
+/// the provider, not of the cache's own machinery.
+fn stale_if_error_applies(err: &Error) -> bool {
+    err.is_provider() || matches!(err, Error::RateLimited { .. })
 }

@@ -87,6 +87,12 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// How long a loader collects keys before dispatching them as one batch.
     pub batch_window: Duration,
+    /// How long past its expiry an entry is still served at once while one
+    /// background refresh renews it (zero: off).
+    pub stale_while_revalidate: Duration,
+    /// How long past its expiry an entry is served when refilling it fails
+    /// at the provider (zero: off).
+    pub stale_if_error: Duration,
     /// The provider's `max_batch_size`, read once when the cache was built.
     pub max_batch_size: usize,
     /// The limit on one provider call; past it the call counts as a transient
@@ -105,6 +111,8 @@ pub(crate) struct CacheInner<F: BatchFetch> {
     pub(crate) counters: Counters,
     pub(crate) config: CacheConfig,
     pub(crate) local: Option<Arc<LocalTier<F::Value>>>,
+    /// Keys a background refresh is renewing in this process.
+    pub(crate) refreshing: dashmap::DashMap<F::Key, ()>,
 }
 
 impl<F: BatchFetch> Cache<F> {
@@ -116,6 +124,8 @@ impl<F: BatchFetch> Cache<F> {
             ttl: DEFAULT_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             batch_window: DEFAULT_BATCH_WINDOW,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
             provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
             chunk_concurrency: 1,
             retry: RetryPolicy::default(),
@@ -284,7 +294,14 @@ impl<F: BatchFetch> CacheInner<F> {
         keys: &[F::Key],
         tally: &mut Tally,
     ) -> Result<Vec<Lookup<F::Value>>, Error> {
-        let looked = self.store.get(self.provider.namespace(), keys).await?;
+        let grace = self
+            .config
+            .stale_while_revalidate
+            .max(self.config.stale_if_error);
+        let looked = self
+            .store
+            .get(self.provider.namespace(), keys, grace)
+            .await?;
         if looked.len() != keys.len() {
             return Err(Error::Store {
                 message: format!(
@@ -361,6 +378,58 @@ impl<F: BatchFetch> CacheInner<F> {
     }
 }
 
+impl<F: BatchFetch> CacheInner<F> {
+    /// Renews `keys` in the background, once per key in this process, and
+    /// not at all where another filler holds a key's lock.
+    pub(crate) fn spawn_refresh(self: &Arc<Self>, keys: Vec<F::Key>) {
+        let keys: Vec<F::Key> = keys
+            .into_iter()
+            .filter(|key| self.refreshing.insert(key.clone(), ()).is_none())
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            let renewed = cache.refresh(&keys).await;
+            for key in &keys {
+                cache.refreshing.remove(key);
+            }
+            match renewed {
+                Ok(fetched) => Counters::add(&cache.counters.refreshes, fetched),
+                Err(err) => tracing::warn!(
+                    namespace = %cache.provider.namespace(),
+                    error = %err,
+                    "background refresh failed; the stale entries stay until their grace ends"
+                ),
+            }
+        });
+    }
+
+    /// One background refresh; the number of keys it fetched.
+    async fn refresh(&self, keys: &[F::Key]) -> Result<usize, Error> {
+        let prepaid = self.provider.prepay(keys.len(), &self.counters).await?;
+        let fill = Fill {
+            namespace: self.provider.namespace(),
+            keys,
+            ttl: self.config.ttl,
+            negative_ttl: self.config.negative_ttl,
+            provider: &self.provider,
+            prepaid: &prepaid,
+            counters: &self.counters,
+            // Nobody joins a refresh.
+            leave: &|_: &[usize]| {},
+        };
+        let filled = self.store.refresh(fill).await?;
+        Ok(filled.map_or(0, |answers| {
+            answers
+                .iter()
+                .filter(|a| matches!(a, Filled::Fetched(_)))
+                .count()
+        }))
+    }
+}
+
 /// Per-batch counts, recorded into the cache's counters and the batch's span
 /// when the batch ends.
 #[derive(Debug, Default)]
@@ -401,6 +470,8 @@ pub struct CacheBuilder<F: BatchFetch> {
     ttl: Duration,
     negative_ttl: Duration,
     batch_window: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
     provider_timeout: Duration,
     chunk_concurrency: usize,
     retry: RetryPolicy,
@@ -484,6 +555,26 @@ impl<F: BatchFetch> CacheBuilder<F> {
     /// [`BatchFetch::classify`].
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// Stale-while-revalidate (RFC 5861): for `window` past its expiry, an
+    /// entry is served at once while one background refresh renews it. The
+    /// refresh only *tries* the key's lock, so it never queues behind
+    /// another refresher or filler (anywhere in the fleet); one refresh per
+    /// key runs per process. Counted in `stale_served` and `refreshes`.
+    /// Invalidated entries are never served. Off (zero) by default.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = window.min(MAX_TTL);
+        self
+    }
+
+    /// Stale-if-error (RFC 5861): for `window` past its expiry, an entry is
+    /// served when refilling it fails at the provider (an error, a panic, a
+    /// timeout, throttling); past the window the failure is returned.
+    /// Invalidated entries are never served. Off (zero) by default.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = window.min(MAX_TTL);
         self
     }
 
@@ -609,6 +700,8 @@ impl<F: BatchFetch> CacheBuilder<F> {
             ttl: self.ttl,
             negative_ttl: self.negative_ttl,
             batch_window: self.batch_window,
+            stale_while_revalidate: self.stale_while_revalidate,
+            stale_if_error: self.stale_if_error,
             max_batch_size,
             provider_timeout: self.provider_timeout,
             chunk_concurrency: self.chunk_concurrency,
@@ -632,6 +725,7 @@ impl<F: BatchFetch> CacheBuilder<F> {
                 counters: Counters::default(),
                 config,
                 local,
+                refreshing: dashmap::DashMap::new(),
             }),
         })
     }

@@ -191,6 +191,10 @@ impl<K: Eq + Hash + Clone, V: Clone> Lease<'_, K, V> {
         self.flights.push(flight);
     }
 
+    pub(crate) fn flight(&self, index: usize) -> Option<&Arc<Flight<V>>> {
+        self.flights.get(index)
+    }
+
     pub(crate) fn keys(&self) -> &[K] {
         &self.keys
     }

@@ -64,6 +64,11 @@ pub struct Stats {
     pub errors: u64,
     /// Keys invalidated through this cache.
     pub invalidations: u64,
+    /// Expired entries served (stale-while-revalidate, or stale-if-error
+    /// after a failed refill); counted in `store_hits` too.
+    pub stale_served: u64,
+    /// Keys renewed by background refreshes.
+    pub refreshes: u64,
     /// Keys being loaded right now by this cache (the in-flight table's size).
     pub in_flight: u64,
 }
@@ -106,6 +111,8 @@ pub(crate) struct Counters {
     pub(crate) rate_limited_waits: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) invalidations: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
 }
 
 impl Counters {
@@ -143,6 +150,8 @@ impl Counters {
             rate_limited_waits: self.rate_limited_waits.load(Relaxed),
             errors: self.errors.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
+            refreshes: self.refreshes.load(Relaxed),
             in_flight: in_flight as u64,
         }
     }

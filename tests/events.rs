@@ -223,6 +223,7 @@ async fn a_local_tier_needs_a_store_with_events() {
             &self,
             _: &str,
             keys: &[u64],
+            _: Duration,
         ) -> Result<Vec<loadlock::store::Lookup<u64>>, loadlock::Error> {
             Ok(vec![loadlock::store::Lookup::Miss; keys.len()])
         }

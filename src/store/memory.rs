@@ -99,12 +99,32 @@ impl MemoryStore {
         before.saturating_sub(after)
     }
 
-    fn lookup<V: Clone + 'static>(&self, entry_key: &str, now: Instant) -> Lookup<V> {
+    fn lookup<V: Clone + 'static>(
+        &self,
+        entry_key: &str,
+        now: Instant,
+        grace: Duration,
+    ) -> Lookup<V> {
         let Some(entry) = self.inner.entries.get(entry_key) else {
             return Lookup::Miss;
         };
         if entry.expires_at <= now {
-            return Lookup::Miss;
+            let within_grace = entry
+                .expires_at
+                .checked_add(grace)
+                .is_some_and(|end| end > now);
+            return match (&entry.value, within_grace) {
+                (Some(value), true) => match value.downcast_ref::<V>() {
+                    Some(value) => Lookup::Stale(crate::Entry::new(
+                        value.clone(),
+                        entry.version,
+                        entry.fetched_at,
+                        entry.expires_wall,
+                    )),
+                    None => Lookup::Miss,
+                },
+                _ => Lookup::Miss,
+            };
         }
         match &entry.value {
             None => Lookup::NegativeHit,
@@ -158,77 +178,26 @@ fn entry_key(namespace: &str, key: &impl fmt::Display) -> String {
 
 #[async_trait::async_trait]
 impl<F: BatchFetch> Store<F> for MemoryStore {
-    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
+    async fn get(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        grace: Duration,
+    ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let now = Instant::now();
         Ok(keys
             .iter()
-            .map(|key| self.lookup(&entry_key(namespace, key), now))
+            .map(|key| self.lookup(&entry_key(namespace, key), now, grace))
             .collect())
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
-        let namespace = fill.namespace();
-        let entry_keys: Vec<String> = fill
-            .keys()
-            .iter()
-            .map(|key| entry_key(namespace, key))
-            .collect();
-        // The key's text is the entry key's tail.
-        let prefix = entry_key(namespace, &"").len();
-        let ids = entry_keys
-            .iter()
-            .map(|k| lock_id(namespace, &k[prefix..]))
-            .collect();
-        let started = std::time::Instant::now();
-        let _held = self.inner.locks.lock_all(ids).await;
-        fill.record_lock_wait(started.elapsed());
+        let answers = self.fill_inner(fill, false).await?;
+        Ok(answers.unwrap_or_default())
+    }
 
-        // Re-read: another fill may have written while we waited.
-        let now = Instant::now();
-        let mut answers: Vec<Filled<F::Value>> = Vec::with_capacity(entry_keys.len());
-        let mut missing = Vec::new();
-        for (i, entry_key) in entry_keys.iter().enumerate() {
-            answers.push(match self.lookup(entry_key, now) {
-                Lookup::Hit(value) => Filled::Stored(Some(value)),
-                Lookup::NegativeHit => Filled::Stored(None),
-                Lookup::Miss | Lookup::Undecodable => {
-                    missing.push(i);
-                    // Replaced below by what the provider answers.
-                    Filled::Fetched(None)
-                }
-            });
-        }
-        let all: Vec<usize> = (0..answers.len()).collect();
-        if missing.is_empty() {
-            fill.about_to_commit(&all);
-            return Ok(answers);
-        }
-
-        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let mut fetched = fill.fetch(&missing_keys).await?;
-        for (&i, key) in missing.iter().zip(missing_keys) {
-            let value = fetched.remove(&key);
-            let ttl = if value.is_some() {
-                fill.ttl()
-            } else {
-                fill.negative_ttl()
-            };
-            let stored = self.stored(value.clone(), ttl);
-            let entry = value.map(|value| {
-                crate::Entry::new(
-                    value,
-                    stored.version,
-                    stored.fetched_at,
-                    stored.expires_wall,
-                )
-            });
-            self.inner.entries.insert(entry_keys[i].clone(), stored);
-            answers[i] = Filled::Fetched(entry);
-        }
-        self.note_writes(missing.len());
-        // The locks are released when `_held` drops, on return.
-        fill.about_to_commit(&all);
-        Ok(answers)
+    async fn refresh(&self, fill: Fill<'_, F>) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        self.fill_inner(fill, true).await
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
@@ -278,6 +247,86 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
             .events
             .send(StoreEvent::new(namespace, Invalidation::Keys(vec![text])));
         Ok(version)
+    }
+}
+
+impl MemoryStore {
+    /// A fill, or with `try_only` a refresh that gives up (`None`) when a
+    /// key's lock is taken.
+    async fn fill_inner<F: BatchFetch>(
+        &self,
+        fill: Fill<'_, F>,
+        try_only: bool,
+    ) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        let namespace = fill.namespace();
+        let entry_keys: Vec<String> = fill
+            .keys()
+            .iter()
+            .map(|key| entry_key(namespace, key))
+            .collect();
+        // The key's text is the entry key's tail.
+        let prefix = entry_key(namespace, &"").len();
+        let ids = entry_keys
+            .iter()
+            .map(|k| lock_id(namespace, &k[prefix..]))
+            .collect();
+        let started = std::time::Instant::now();
+        let _held = if try_only {
+            match self.inner.locks.try_lock_all(ids) {
+                Some(held) => held,
+                None => return Ok(None),
+            }
+        } else {
+            self.inner.locks.lock_all(ids).await
+        };
+        fill.record_lock_wait(started.elapsed());
+
+        // Re-read: another fill may have written while we waited.
+        let now = Instant::now();
+        let mut answers: Vec<Filled<F::Value>> = Vec::with_capacity(entry_keys.len());
+        let mut missing = Vec::new();
+        for (i, entry_key) in entry_keys.iter().enumerate() {
+            answers.push(match self.lookup(entry_key, now, Duration::ZERO) {
+                Lookup::Hit(value) => Filled::Stored(Some(value)),
+                Lookup::NegativeHit => Filled::Stored(None),
+                _ => {
+                    missing.push(i);
+                    // Replaced below by what the provider answers.
+                    Filled::Fetched(None)
+                }
+            });
+        }
+        let all: Vec<usize> = (0..answers.len()).collect();
+        if missing.is_empty() {
+            fill.about_to_commit(&all);
+            return Ok(Some(answers));
+        }
+
+        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
+        let mut fetched = fill.fetch(&missing_keys).await?;
+        for (&i, key) in missing.iter().zip(missing_keys) {
+            let value = fetched.remove(&key);
+            let ttl = if value.is_some() {
+                fill.ttl()
+            } else {
+                fill.negative_ttl()
+            };
+            let stored = self.stored(value.clone(), ttl);
+            let entry = value.map(|value| {
+                crate::Entry::new(
+                    value,
+                    stored.version,
+                    stored.fetched_at,
+                    stored.expires_wall,
+                )
+            });
+            self.inner.entries.insert(entry_keys[i].clone(), stored);
+            answers[i] = Filled::Fetched(entry);
+        }
+        self.note_writes(missing.len());
+        // The locks are released when `_held` drops, on return.
+        fill.about_to_commit(&all);
+        Ok(Some(answers))
     }
 }
 
@@ -344,6 +393,22 @@ impl KeyLocks {
             }
             released.await;
         }
+    }
+}
+
+impl KeyLocks {
+    /// Takes the locks of `ids` if every one is free, at once; `None`
+    /// (holding nothing) otherwise.
+    fn try_lock_all(&self, mut ids: Vec<i64>) -> Option<HeldLocks<'_>> {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.iter().any(|id| set.contains(id)) {
+            return None;
+        }
+        set.extend(ids.iter().copied());
+        drop(set);
+        Some(HeldLocks { owner: self, ids })
     }
 }
 

@@ -43,6 +43,9 @@ pub enum Lookup<V> {
     NegativeHit,
     /// Nothing fresh: absent or expired.
     Miss,
+    /// An expired value still within the grace the read asked for
+    /// (stale-while-revalidate / stale-if-error); never an invalidated one.
+    Stale(Entry<V>),
     /// An entry exists but no longer decodes into the cache's `Value` (its
     /// shape changed): treated as a miss, fetched again and overwritten, and
     /// counted in [`Stats::undecodable`](crate::Stats::undecodable).
@@ -87,12 +90,19 @@ impl<V> Filled<V> {
 #[async_trait::async_trait]
 pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// Looks up `keys` (deduplicated) in `namespace`; the answer is aligned
-    /// with `keys`.
+    /// with `keys`. Values expired less than `grace` ago are answered as
+    /// [`Lookup::Stale`] (never an invalidated entry); with a zero grace only
+    /// fresh entries are hits.
     ///
     /// # Errors
     ///
     /// [`Error::Store`] when the store cannot be read.
-    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error>;
+    async fn get(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        grace: Duration,
+    ) -> Result<Vec<Lookup<F::Value>>, Error>;
 
     /// Fills `fill.keys()` under their locks, calling [`Fill::fetch`] for the
     /// keys that are still missing once the locks are held; the answer is
@@ -104,6 +114,18 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// returned, unchanged, when the provider fails. Nothing fetched by a
     /// failed [`Fill::fetch`] call is written.
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error>;
+
+    /// A background refresh of expired keys (stale-while-revalidate): like
+    /// [`fill`](Self::fill), but it only *tries* the keys' locks and returns
+    /// `None` at once when another filler or refresher holds one, so a
+    /// refresh never queues behind another. The default fills normally.
+    ///
+    /// # Errors
+    ///
+    /// As [`fill`](Self::fill).
+    async fn refresh(&self, fill: Fill<'_, F>) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        self.fill(fill).await.map(Some)
+    }
 
     /// Invalidates `keys` in `namespace`: takes the same per-key locks as a
     /// fill (so it waits for fills in progress, and no fill interleaves),
@@ -153,8 +175,17 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
 
 #[async_trait::async_trait]
 impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
-    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
-        (**self).get(namespace, keys).await
+    async fn get(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        grace: Duration,
+    ) -> Result<Vec<Lookup<F::Value>>, Error> {
+        (**self).get(namespace, keys, grace).await
+    }
+
+    async fn refresh(&self, fill: Fill<'_, F>) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        (**self).refresh(fill).await
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {

@@ -6,14 +6,18 @@ use super::table::TableName;
 /// The statements a [`PgStore`](super::PgStore) runs.
 #[derive(Debug)]
 pub(crate) struct Statements {
-    /// `$1` namespace, `$2` keys: fresh rows only, by the database clock at
-    /// the statement's start (not the transaction's: the re-read runs after
-    /// a lock wait).
+    /// `$1` namespace, `$2` keys, `$3` grace seconds: rows fresh, or expired
+    /// less than the grace ago, with a `fresh` flag; by the database clock
+    /// at the statement's start (not the transaction's: the re-read runs
+    /// after a lock wait).
     pub(crate) select_fresh: String,
     /// `$1` lock ids: all of them, in one statement, ascending. The outer
     /// `ORDER BY` is what guarantees the order (output expressions are
     /// evaluated after the sort); the lock function is never in a `WHERE`.
     pub(crate) lock: &'static str,
+    /// `$1` lock ids: tries them all, in ascending order; true when every
+    /// one was taken.
+    pub(crate) try_lock: &'static str,
     /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
     /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
     pub(crate) bound_transaction: &'static str,
@@ -41,12 +45,15 @@ impl Statements {
                     extract(epoch FROM expires_at)::float8";
         Statements {
             select_fresh: format!(
-                "SELECT key, value, {meta} FROM {t} \
+                "SELECT key, value, expires_at > statement_timestamp(), {meta} FROM {t} \
                  WHERE namespace = $1 AND key = ANY($2::text[]) \
-                   AND expires_at > statement_timestamp()"
+                   AND expires_at > statement_timestamp() - make_interval(secs => $3::float8)"
             ),
             lock: "SELECT pg_advisory_xact_lock(id) \
                    FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id",
+            try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
+                         SELECT pg_try_advisory_xact_lock(id) AS taken \
+                         FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id) t",
             bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
                                 set_config('idle_in_transaction_session_timeout', $2, true)",
             upsert: format!(

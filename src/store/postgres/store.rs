@@ -192,6 +192,7 @@ impl PgStore {
         executor: E,
         namespace: &str,
         keys: &[String],
+        grace: Duration,
     ) -> Result<Vec<Lookup<V>>, Error>
     where
         E: Executor<'c, Database = Postgres>,
@@ -201,6 +202,7 @@ impl PgStore {
         let rows = sqlx::query(&self.inner.sql.select_fresh)
             .bind(namespace)
             .bind(keys)
+            .bind(grace.as_secs_f64())
             .fetch_all(executor)
             .await
             .map_err(|e| self.error("reading cache rows", e))?;
@@ -231,7 +233,8 @@ impl PgStore {
         &self,
         namespace: &str,
         keys: &[String],
-    ) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+        try_only: bool,
+    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
         let inner = &*self.inner;
         let ids: Vec<i64> = match inner.lock_mode {
             LockMode::PerKey => keys.iter().map(|key| lock_id(namespace, key)).collect(),
@@ -251,12 +254,21 @@ impl PgStore {
             .await
             .map_err(|e| self.error("bounding the transaction", e))?;
         self.count_round_trips(1);
+        if try_only {
+            let taken: bool = sqlx::query_scalar(inner.sql.try_lock)
+                .bind(&ids)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.error("trying the keys' locks", e))?;
+            // Dropping `tx` rolls back, releasing whatever was taken.
+            return Ok(taken.then_some(tx));
+        }
         let locked = sqlx::query(inner.sql.lock)
             .bind(&ids)
             .execute(&mut *tx)
             .await;
         match locked {
-            Ok(_) => Ok(tx),
+            Ok(_) => Ok(Some(tx)),
             Err(err) if sql_state(&err).as_deref() == Some("55P03") => Err(Error::LockTimeout {
                 namespace: namespace.into(),
                 keys: keys.len(),
@@ -269,7 +281,12 @@ impl PgStore {
     /// One invalidation transaction: the keys' locks, then a tombstone per
     /// key (an entry that is never fresh, so never served, stale or not).
     async fn invalidate_group(&self, namespace: &str, keys: &[String]) -> Result<(), Error> {
-        let mut tx = self.begin_locked(namespace, keys).await?;
+        let Some(mut tx) = self.begin_locked(namespace, keys, false).await? else {
+            return Err(Error::Store {
+                message: "locks not taken".into(),
+                source: None,
+            });
+        };
         self.count_round_trips(1);
         sqlx::query(&self.inner.sql.tombstone)
             .bind(namespace)
@@ -299,18 +316,23 @@ impl PgStore {
         displayed: &[String],
         group: &[usize],
         answers: &mut [Option<Filled<F::Value>>],
-    ) -> Result<(), Error> {
+        try_only: bool,
+    ) -> Result<bool, Error> {
         let inner = &*self.inner;
         let namespace = fill.namespace();
         let keys: Vec<String> = group.iter().map(|&i| displayed[i].clone()).collect();
         let started = Instant::now();
-        let locked = self.begin_locked(namespace, &keys).await;
+        let locked = self.begin_locked(namespace, &keys, try_only).await;
         fill.record_lock_wait(started.elapsed());
-        let mut tx = locked?;
+        let Some(mut tx) = locked? else {
+            return Ok(false);
+        };
 
         // A new statement, so a new snapshot: it sees what others committed
         // while we waited for the locks.
-        let reread: Vec<Lookup<F::Value>> = self.select_fresh(&mut *tx, namespace, &keys).await?;
+        let reread: Vec<Lookup<F::Value>> = self
+            .select_fresh(&mut *tx, namespace, &keys, Duration::ZERO)
+            .await?;
         let mut missing = Vec::new();
         for (&i, lookup) in group.iter().zip(reread) {
             match lookup {
@@ -322,10 +344,10 @@ impl PgStore {
         if missing.is_empty() {
             fill.about_to_commit(group);
             self.count_round_trips(1);
-            return tx
-                .commit()
+            tx.commit()
                 .await
-                .map_err(|e| self.error("ending a fill transaction", e));
+                .map_err(|e| self.error("ending a fill transaction", e))?;
+            return Ok(true);
         }
 
         let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
@@ -378,16 +400,37 @@ impl PgStore {
         self.count_round_trips(1);
         tx.commit()
             .await
-            .map_err(|e| self.error("committing a fill", e))
+            .map_err(|e| self.error("committing a fill", e))?;
+        Ok(true)
     }
 }
 
 #[async_trait::async_trait]
 impl<F: BatchFetch> Store<F> for PgStore {
-    async fn get(&self, namespace: &str, keys: &[F::Key]) -> Result<Vec<Lookup<F::Value>>, Error> {
+    async fn get(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        grace: Duration,
+    ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        self.select_fresh(&self.inner.pool, namespace, &displayed)
+        self.select_fresh(&self.inner.pool, namespace, &displayed, grace)
             .await
+    }
+
+    async fn refresh(&self, fill: Fill<'_, F>) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
+        let mut answers: Vec<Option<Filled<F::Value>>> =
+            (0..displayed.len()).map(|_| None).collect();
+        let all: Vec<usize> = (0..displayed.len()).collect();
+        // A refresh is small (the stale keys of one batch): one group.
+        if !self
+            .fill_group(&fill, &displayed, &all, &mut answers, true)
+            .await?
+        {
+            return Ok(None);
+        }
+        Ok(answers.into_iter().collect())
     }
 
     fn fill_time_limit(&self) -> Option<Duration> {
@@ -420,8 +463,12 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .map_err(|e| Error::store(format!("value of key {text:?} is not JSON"), e))?;
         let expected_i64 = i64::try_from(expected).unwrap_or(i64::MAX);
         let mut tx = self
-            .begin_locked(namespace, std::slice::from_ref(&text))
-            .await?;
+            .begin_locked(namespace, std::slice::from_ref(&text), false)
+            .await?
+            .ok_or_else(|| Error::Store {
+                message: "locks not taken".into(),
+                source: None,
+            })?;
         self.count_round_trips(1);
         let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
             .bind(namespace)
@@ -502,7 +549,7 @@ impl<F: BatchFetch> Store<F> for PgStore {
         // when a later group's provider call fails, earlier groups' values
         // stay stored (they are good values), and the load still fails.
         for group in indices.chunks(group_size) {
-            self.fill_group(&fill, &displayed, group, &mut answers)
+            self.fill_group(&fill, &displayed, group, &mut answers, false)
                 .await?;
         }
         answers
@@ -523,12 +570,19 @@ fn decode_value<V: serde::de::DeserializeOwned>(
     namespace: &str,
     key: &str,
 ) -> Lookup<V> {
+    let fresh = row.try_get::<bool, _>(2).unwrap_or(false);
     match row.try_get::<Option<Json<V>>, _>(1) {
         Ok(Some(Json(value))) => {
-            let (version, fetched_at, expires_at) = row_meta(row, 2);
-            Lookup::Hit(Entry::new(value, version, fetched_at, expires_at))
+            let (version, fetched_at, expires_at) = row_meta(row, 3);
+            let entry = Entry::new(value, version, fetched_at, expires_at);
+            if fresh {
+                Lookup::Hit(entry)
+            } else {
+                Lookup::Stale(entry)
+            }
         }
-        Ok(None) => Lookup::NegativeHit,
+        Ok(None) if fresh => Lookup::NegativeHit,
+        Ok(None) => Lookup::Miss,
         Err(err) => {
             tracing::warn!(
                 namespace,

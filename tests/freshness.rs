@@ -1,0 +1,200 @@
+//! Stale-while-revalidate and stale-if-error (RFC 5861 semantics).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use loadlock::{BatchFetch, Cache, Error, LockMode, MemoryStore};
+use support::pg::TestDb;
+
+/// Answers the current generation for every key; counts calls; can be told
+/// to fail.
+#[derive(Clone, Default)]
+struct Generations {
+    generation: Arc<AtomicU64>,
+    calls: Arc<AtomicUsize>,
+    failing: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+#[derive(Debug)]
+struct Down;
+
+impl std::fmt::Display for Down {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("provider down")
+    }
+}
+
+impl std::error::Error for Down {}
+
+#[async_trait::async_trait]
+impl BatchFetch for Generations {
+    type Key = u64;
+    type Value = u64;
+    type Error = Down;
+
+    fn namespace(&self) -> &str {
+        "freshness/generations"
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Down> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        if self.failing.load(Ordering::SeqCst) > 0 {
+            return Err(Down);
+        }
+        let g = self.generation.load(Ordering::SeqCst);
+        Ok(keys.iter().map(|&k| (k, g)).collect())
+    }
+}
+
+/// After expiry, within the grace: 64 concurrent loads on two instances all
+/// return the old value at once, and exactly one provider call renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+    let db = TestDb::new("swr").await;
+    let provider = Generations {
+        delay: Duration::from_millis(300),
+        ..Generations::default()
+    };
+    provider.generation.store(1, Ordering::SeqCst);
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        caches.push(
+            Cache::builder(provider.clone())
+                .store(db.store(LockMode::PerKey).await)
+                .ttl(Duration::from_secs(1))
+                .stale_while_revalidate(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        );
+    }
+    assert_eq!(caches[0].loader().load(5).await.unwrap(), Some(1));
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    provider.generation.store(2, Ordering::SeqCst);
+    let loads = (0..64).map(|i| {
+        let cache = caches[i % 2].clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = cache.loader().load(5).await.unwrap();
+            (got, started.elapsed())
+        })
+    });
+    for load in join_all(loads).await {
+        let (got, took) = load.unwrap();
+        assert_eq!(got, Some(1), "the stale value, at once");
+        assert!(
+            took < Duration::from_millis(300),
+            "not waiting for the provider: {took:?}"
+        );
+    }
+
+    // The refresh lands; exactly one provider call made it.
+    let started = Instant::now();
+    while caches[1].loader().load(5).await.unwrap() != Some(2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 2, "one refresh call");
+    let refreshes: u64 = caches.iter().map(|c| c.stats().refreshes).sum();
+    let stale: u64 = caches.iter().map(|c| c.stats().stale_served).sum();
+    assert_eq!(refreshes, 1);
+    assert!(stale >= 64, "{stale}");
+    db.cleanup().await;
+}
+
+/// Within stale-if-error, a failing provider serves the old value; past it,
+/// the failure is returned.
+#[tokio::test(start_paused = true)]
+async fn stale_if_error_serves_the_old_value_until_the_grace_ends() {
+    let provider = Generations::default();
+    provider.generation.store(1, Ordering::SeqCst);
+    let cache = Cache::builder(provider.clone())
+        .store(MemoryStore::new())
+        .ttl(Duration::from_secs(10))
+        .stale_if_error(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+
+    tokio::time::advance(Duration::from_secs(11)).await;
+    provider.failing.store(1, Ordering::SeqCst);
+    assert_eq!(
+        cache.loader().load(1).await.unwrap(),
+        Some(1),
+        "stale on error"
+    );
+    assert_eq!(cache.stats().stale_served, 1);
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        2,
+        "the refill was tried"
+    );
+
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let err = cache.loader().load(1).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Provider { .. }),
+        "past the grace: {err:?}"
+    );
+
+    // And without the error, the refill simply succeeds.
+    provider.failing.store(0, Ordering::SeqCst);
+    provider.generation.store(2, Ordering::SeqCst);
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(2));
+}
+
+/// The same on Postgres, where the database clock decides (real time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_on_postgres() {
+    let db = TestDb::new("sie").await;
+    let provider = Generations::default();
+    provider.generation.store(1, Ordering::SeqCst);
+    let cache = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .ttl(Duration::from_secs(1))
+        .stale_if_error(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    provider.failing.store(1, Ordering::SeqCst);
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(cache.loader().load(1).await.is_err(), "past the grace");
+    db.cleanup().await;
+}
+
+/// An invalidated entry is never served stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_entries_are_never_served_stale() {
+    let db = TestDb::new("swr_inval").await;
+    let provider = Generations::default();
+    provider.generation.store(1, Ordering::SeqCst);
+    let cache = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .stale_while_revalidate(Duration::from_secs(60))
+        .stale_if_error(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+    provider.generation.store(2, Ordering::SeqCst);
+    cache.invalidate([1]).await.unwrap();
+    provider.failing.store(1, Ordering::SeqCst);
+    assert!(cache.loader().load(1).await.is_err(), "no stale fallback");
+    provider.failing.store(0, Ordering::SeqCst);
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(2));
+    assert_eq!(cache.stats().stale_served, 0);
+    db.cleanup().await;
+}
