@@ -98,6 +98,20 @@ impl Store<Echo> for PassThrough {
     ) -> Result<u64, loadlock::Error> {
         Ok(0)
     }
+
+    async fn invalidate_namespace(&self, _: &str) -> Result<(), loadlock::Error> {
+        Ok(())
+    }
+
+    async fn write_locked(
+        &self,
+        _: &str,
+        _: &[u64],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), loadlock::Error> {
+        work.await;
+        Ok(())
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -190,6 +190,82 @@ impl<F: BatchFetch> Cache<F> {
         result
     }
 
+    /// Invalidates every key of this cache's namespace (after a bulk change
+    /// of the source). It waits for the namespace's fills in progress and
+    /// holds new ones back until it is durable, so the guarantee of
+    /// [`invalidate`](Self::invalidate) holds for every key.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the namespace invalidated or not;
+    /// invalidate again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] or [`Error::LockTimeout`].
+    pub async fn invalidate_namespace(&self) -> Result<(), Error> {
+        let result = self
+            .inner
+            .store
+            .invalidate_namespace(self.inner.provider.namespace())
+            .await;
+        if let Some(local) = &self.inner.local {
+            local.flush();
+        }
+        result
+    }
+
+    /// Write-through under the keys' locks: runs `write` (your update of the
+    /// source of truth) while holding the locks of `keys`, then invalidates
+    /// them before the locks are released, and returns `write`'s output.
+    ///
+    /// Writers and readers of these keys are serialized: no fill runs
+    /// alongside the write, none that started before can write back what it
+    /// read, and loads that start after this returns fetch afresh. This is
+    /// the stronger form of "invalidate first, then write". Keep `write`
+    /// short: it holds the keys' locks (and, with `PgStore`, a connection
+    /// and a transaction bounded by its idle-in-transaction timeout).
+    ///
+    /// The keys are invalidated whether `write` succeeded or not (a failed
+    /// write may have changed part of the source).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future releases the locks; `write` may have run or not,
+    /// and the keys may be left valid: invalidate them again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] or [`Error::LockTimeout`] when the cache failed;
+    /// `write` then may not have run. `write`'s own result is returned inside
+    /// `Ok`.
+    pub async fn write<T: Send>(
+        &self,
+        keys: impl IntoIterator<Item = F::Key>,
+        write: impl std::future::Future<Output = T> + Send,
+    ) -> Result<T, Error> {
+        let keys: Vec<F::Key> = keys.into_iter().collect();
+        let output = std::sync::Mutex::new(None);
+        let work: futures::future::BoxFuture<'_, ()> = Box::pin(async {
+            let value = write.await;
+            *output.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+        });
+        let locked = self
+            .inner
+            .store
+            .write_locked(self.inner.provider.namespace(), &keys, work)
+            .await;
+        if let Some(local) = &self.inner.local {
+            let texts: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            local.evict(&texts);
+        }
+        locked?;
+        output
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or(Error::Closed)
+    }
+
     /// Compare-and-set for update-on-write users (optimistic locking): if the
     /// entry of `key` is still at version `expected` (from
     /// [`Loader::load_entry`]), replaces its value with `value`, fresh for

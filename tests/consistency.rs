@@ -342,3 +342,128 @@ async fn versions_only_grow_postgres() {
     versions_and_compare_and_set(db.store(LockMode::PerKey).await, "cas-pg").await;
     db.cleanup().await;
 }
+
+/// A namespace invalidation makes every key of it fetch afresh, on every
+/// instance, and leaves other namespaces alone.
+async fn namespace_invalidation<S: Store<SlowReader> + Clone>(stores: Vec<S>, tag: &str) {
+    let source = Source::default();
+    let ns = format!("consistency/{tag}");
+    let caches: Vec<_> = stores
+        .iter()
+        .map(|store| {
+            Cache::builder(SlowReader::new(&source, &ns))
+                .store(store.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let other = Cache::builder(SlowReader::new(&source, &format!("{ns}/other")))
+        .store(stores[0].clone())
+        .build()
+        .unwrap();
+    let keys: Vec<u64> = (0..20).collect();
+    for k in &keys {
+        source.write(*k);
+    }
+    caches[0].loader().load_many(keys.clone()).await.unwrap();
+    other.loader().load_many(keys.clone()).await.unwrap();
+    for k in &keys {
+        source.write(*k);
+    }
+    caches[1].invalidate_namespace().await.unwrap();
+    for cache in &caches {
+        let got = cache.loader().load_many(keys.clone()).await.unwrap();
+        assert!(got.values().all(|&v| v == 2), "{got:?}");
+    }
+    let untouched = other.loader().load_many(keys.clone()).await.unwrap();
+    assert!(
+        untouched.values().all(|&v| v == 1),
+        "other namespace kept: {untouched:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespace_invalidation_memory_store() {
+    let store = MemoryStore::new();
+    namespace_invalidation(vec![store.clone(), store], "ns-mem").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespace_invalidation_postgres() {
+    let db = TestDb::new("nsinval").await;
+    let stores = vec![
+        db.store(LockMode::PerKey).await,
+        db.store(LockMode::PerKey).await,
+    ];
+    namespace_invalidation(stores, "ns-pg").await;
+    db.cleanup().await;
+}
+
+/// `Cache::write` holds the keys' locks while the source changes: a fill
+/// started during the write waits for it and then sees the new value, and
+/// every load after it returns sees the new value.
+async fn write_through<S: Store<SlowReader> + Clone>(stores: Vec<S>, tag: &str) {
+    let source = Source::default();
+    source.write(1);
+    let ns = format!("consistency/{tag}");
+    let writer = Cache::builder(SlowReader::new(&source, &ns))
+        .store(stores[0].clone())
+        .build()
+        .unwrap();
+    let reader = Cache::builder(SlowReader::new(&source, &ns))
+        .store(stores[1].clone())
+        .build()
+        .unwrap();
+    assert_eq!(reader.loader().load(1).await.unwrap(), Some(1));
+
+    let (entered, go) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let writing = tokio::spawn({
+        let (writer, source, entered, go) =
+            (writer.clone(), source.clone(), entered.clone(), go.clone());
+        async move {
+            writer
+                .write([1], async move {
+                    entered.add_permits(1);
+                    go.acquire().await.unwrap().forget();
+                    source.write(1)
+                })
+                .await
+        }
+    });
+    entered.acquire().await.unwrap().forget();
+    // The write holds key 1; other keys are free.
+    reader.invalidate([2]).await.unwrap();
+    let reading = tokio::spawn({
+        let reader = reader.clone();
+        async move {
+            reader.invalidate([1]).await.unwrap();
+            reader.loader().load(1).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !reading.is_finished(),
+        "readers of the key wait for the write"
+    );
+    go.add_permits(1);
+    assert_eq!(writing.await.unwrap().unwrap(), 2, "the write's own result");
+    assert_eq!(reading.await.unwrap().unwrap(), Some(2));
+    assert_eq!(reader.loader().load(1).await.unwrap(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_through_memory_store() {
+    let store = MemoryStore::new();
+    write_through(vec![store.clone(), store], "write-mem").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_through_postgres() {
+    let db = TestDb::new("write").await;
+    let stores = vec![
+        db.store(LockMode::PerKey).await,
+        db.store(LockMode::PerKey).await,
+    ];
+    write_through(stores, "write-pg").await;
+    db.cleanup().await;
+}

@@ -246,6 +246,19 @@ async fn a_local_tier_needs_a_store_with_events() {
         ) -> Result<u64, loadlock::Error> {
             Ok(0)
         }
+        async fn invalidate_namespace(&self, _: &str) -> Result<(), loadlock::Error> {
+            Ok(())
+        }
+
+        async fn write_locked(
+            &self,
+            _: &str,
+            _: &[u64],
+            work: futures::future::BoxFuture<'_, ()>,
+        ) -> Result<(), loadlock::Error> {
+            work.await;
+            Ok(())
+        }
     }
     let err = Cache::builder(Versions::default())
         .store(Silent)

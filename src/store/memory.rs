@@ -45,6 +45,9 @@ struct Inner {
     writes_since_sweep: AtomicUsize,
     /// Entries left by the last sweep.
     swept_len: AtomicUsize,
+    /// Per namespace: fills and key invalidations hold it shared, a
+    /// namespace invalidation exclusively.
+    namespaces: DashMap<String, Arc<tokio::sync::RwLock<()>>>,
     /// Invalidation events, in process.
     events: broadcast::Sender<StoreEvent>,
 }
@@ -57,6 +60,7 @@ impl Default for Inner {
             locks: KeyLocks::default(),
             writes_since_sweep: AtomicUsize::new(0),
             swept_len: AtomicUsize::new(0),
+            namespaces: DashMap::new(),
             events: broadcast::channel(1024).0,
         }
     }
@@ -215,6 +219,40 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         Some(self.inner.events.subscribe())
     }
 
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
+        let _all = self.namespace_lock(namespace).write_owned().await;
+        let prefix = entry_key(namespace, &"");
+        self.inner
+            .entries
+            .retain(|key, _| !key.starts_with(&prefix));
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::new(namespace, Invalidation::Namespace));
+        Ok(())
+    }
+
+    async fn write_locked(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), Error> {
+        let texts: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        let _shared = self.namespace_lock(namespace).read_owned().await;
+        let ids = texts.iter().map(|key| lock_id(namespace, key)).collect();
+        let _held = self.inner.locks.lock_all(ids).await;
+        work.await;
+        for key in &texts {
+            self.inner.entries.remove(&entry_key(namespace, key));
+        }
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::new(namespace, Invalidation::Keys(texts)));
+        Ok(())
+    }
+
     async fn put_if_version(
         &self,
         namespace: &str,
@@ -271,6 +309,15 @@ impl MemoryStore {
             .map(|k| lock_id(namespace, &k[prefix..]))
             .collect();
         let started = std::time::Instant::now();
+        let namespace_lock = self.namespace_lock(namespace);
+        let _shared = if try_only {
+            match namespace_lock.try_read_owned() {
+                Ok(shared) => shared,
+                Err(_) => return Ok(None),
+            }
+        } else {
+            namespace_lock.read_owned().await
+        };
         let _held = if try_only {
             match self.inner.locks.try_lock_all(ids) {
                 Some(held) => held,
@@ -331,6 +378,16 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
+    fn namespace_lock(&self, namespace: &str) -> Arc<tokio::sync::RwLock<()>> {
+        Arc::clone(
+            self.inner
+                .namespaces
+                .entry(namespace.to_owned())
+                .or_default()
+                .value(),
+        )
+    }
+
     /// A new entry of `value` (or a negative one) fresh for `ttl`, with the
     /// next version.
     fn stored<V: Send + Sync + 'static>(&self, value: Option<V>, ttl: Duration) -> Stored {
@@ -346,6 +403,7 @@ impl MemoryStore {
     }
 
     async fn remove_locked(&self, namespace: &str, keys: Vec<String>) {
+        let _shared = self.namespace_lock(namespace).read_owned().await;
         let ids = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let _held = self.inner.locks.lock_all(ids).await;
         for key in keys {

@@ -138,6 +138,32 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// partly invalidated, and invalidating again is safe.
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error>;
 
+    /// Invalidates every key of `namespace`: waits for the namespace's fills
+    /// in progress (and holds new ones back) while it makes every entry
+    /// unservable, then announces it. Versions still only grow afterwards.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] or [`Error::LockTimeout`]; invalidating again is
+    /// safe.
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error>;
+
+    /// Runs `work` (the caller's write to the source of truth) while holding
+    /// the locks of `keys`, then invalidates them and makes that durable:
+    /// no fill of these keys runs alongside the write, and none that started
+    /// before it can write back what it read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] or [`Error::LockTimeout`]; `work` may or may not
+    /// have run (it has if the locks were taken).
+    async fn write_locked(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), Error>;
+
     /// Compare-and-set: under the key's lock, replaces the entry of `key`
     /// with `value`, fresh for `ttl`, if its version is `expected`; returns
     /// the new version.
@@ -215,6 +241,19 @@ impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
         (**self)
             .put_if_version(namespace, key, expected, value, ttl)
             .await
+    }
+
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
+        (**self).invalidate_namespace(namespace).await
+    }
+
+    async fn write_locked(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), Error> {
+        (**self).write_locked(namespace, keys, work).await
     }
 }
 

@@ -11,13 +11,23 @@ pub(crate) struct Statements {
     /// at the statement's start (not the transaction's: the re-read runs
     /// after a lock wait).
     pub(crate) select_fresh: String,
-    /// `$1` lock ids: all of them, in one statement, ascending. The outer
-    /// `ORDER BY` is what guarantees the order (output expressions are
-    /// evaluated after the sort); the lock function is never in a `WHERE`.
+    /// `$1` key lock ids, `$2` the namespace's lock id: the namespace's lock
+    /// shared (so a namespace invalidation waits for this transaction), then
+    /// every key's exclusively in ascending order, all in one statement. The
+    /// outer `ORDER BY` is what guarantees the order (output expressions are
+    /// evaluated after the sort); the lock functions are never in a `WHERE`.
+    /// Every transaction takes its namespace lock before key locks, so no two
+    /// can wait on each other in a cycle.
     pub(crate) lock: &'static str,
-    /// `$1` lock ids: tries them all, in ascending order; true when every
-    /// one was taken.
+    /// The same, only trying: true when every lock was taken.
     pub(crate) try_lock: &'static str,
+    /// `$1` the namespace's lock id, exclusively: namespace-mode fills and
+    /// namespace invalidations.
+    pub(crate) lock_namespace: &'static str,
+    /// The same, only trying.
+    pub(crate) try_lock_namespace: &'static str,
+    /// `$1` namespace: deletes every row of it.
+    pub(crate) delete_namespace: String,
     /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
     /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
     pub(crate) bound_transaction: &'static str,
@@ -49,11 +59,20 @@ impl Statements {
                  WHERE namespace = $1 AND key = ANY($2::text[]) \
                    AND expires_at > statement_timestamp() - make_interval(secs => $3::float8)"
             ),
-            lock: "SELECT pg_advisory_xact_lock(id) \
-                   FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id",
+            lock: "SELECT CASE WHEN s.shared THEN pg_advisory_xact_lock_shared(s.id)::text \
+                          ELSE pg_advisory_xact_lock(s.id)::text END \
+                   FROM (SELECT $2::bigint AS id, true AS shared \
+                         UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
+                   ORDER BY s.shared DESC, s.id",
             try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
-                         SELECT pg_try_advisory_xact_lock(id) AS taken \
-                         FROM (SELECT DISTINCT unnest($1::bigint[]) AS id) s ORDER BY id) t",
+                         SELECT CASE WHEN s.shared THEN pg_try_advisory_xact_lock_shared(s.id) \
+                                ELSE pg_try_advisory_xact_lock(s.id) END AS taken \
+                         FROM (SELECT $2::bigint AS id, true AS shared \
+                               UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
+                         ORDER BY s.shared DESC, s.id) t",
+            lock_namespace: "SELECT pg_advisory_xact_lock($1)",
+            try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
+            delete_namespace: format!("DELETE FROM {t} WHERE namespace = $1"),
             bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
                                 set_config('idle_in_transaction_session_timeout', $2, true)",
             upsert: format!(

@@ -235,11 +235,30 @@ impl PgStore {
         keys: &[String],
         try_only: bool,
     ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
-        let inner = &*self.inner;
-        let ids: Vec<i64> = match inner.lock_mode {
-            LockMode::PerKey => keys.iter().map(|key| lock_id(namespace, key)).collect(),
-            LockMode::Namespace => vec![namespace_lock_id(namespace)],
+        let mode = match self.inner.lock_mode {
+            LockMode::PerKey => Locks::Keys(keys),
+            LockMode::Namespace => Locks::Namespace,
         };
+        self.begin_with_locks(namespace, mode, try_only).await
+    }
+
+    /// [`begin_locked`](Self::begin_locked) for an explicit set of locks.
+    async fn begin_with_locks(
+        &self,
+        namespace: &str,
+        locks: Locks<'_>,
+        try_only: bool,
+    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
+        let inner = &*self.inner;
+        let namespace_id = namespace_lock_id(namespace);
+        let (keys, ids): (usize, Vec<i64>) = match locks {
+            Locks::Keys(keys) => (
+                keys.len(),
+                keys.iter().map(|key| lock_id(namespace, key)).collect(),
+            ),
+            Locks::Namespace => (0, Vec::new()),
+        };
+        let whole_namespace = matches!(locks, Locks::Namespace);
         self.count_round_trips(1);
         let mut tx = inner
             .pool
@@ -255,23 +274,39 @@ impl PgStore {
             .map_err(|e| self.error("bounding the transaction", e))?;
         self.count_round_trips(1);
         if try_only {
-            let taken: bool = sqlx::query_scalar(inner.sql.try_lock)
-                .bind(&ids)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| self.error("trying the keys' locks", e))?;
+            let taken: bool = if whole_namespace {
+                sqlx::query_scalar(inner.sql.try_lock_namespace)
+                    .bind(namespace_id)
+                    .fetch_one(&mut *tx)
+                    .await
+            } else {
+                sqlx::query_scalar(inner.sql.try_lock)
+                    .bind(&ids)
+                    .bind(namespace_id)
+                    .fetch_one(&mut *tx)
+                    .await
+            }
+            .map_err(|e| self.error("trying the keys' locks", e))?;
             // Dropping `tx` rolls back, releasing whatever was taken.
             return Ok(taken.then_some(tx));
         }
-        let locked = sqlx::query(inner.sql.lock)
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await;
+        let locked = if whole_namespace {
+            sqlx::query(inner.sql.lock_namespace)
+                .bind(namespace_id)
+                .execute(&mut *tx)
+                .await
+        } else {
+            sqlx::query(inner.sql.lock)
+                .bind(&ids)
+                .bind(namespace_id)
+                .execute(&mut *tx)
+                .await
+        };
         match locked {
             Ok(_) => Ok(Some(tx)),
             Err(err) if sql_state(&err).as_deref() == Some("55P03") => Err(Error::LockTimeout {
                 namespace: namespace.into(),
-                keys: keys.len(),
+                keys,
                 timeout: inner.lock_timeout,
             }),
             Err(err) => Err(self.error("taking the keys' locks", err)),
@@ -511,6 +546,77 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .await
             .map_err(|e| self.error("committing a put", e))?;
         Ok(u64::try_from(version).unwrap_or(0))
+    }
+
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
+        let mut tx = self
+            .begin_with_locks(namespace, Locks::Namespace, false)
+            .await?
+            .ok_or_else(|| Error::Store {
+                message: "locks not taken".into(),
+                source: None,
+            })?;
+        // Deleting keeps versions growing: they come from a sequence.
+        self.count_round_trips(1);
+        sqlx::query(&self.inner.sql.delete_namespace)
+            .bind(namespace)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("invalidating a namespace", e))?;
+        self.count_round_trips(1);
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&self.inner.channel)
+            .bind(super::events::payloads(namespace, None))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("publishing an invalidation", e))?;
+        self.count_round_trips(1);
+        tx.commit()
+            .await
+            .map_err(|e| self.error("committing an invalidation", e))
+    }
+
+    async fn write_locked(
+        &self,
+        namespace: &str,
+        keys: &[F::Key],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), Error> {
+        let mut displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        displayed.sort_unstable();
+        displayed.dedup();
+        if displayed.len() > self.inner.max_locks_per_transaction {
+            return Err(Error::config(format!(
+                "a write may hold at most max_locks_per_transaction ({}) keys",
+                self.inner.max_locks_per_transaction
+            )));
+        }
+        let mut tx = self
+            .begin_locked(namespace, &displayed, false)
+            .await?
+            .ok_or_else(|| Error::Store {
+                message: "locks not taken".into(),
+                source: None,
+            })?;
+        work.await;
+        self.count_round_trips(1);
+        sqlx::query(&self.inner.sql.tombstone)
+            .bind(namespace)
+            .bind(&displayed)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("invalidating written rows", e))?;
+        self.count_round_trips(1);
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&self.inner.channel)
+            .bind(super::events::payloads(namespace, Some(&displayed)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error("publishing an invalidation", e))?;
+        self.count_round_trips(1);
+        tx.commit()
+            .await
+            .map_err(|e| self.error("committing a write", e))
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
@@ -760,4 +866,13 @@ impl PgStoreBuilder {
             }),
         })
     }
+}
+
+/// What a transaction locks.
+#[derive(Clone, Copy)]
+enum Locks<'a> {
+    /// These keys (and their namespace, shared).
+    Keys(&'a [String]),
+    /// The whole namespace, exclusively.
+    Namespace,
 }
