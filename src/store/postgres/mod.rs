@@ -15,10 +15,15 @@
 //!    keys:
 //!    1. `set_config('lock_timeout', $1, true)` (and a bound on time idle in
 //!       the transaction), local to the transaction;
-//!    2. all the keys' advisory locks in **one** statement, in ascending id
-//!       order (two fills can never deadlock):
-//!       `SELECT pg_advisory_xact_lock(id) FROM (SELECT DISTINCT
-//!       unnest($1::bigint[]) AS id) s ORDER BY id`;
+//!    2. all the locks in **one** statement: the namespace's lock *shared*
+//!       first (a namespace invalidation takes it exclusively), then every
+//!       key's lock in ascending id order, so two transactions can never
+//!       wait on each other in a cycle:
+//!       `SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(id)::text
+//!       ELSE pg_advisory_xact_lock(id)::text END FROM (SELECT $2 AS id, true
+//!       AS shared UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s
+//!       ORDER BY shared DESC, id` (the outer `ORDER BY` fixes the order:
+//!       output expressions are evaluated after the sort);
 //!    3. the **re-read**, in a new statement, whose snapshot is taken after
 //!       the locks: rows another instance wrote while this one waited are
 //!       hits ([`Stats::store_hits_after_lock`](crate::Stats::store_hits_after_lock));
@@ -30,6 +35,11 @@
 //! An all-hit batch costs one round trip; a batch with misses costs one more
 //! transaction of six statements per group, whatever its size
 //! ([`PgStore::round_trips`] counts them).
+//!
+//! Invalidations ([`Cache::invalidate`](crate::Cache::invalidate)) take the
+//! same locks, write tombstones (rows that are never fresh), and publish the
+//! keys with `pg_notify` in the same transaction; every row carries a
+//! `version` from one sequence, so a key's version only grows.
 //!
 //! # Lock ids
 //!
@@ -50,7 +60,8 @@
 //!     key        text NOT NULL,        -- the key's Display form
 //!     value      jsonb,                -- NULL: a negative entry
 //!     fetched_at timestamptz NOT NULL,
-//!     expires_at timestamptz NOT NULL,
+//!     expires_at timestamptz NOT NULL,     -- '-infinity': invalidated
+//!     version    bigint NOT NULL,          -- from <table>_version
 //!     PRIMARY KEY (namespace, key)
 //! ) WITH (fillfactor = 80);
 //! ```
