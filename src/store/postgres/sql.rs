@@ -51,8 +51,9 @@ impl Statements {
     pub(crate) fn new(table: &TableName) -> Self {
         let t = table.quoted("");
         let next_version = format!("nextval('{}')", table.quoted("_version"));
-        let meta = "version, extract(epoch FROM fetched_at)::float8, \
-                    extract(epoch FROM expires_at)::float8";
+        // date_part returns float8 directly (extract goes through numeric).
+        let meta = "version, date_part('epoch', fetched_at), \
+                    date_part('epoch', expires_at)";
         Statements {
             select_fresh: format!(
                 "SELECT key, value, expires_at > statement_timestamp(), {meta} FROM {t} \
