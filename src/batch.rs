@@ -15,7 +15,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::cache::{CacheInner, Tally};
-use crate::inflight::{Claim, FailUnfinished};
+use crate::inflight::{Claim, FailUnfinished, Lease};
 use crate::loader::{Batch, LoaderShared};
 use crate::stats::Counters;
 use crate::store::Lookup;
@@ -166,13 +166,15 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
         match lookup {
             Lookup::Hit(entry) => {
                 if let Some(local) = local {
-                    local.insert(epoch, key.to_string(), Some(entry.clone()));
+                    let expires_at = entry.expires_at;
+                    local.insert(epoch, key.to_string(), Some(entry.clone()), expires_at);
                 }
                 flight.complete(Ok(Some(entry)));
             }
             Lookup::NegativeHit => {
                 if let Some(local) = local {
-                    local.insert(epoch, key.to_string(), None);
+                    let expires_at = now + cache.config.negative_ttl;
+                    local.insert(epoch, key.to_string(), None, expires_at);
                 }
                 flight.complete(Ok(None));
             }
@@ -193,17 +195,16 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
             filled.record(&cache.counters);
             if let (Some(local), Ok(values)) = (local, &outcome) {
                 for (key, value) in lease.keys().iter().zip(values) {
-                    local.insert(epoch, key.to_string(), value.clone());
+                    let expires_at = value.as_ref().map_or_else(
+                        || std::time::SystemTime::now() + cache.config.negative_ttl,
+                        |entry| entry.expires_at,
+                    );
+                    local.insert(epoch, key.to_string(), value.clone(), expires_at);
                 }
             }
             if let Err(err) = &outcome {
-                if stale_if_error_applies(err) {
-                    for (index, entry) in fallbacks.drain(..) {
-                        if let Some(flight) = lease.flight(index) {
-                            Counters::add(&cache.counters.stale_served, 1);
-                            flight.complete(Ok(Some(entry)));
-                        }
-                    }
+                if stale_if_error_applies(err) && !fallbacks.is_empty() {
+                    serve_stale_on_error(cache, &lease, std::mem::take(&mut fallbacks)).await;
                 }
             }
             lease.settle(outcome);
@@ -234,4 +235,38 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
 /// the provider, not of the cache's own machinery.
 fn stale_if_error_applies(err: &Error) -> bool {
     err.is_provider() || matches!(err, Error::RateLimited { .. })
+}
+
+/// Answers the leased keys at `fallbacks` with their stale entries after a
+/// failed refill, but only those still stale at the same version now: an
+/// invalidation may have come in while the refill waited for the locks,
+/// and an invalidated entry is never served. The keys leave the in-flight
+/// table first, so no later load joins this answer.
+async fn serve_stale_on_error<F: BatchFetch>(
+    cache: &CacheInner<F>,
+    lease: &Lease<'_, F::Key, Entry<F::Value>>,
+    fallbacks: Vec<(usize, Entry<F::Value>)>,
+) {
+    let indices: Vec<usize> = fallbacks.iter().map(|(i, _)| *i).collect();
+    lease.leave(&indices);
+    let keys: Vec<F::Key> = indices
+        .iter()
+        .filter_map(|&i| lease.keys().get(i).cloned())
+        .collect();
+    let grace = cache.config.stale_if_error;
+    let Ok(now) = cache
+        .store
+        .get(cache.provider.namespace(), &keys, grace)
+        .await
+    else {
+        return;
+    };
+    for ((index, entry), lookup) in fallbacks.into_iter().zip(now) {
+        let still_stale =
+            matches!(&lookup, Lookup::Stale(current) if current.version == entry.version);
+        if let (true, Some(flight)) = (still_stale, lease.flight(index)) {
+            Counters::add(&cache.counters.stale_served, 1);
+            flight.complete(Ok(Some(entry)));
+        }
+    }
 }

@@ -224,7 +224,11 @@ impl<F: BatchFetch> Cache<F> {
     /// read, and loads that start after this returns fetch afresh. This is
     /// the stronger form of "invalidate first, then write". Keep `write`
     /// short: it holds the keys' locks (and, with `PgStore`, a connection
-    /// and a transaction bounded by its idle-in-transaction timeout).
+    /// and a transaction bounded by its idle-in-transaction timeout). Do not
+    /// load the written keys through this store inside `write`: the load
+    /// would wait for the locks the write holds (with `PgStore` until the
+    /// lock timeout, with `MemoryStore` for ever); and if your update uses
+    /// the store's pool, size it for one more connection per write.
     ///
     /// The keys are invalidated whether `write` succeeded or not (a failed
     /// write may have changed part of the source).
@@ -669,7 +673,7 @@ impl<F: BatchFetch> CacheBuilder<F> {
     /// Needs a tokio runtime when the cache is built, and a store that
     /// publishes events ([`MemoryStore`] and `PgStore` do).
     pub fn local_tier(mut self, capacity: u64, ttl: Duration) -> Self {
-        self.local_tier = Some((capacity, ttl));
+        self.local_tier = Some((capacity, ttl.min(MAX_TTL)));
         self
     }
 

@@ -3,15 +3,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 
 use crate::{Entry, Invalidation, StoreEvent};
 
-/// Entries by key text; `None` is a negative entry.
+/// Entries by key text (`None` is a negative entry), each with the time it
+/// stops being fresh in the store.
 pub(crate) struct LocalTier<V> {
-    entries: moka::sync::Cache<String, Option<Entry<V>>>,
+    entries: moka::sync::Cache<String, (Option<Entry<V>>, SystemTime)>,
     /// Bumped by every invalidation this tier hears of: an entry read from
     /// the store before an invalidation is not inserted after it.
     epoch: AtomicU64,
@@ -28,8 +29,10 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
         }
     }
 
+    /// A fresh entry (the store's expiry is honoured too).
     pub(crate) fn get(&self, key: &str) -> Option<Option<Entry<V>>> {
-        self.entries.get(key)
+        let (entry, expires_at) = self.entries.get(key)?;
+        (expires_at > SystemTime::now()).then_some(entry)
     }
 
     /// The epoch to hand back to [`insert`](Self::insert) for what is read
@@ -38,10 +41,22 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Keeps `entry` unless an invalidation was heard since `epoch`.
-    pub(crate) fn insert(&self, epoch: u64, key: String, entry: Option<Entry<V>>) {
-        if self.epoch() == epoch {
-            self.entries.insert(key, entry);
+    /// Keeps `entry` (fresh until `expires_at`) unless an invalidation was
+    /// heard since `epoch`. Checked again after inserting, so an eviction
+    /// racing the insert never leaves the entry behind.
+    pub(crate) fn insert(
+        &self,
+        epoch: u64,
+        key: String,
+        entry: Option<Entry<V>>,
+        expires_at: SystemTime,
+    ) {
+        if self.epoch() != epoch {
+            return;
+        }
+        self.entries.insert(key.clone(), (entry, expires_at));
+        if self.epoch() != epoch {
+            self.entries.invalidate(&key);
         }
     }
 

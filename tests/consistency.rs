@@ -117,11 +117,16 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec
     });
     slow.read_done.acquire().await.unwrap().forget();
     assert_eq!(source.write(1), 2); // the source changes to v2
+    let started = Arc::new(Semaphore::new(0));
     let invalidating = tokio::spawn({
-        let cache = others[0].clone();
-        async move { cache.invalidate([1]).await }
+        let (cache, started) = (others[0].clone(), started.clone());
+        async move {
+            started.add_permits(1);
+            cache.invalidate([1]).await
+        }
     });
-    // The invalidation waits for the held fill.
+    // The invalidation (running) waits for the held fill.
+    started.acquire().await.unwrap().forget();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !invalidating.is_finished(),
@@ -433,13 +438,16 @@ async fn write_through<S: Store<SlowReader> + Clone>(stores: Vec<S>, tag: &str) 
     entered.acquire().await.unwrap().forget();
     // The write holds key 1; other keys are free.
     reader.invalidate([2]).await.unwrap();
+    let started = Arc::new(Semaphore::new(0));
     let reading = tokio::spawn({
-        let reader = reader.clone();
+        let (reader, started) = (reader.clone(), started.clone());
         async move {
+            started.add_permits(1);
             reader.invalidate([1]).await.unwrap();
             reader.loader().load(1).await
         }
     });
+    started.acquire().await.unwrap().forget();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !reading.is_finished(),

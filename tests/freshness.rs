@@ -59,7 +59,7 @@ impl BatchFetch for Generations {
 async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     let db = TestDb::new("swr").await;
     let provider = Generations {
-        delay: Duration::from_millis(300),
+        delay: Duration::from_secs(2),
         ..Generations::default()
     };
     provider.generation.store(1, Ordering::SeqCst);
@@ -68,7 +68,7 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
         caches.push(
             Cache::builder(provider.clone())
                 .store(db.store(LockMode::PerKey).await)
-                .ttl(Duration::from_secs(1))
+                .ttl(Duration::from_secs(3))
                 .stale_while_revalidate(Duration::from_secs(60))
                 .build()
                 .unwrap(),
@@ -77,7 +77,7 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     assert_eq!(caches[0].loader().load(5).await.unwrap(), Some(1));
     assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     provider.generation.store(2, Ordering::SeqCst);
     let loads = (0..64).map(|i| {
         let cache = caches[i % 2].clone();
@@ -91,8 +91,8 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
         let (got, took) = load.unwrap();
         assert_eq!(got, Some(1), "the stale value, at once");
         assert!(
-            took < Duration::from_millis(300),
-            "not waiting for the provider: {took:?}"
+            took < Duration::from_secs(1),
+            "not waiting for the 2 s provider: {took:?}"
         );
     }
 
@@ -100,12 +100,11 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     let started = Instant::now();
     while caches[1].loader().load(5).await.unwrap() != Some(2) {
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(10),
             "never refreshed"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(provider.calls.load(Ordering::SeqCst), 2, "one refresh call");
     let refreshes: u64 = caches.iter().map(|c| c.stats().refreshes).sum();
     let stale: u64 = caches.iter().map(|c| c.stats().stale_served).sum();

@@ -262,6 +262,7 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         ttl: Duration,
     ) -> Result<u64, Error> {
         let text = key.to_string();
+        let _shared = self.namespace_lock(namespace).read_owned().await;
         let _held = self
             .inner
             .locks

@@ -90,20 +90,23 @@ fn parse(payload: &str) -> Option<StoreEvent> {
     Some(StoreEvent::new(namespace, Invalidation::Keys(keys)))
 }
 
-/// Listens on `channel` for as long as the store lives, forwarding events to
-/// `sender`. After the connection was lost and re-established, subscribers
-/// are sent [`Invalidation::Missed`].
+/// Listens on `channel` for as long as the store lives (until `closed`
+/// reports its end), forwarding events to `sender`. Subscribers are sent
+/// [`Invalidation::Missed`] whenever events may have been missed: when the
+/// connection is lost, and again once listening (the first time too:
+/// anything cached before the first `LISTEN` may have been invalidated
+/// unheard).
 pub(super) fn spawn_listener(
+    runtime: tokio::runtime::Handle,
     store: Weak<Inner>,
     channel: String,
     sender: broadcast::Sender<StoreEvent>,
+    mut closed: tokio::sync::watch::Receiver<()>,
 ) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!("no tokio runtime: invalidation events are not received");
-        return;
-    };
     runtime.spawn(async move {
-        let mut connected_before = false;
+        let missed = || {
+            let _ = sender.send(StoreEvent::new("", Invalidation::Missed));
+        };
         loop {
             let Some(inner) = store.upgrade() else {
                 return;
@@ -124,33 +127,38 @@ pub(super) fn spawn_listener(
                 Ok(listener) => listener,
                 Err(err) => {
                     tracing::warn!(%channel, error = %err, "cannot listen for invalidations; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = closed.changed() => return,
+                    }
                 }
             };
-            if connected_before {
-                tracing::info!(%channel, "invalidation listener reconnected; events may have been missed");
-                let _ = sender.send(StoreEvent::new("", Invalidation::Missed));
-            }
-            connected_before = true;
+            tracing::debug!(%channel, "listening for invalidations");
+            missed();
             loop {
-                match listener.try_recv().await {
+                let received = tokio::select! {
+                    received = listener.try_recv() => received,
+                    // The store was dropped.
+                    _ = closed.changed() => return,
+                };
+                match received {
                     Ok(Some(notification)) => match parse(notification.payload()) {
                         Some(event) => {
                             let _ = sender.send(event);
                         }
                         None => tracing::warn!(%channel, "unreadable invalidation event"),
                     },
-                    Ok(None) => break,
+                    Ok(None) => {
+                        tracing::info!(%channel, "invalidation listener lost its connection");
+                        break;
+                    }
                     Err(err) => {
                         tracing::warn!(%channel, error = %err, "invalidation listener lost its connection");
                         break;
                     }
                 }
-                if store.strong_count() == 0 {
-                    return;
-                }
             }
+            missed();
             // The listener holds the pool's one connection: let both go.
             drop(listener);
             drop(pool);

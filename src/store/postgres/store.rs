@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     channel: String,
     /// Subscribers of the events; the listener starts with the first.
     events: std::sync::OnceLock<tokio::sync::broadcast::Sender<crate::StoreEvent>>,
+    /// Dropped with the store, which stops the listener.
+    closing: tokio::sync::watch::Sender<()>,
 }
 
 impl fmt::Debug for PgStore {
@@ -473,12 +475,20 @@ impl<F: BatchFetch> Store<F> for PgStore {
     }
 
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<crate::StoreEvent>> {
+        if let Some(sender) = self.inner.events.get() {
+            return Some(sender.subscribe());
+        }
+        // The listener runs on the tokio runtime; without one there are no
+        // events (and nothing is set up, so a later call may start them).
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let sender = self.inner.events.get_or_init(|| {
             let sender = tokio::sync::broadcast::channel(4096).0;
             super::events::spawn_listener(
+                runtime,
                 Arc::downgrade(&self.inner),
                 self.inner.channel.clone(),
                 sender.clone(),
+                self.inner.closing.subscribe(),
             );
             sender
         });
@@ -863,6 +873,7 @@ impl PgStoreBuilder {
                 sql,
                 round_trips: AtomicU64::new(0),
                 events: std::sync::OnceLock::new(),
+                closing: tokio::sync::watch::channel(()).0,
             }),
         })
     }
