@@ -79,10 +79,19 @@
 //!   batch, and leaves nothing behind in the in-flight table.
 //! * A loader's memo answers each key the same way for the loader's life
 //!   ([`Loader::prime`] does not overwrite; [`Loader::clear`] forgets).
+//! * [`Cache::invalidate`] takes the same per-key locks as a fill: once it
+//!   returns, a load that starts afterwards, on any instance sharing the
+//!   store, gets a value fetched after it; a slow fill that read the old
+//!   value cannot write it back. [`Cache::write`] holds the keys' locks
+//!   while the source changes; [`Cache::put_if_version`] is a
+//!   compare-and-set on the entry's [`Entry::version`].
 //!
 //! # Not guaranteed
 //!
-//! * Freshness beyond the TTL: a value may be up to `ttl` old when served.
+//! * Freshness beyond the TTL: a value may be up to `ttl` old when served
+//!   (plus the stale-while-revalidate window, if configured).
+//! * With the optional local tier, an invalidation made on another instance
+//!   reaches this one with its event (milliseconds), not at once.
 //! * Ordering between loaders: two requests may see a key's value from two
 //!   different fills if its entry expired between them.
 //! * Batching across loaders: each loader batches its own keys; loaders share

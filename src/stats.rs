@@ -7,9 +7,10 @@ use std::time::Duration;
 /// [`Cache::stats`](crate::Cache::stats).
 ///
 /// Every key asked for counts once in `loads`, and is then answered by one
-/// tier: the request's own memo (`memo_hits`), another loader's load already
-/// under way in this process (`coalesced`), the store (`store_hits`), or the
-/// provider (`provider_keys` counts the keys the provider was asked for).
+/// tier: the request's own memo (`memo_hits`), another loader's fill already
+/// under way in this process (`coalesced`), the process-local tier
+/// (`local_hits`), the store (`store_hits`), or the provider
+/// (`provider_keys` counts the keys the provider was asked for).
 /// Counters only grow, except the `in_flight` gauge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
