@@ -237,11 +237,16 @@ impl PgStore {
         keys: &[String],
         try_only: bool,
     ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
-        let mode = match self.inner.lock_mode {
+        self.begin_with_locks(namespace, self.locks_for(keys), try_only)
+            .await
+    }
+
+    /// What this store's lock mode locks for `keys`.
+    fn locks_for<'k>(&self, keys: &'k [String]) -> Locks<'k> {
+        match self.inner.lock_mode {
             LockMode::PerKey => Locks::Keys(keys),
             LockMode::Namespace => Locks::Namespace,
-        };
-        self.begin_with_locks(namespace, mode, try_only).await
+        }
     }
 
     /// [`begin_locked`](Self::begin_locked) for an explicit set of locks.
@@ -315,15 +320,28 @@ impl PgStore {
         }
     }
 
-    /// One invalidation transaction: the keys' locks, then a tombstone per
-    /// key (an entry that is never fresh, so never served, stale or not).
-    async fn invalidate_group(&self, namespace: &str, keys: &[String]) -> Result<(), Error> {
-        let Some(mut tx) = self.begin_locked(namespace, keys, false).await? else {
-            return Err(Error::Store {
-                message: "locks not taken".into(),
+    /// [`begin_with_locks`](Self::begin_with_locks), waiting for the locks.
+    async fn lock(
+        &self,
+        namespace: &str,
+        locks: Locks<'_>,
+    ) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+        self.begin_with_locks(namespace, locks, false)
+            .await?
+            .ok_or_else(|| Error::Store {
+                message: "the locks were not taken".into(),
                 source: None,
-            });
-        };
+            })
+    }
+
+    /// Tombstones `keys` (entries that are never fresh, so never served,
+    /// stale or not) and announces them, inside `tx`.
+    async fn tombstone(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        namespace: &str,
+        keys: &[String],
+    ) -> Result<(), Error> {
         self.count_round_trips(1);
         sqlx::query(&self.inner.sql.tombstone)
             .bind(namespace)
@@ -331,19 +349,41 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error("invalidating cache rows", e))?;
-        // Published in the transaction: delivered when (and only if) it
-        // commits.
+        self.publish(tx, namespace, Some(keys)).await
+    }
+
+    /// Announces `keys` of `namespace` (all of it for `None`) inside `tx`:
+    /// delivered when, and only if, it commits.
+    async fn publish(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        namespace: &str,
+        keys: Option<&[String]>,
+    ) -> Result<(), Error> {
         self.count_round_trips(1);
         sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .bind(&self.inner.channel)
-            .bind(super::events::payloads(namespace, Some(keys)))
-            .execute(&mut *tx)
+            .bind(super::events::payloads(namespace, keys))
+            .execute(tx)
             .await
             .map_err(|e| self.error("publishing an invalidation", e))?;
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        tx: sqlx::Transaction<'static, Postgres>,
+        doing: &str,
+    ) -> Result<(), Error> {
         self.count_round_trips(1);
-        tx.commit()
-            .await
-            .map_err(|e| self.error("committing an invalidation", e))
+        tx.commit().await.map_err(|e| self.error(doing, e))
+    }
+
+    /// One invalidation transaction: the keys' locks, then their tombstones.
+    async fn invalidate_group(&self, namespace: &str, keys: &[String]) -> Result<(), Error> {
+        let mut tx = self.lock(namespace, self.locks_for(keys)).await?;
+        self.tombstone(&mut tx, namespace, keys).await?;
+        self.commit(tx, "committing an invalidation").await
     }
 
     /// One fill transaction over `group` (indices into `fill.keys()`).
@@ -380,10 +420,7 @@ impl PgStore {
         }
         if missing.is_empty() {
             fill.about_to_commit(group);
-            self.count_round_trips(1);
-            tx.commit()
-                .await
-                .map_err(|e| self.error("ending a fill transaction", e))?;
+            self.commit(tx, "ending a fill transaction").await?;
             return Ok(true);
         }
 
@@ -434,10 +471,7 @@ impl PgStore {
             }
         }
         fill.about_to_commit(group);
-        self.count_round_trips(1);
-        tx.commit()
-            .await
-            .map_err(|e| self.error("committing a fill", e))?;
+        self.commit(tx, "committing a fill").await?;
         Ok(true)
     }
 }
@@ -507,13 +541,8 @@ impl<F: BatchFetch> Store<F> for PgStore {
         let json = serde_json::to_string(&value)
             .map_err(|e| Error::store(format!("value of key {text:?} is not JSON"), e))?;
         let expected_i64 = i64::try_from(expected).unwrap_or(i64::MAX);
-        let mut tx = self
-            .begin_locked(namespace, std::slice::from_ref(&text), false)
-            .await?
-            .ok_or_else(|| Error::Store {
-                message: "locks not taken".into(),
-                source: None,
-            })?;
+        let keys = std::slice::from_ref(&text);
+        let mut tx = self.lock(namespace, self.locks_for(keys)).await?;
         self.count_round_trips(1);
         let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
             .bind(namespace)
@@ -524,18 +553,6 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| self.error("putting a value", e))?;
-        if written.is_some() {
-            self.count_round_trips(1);
-            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-                .bind(&self.inner.channel)
-                .bind(super::events::payloads(
-                    namespace,
-                    Some(std::slice::from_ref(&text)),
-                ))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.error("publishing a put", e))?;
-        }
         let Some(version) = written else {
             self.count_round_trips(1);
             let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
@@ -551,21 +568,13 @@ impl<F: BatchFetch> Store<F> for PgStore {
                 actual: actual.and_then(|v| u64::try_from(v).ok()),
             });
         };
-        self.count_round_trips(1);
-        tx.commit()
-            .await
-            .map_err(|e| self.error("committing a put", e))?;
+        self.publish(&mut tx, namespace, Some(keys)).await?;
+        self.commit(tx, "committing a put").await?;
         Ok(u64::try_from(version).unwrap_or(0))
     }
 
     async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
-        let mut tx = self
-            .begin_with_locks(namespace, Locks::Namespace, false)
-            .await?
-            .ok_or_else(|| Error::Store {
-                message: "locks not taken".into(),
-                source: None,
-            })?;
+        let mut tx = self.lock(namespace, Locks::Namespace).await?;
         // Deleting keeps versions growing: they come from a sequence.
         self.count_round_trips(1);
         sqlx::query(&self.inner.sql.delete_namespace)
@@ -573,17 +582,8 @@ impl<F: BatchFetch> Store<F> for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error("invalidating a namespace", e))?;
-        self.count_round_trips(1);
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-            .bind(&self.inner.channel)
-            .bind(super::events::payloads(namespace, None))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("publishing an invalidation", e))?;
-        self.count_round_trips(1);
-        tx.commit()
-            .await
-            .map_err(|e| self.error("committing an invalidation", e))
+        self.publish(&mut tx, namespace, None).await?;
+        self.commit(tx, "committing an invalidation").await
     }
 
     async fn write_locked(
@@ -601,32 +601,10 @@ impl<F: BatchFetch> Store<F> for PgStore {
                 self.inner.max_locks_per_transaction
             )));
         }
-        let mut tx = self
-            .begin_locked(namespace, &displayed, false)
-            .await?
-            .ok_or_else(|| Error::Store {
-                message: "locks not taken".into(),
-                source: None,
-            })?;
+        let mut tx = self.lock(namespace, self.locks_for(&displayed)).await?;
         work.await;
-        self.count_round_trips(1);
-        sqlx::query(&self.inner.sql.tombstone)
-            .bind(namespace)
-            .bind(&displayed)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("invalidating written rows", e))?;
-        self.count_round_trips(1);
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-            .bind(&self.inner.channel)
-            .bind(super::events::payloads(namespace, Some(&displayed)))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("publishing an invalidation", e))?;
-        self.count_round_trips(1);
-        tx.commit()
-            .await
-            .map_err(|e| self.error("committing a write", e))
+        self.tombstone(&mut tx, namespace, &displayed).await?;
+        self.commit(tx, "committing a write").await
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
