@@ -197,3 +197,76 @@ async fn invalidated_entries_are_never_served_stale() {
     assert_eq!(cache.stats().stale_served, 0);
     db.cleanup().await;
 }
+
+/// A refill that waited for the key's lock while an invalidation held it
+/// must not fall back to the stale entry when the provider then fails: the
+/// entry was invalidated meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_if_error_honours_an_invalidation_that_came_in_meanwhile() {
+    use sqlx::{Connection, PgConnection};
+    let db = TestDb::new("sie_inval").await;
+    let provider = Generations::default();
+    provider.generation.store(1, Ordering::SeqCst);
+    let cache = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .ttl(Duration::from_secs(1))
+        .stale_if_error(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    provider.failing.store(1, Ordering::SeqCst);
+
+    // Hold the key's lock as an invalidation would.
+    let id = loadlock::store::lock_id("freshness/generations", "1");
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let load = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(1).await }
+    });
+    // Wait until the load's refill waits for the lock.
+    let mut watcher = PgConnection::connect(&db.url).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the refill never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The invalidation: a tombstone, committed while the refill waits.
+    sqlx::query(&format!(
+        "UPDATE {} SET value = NULL, expires_at = '-infinity' \
+         WHERE namespace = 'freshness/generations' AND key = '1'",
+        db.table()
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let result = load.await.unwrap();
+    assert!(
+        result.is_err(),
+        "no stale fallback after the invalidation: {result:?}"
+    );
+    assert_eq!(cache.stats().stale_served, 0);
+    db.cleanup().await;
+}
