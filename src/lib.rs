@@ -14,8 +14,10 @@
 //! handler ── Loader (one per request) ────────── tier 0: request memo
 //!               │  keys asked within one batch window, deduplicated, first-asked order
 //!               ▼
-//!            Cache (one per provider per process) ── tier 1: in-flight table
-//!               │  a key already being loaded in this process is joined, not asked again
+//!            Cache (one per provider per process) ── tier 1: local tier (optional),
+//!               │                                          in-flight table
+//!               │  a key another loader of this process is filling is joined, not
+//!               │  fetched again (joined after the optimistic read, before the commit)
 //!               ▼
 //!            Store ─────────────────────────────── tier 2: MemoryStore, or a shared store
 //!               │  1. optimistic read: fresh entries are hits
@@ -67,8 +69,8 @@
 //!   order. Duplicates and memo hits do not count against the cap. Loads
 //!   issued concurrently inside one request (`join_all`, or several tasks the
 //!   request spawned at the same moment) share a batch.
-//! * A key being loaded anywhere in the process is joined, never fetched
-//!   twice. With a store shared by several processes, fills take per-key
+//! * A key another loader of the process is filling is joined, never
+//!   fetched twice. With a store shared by several processes, fills take per-key
 //!   locks, so each missing key is fetched once per TTL among them.
 //! * Not-found is a value: `Ok(None)`, cached as a negative entry for the
 //!   negative TTL.
