@@ -425,6 +425,30 @@ async fn local_rate_limit_holds_in_every_window() {
     assert!(cache.stats().rate_limited_waits > 0);
 }
 
+/// 4 instances (each its own pools) calling `server`, sharing one fleet
+/// budget of `quota`.
+async fn fleet(
+    db: &TestDb,
+    server: &MockServer,
+    quota: Quota,
+    namespace: &str,
+) -> Vec<Cache<HttpBatchProvider<u64, Item>>> {
+    let table = format!("{}.rate_limit", db.schema);
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let budget = PgRateLimit::with_table(db.pool(2).await, quota, &table).unwrap();
+        budget.migrate().await.unwrap();
+        caches.push(
+            Cache::builder(provider(server, namespace))
+                .store(db.store(LockMode::PerKey).await)
+                .fleet_rate_limit(budget)
+                .build()
+                .unwrap(),
+        );
+    }
+    caches
+}
+
 /// 4 instances share a fleet budget of 10 calls/s: over 5 s they make at
 /// most 10 x 5 + burst calls between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -438,19 +462,7 @@ async fn fleet_budget_is_shared_by_all_instances() {
         .mount(&server)
         .await;
     let quota = Quota::per_second(NonZeroU32::new(10).unwrap());
-    let table = format!("{}.rate_limit", db.schema);
-    let mut caches = Vec::new();
-    for _ in 0..4 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, quota, &table).unwrap();
-        budget.migrate().await.unwrap();
-        caches.push(
-            Cache::builder(provider(&server, "http/fleet"))
-                .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
-                .build()
-                .unwrap(),
-        );
-    }
+    let caches = fleet(&db, &server, quota, "http/fleet").await;
 
     let next_key = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -541,19 +553,7 @@ async fn a_429_pauses_the_whole_fleet() {
         .mount(&server)
         .await;
     let quota = Quota::per_second(NonZeroU32::new(50).unwrap());
-    let table = format!("{}.rate_limit", db.schema);
-    let mut caches = Vec::new();
-    for _ in 0..4 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, quota, &table).unwrap();
-        budget.migrate().await.unwrap();
-        caches.push(
-            Cache::builder(provider(&server, "http/pause"))
-                .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
-                .build()
-                .unwrap(),
-        );
-    }
+    let caches = fleet(&db, &server, quota, "http/pause").await;
     let next_key = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
