@@ -197,3 +197,116 @@ fn runtime_shutdown_fails_waiters_instead_of_hanging() {
         assert_eq!(cache.stats().in_flight, 0);
     }
 }
+
+/// A fill leaves the in-flight table when it is about to commit: a load that
+/// arrives after that point reads the store (and fills it itself if the
+/// writes are not visible yet) instead of joining a fill whose result an
+/// invalidation could already have overtaken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loads_do_not_join_a_fill_that_is_committing() {
+    use loadlock::store::{Fill, Filled, Lookup, Store};
+    use loadlock::Entry;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+
+    /// Makes nothing visible until the fill returns, and holds the first
+    /// fill between `about_to_commit` and its return ("committing").
+    #[derive(Clone)]
+    struct SlowCommit {
+        fills: Arc<AtomicUsize>,
+        committing: Arc<Semaphore>,
+        commit: Arc<Semaphore>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store<Fake<u64>> for SlowCommit {
+        async fn get(
+            &self,
+            _: &str,
+            keys: &[u64],
+            _: Duration,
+        ) -> Result<Vec<Lookup<String>>, loadlock::Error> {
+            Ok(vec![Lookup::Miss; keys.len()])
+        }
+
+        async fn fill(
+            &self,
+            fill: Fill<'_, Fake<u64>>,
+        ) -> Result<Vec<Filled<String>>, loadlock::Error> {
+            let first = self.fills.fetch_add(1, Ordering::SeqCst) == 0;
+            let mut found: HashMap<u64, String> = fill.fetch(fill.keys()).await?;
+            let all: Vec<usize> = (0..fill.keys().len()).collect();
+            fill.about_to_commit(&all);
+            if first {
+                self.committing.add_permits(1);
+                self.commit.acquire().await.unwrap().forget();
+            }
+            let now = std::time::SystemTime::now();
+            Ok(fill
+                .keys()
+                .iter()
+                .map(|k| Filled::Fetched(found.remove(k).map(|v| Entry::new(v, 1, now, now))))
+                .collect())
+        }
+
+        async fn invalidate(&self, _: &str, _: &[u64]) -> Result<(), loadlock::Error> {
+            Ok(())
+        }
+
+        async fn invalidate_namespace(&self, _: &str) -> Result<(), loadlock::Error> {
+            Ok(())
+        }
+
+        async fn write_locked(
+            &self,
+            _: &str,
+            _: &[u64],
+            work: futures::future::BoxFuture<'_, ()>,
+        ) -> Result<(), loadlock::Error> {
+            work.await;
+            Ok(())
+        }
+
+        async fn put_if_version(
+            &self,
+            _: &str,
+            _: &u64,
+            _: u64,
+            _: String,
+            _: Duration,
+        ) -> Result<u64, loadlock::Error> {
+            Ok(0)
+        }
+    }
+
+    let store = SlowCommit {
+        fills: Arc::default(),
+        committing: Arc::new(Semaphore::new(0)),
+        commit: Arc::new(Semaphore::new(0)),
+    };
+    let provider = Fake::<u64>::new("coalesce/committing");
+    let cache = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(1).await }
+    });
+    store.committing.acquire().await.unwrap().forget();
+
+    // The first fill is committing: a new load does not wait for it.
+    let second = tokio::time::timeout(Duration::from_secs(5), cache.loader().load(1)).await;
+    assert_eq!(
+        second.expect("not joined to the committing fill").unwrap(),
+        Some(value_of(&1))
+    );
+    assert!(!first.is_finished());
+    assert_eq!(cache.stats().coalesced, 0);
+    assert_eq!(provider.call_count(), 2);
+
+    store.commit.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap(), Some(value_of(&1)));
+    assert_eq!(cache.stats().in_flight, 0);
+}
