@@ -205,13 +205,8 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
-        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        self.remove_locked(namespace, keys.clone()).await;
-        // Nobody listening is not an error.
-        let _ = self
-            .inner
-            .events
-            .send(StoreEvent::new(namespace, Invalidation::Keys(keys)));
+        let keys = keys.iter().map(ToString::to_string).collect();
+        self.remove_locked(namespace, keys, None).await;
         Ok(())
     }
 
@@ -238,18 +233,8 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         keys: &[F::Key],
         work: futures::future::BoxFuture<'_, ()>,
     ) -> Result<(), Error> {
-        let texts: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        let _shared = self.namespace_lock(namespace).read_owned().await;
-        let ids = texts.iter().map(|key| lock_id(namespace, key)).collect();
-        let _held = self.inner.locks.lock_all(ids).await;
-        work.await;
-        for key in &texts {
-            self.inner.entries.remove(&entry_key(namespace, key));
-        }
-        let _ = self
-            .inner
-            .events
-            .send(StoreEvent::new(namespace, Invalidation::Keys(texts)));
+        let keys = keys.iter().map(ToString::to_string).collect();
+        self.remove_locked(namespace, keys, Some(work)).await;
         Ok(())
     }
 
@@ -403,13 +388,28 @@ impl MemoryStore {
         }
     }
 
-    async fn remove_locked(&self, namespace: &str, keys: Vec<String>) {
+    /// Under the keys' locks (and their namespace's, shared): runs `work`,
+    /// if any, then removes the keys' entries and announces it.
+    async fn remove_locked(
+        &self,
+        namespace: &str,
+        keys: Vec<String>,
+        work: Option<futures::future::BoxFuture<'_, ()>>,
+    ) {
         let _shared = self.namespace_lock(namespace).read_owned().await;
         let ids = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let _held = self.inner.locks.lock_all(ids).await;
-        for key in keys {
-            self.inner.entries.remove(&entry_key(namespace, &key));
+        if let Some(work) = work {
+            work.await;
         }
+        for key in &keys {
+            self.inner.entries.remove(&entry_key(namespace, key));
+        }
+        // Nobody listening is not an error.
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::new(namespace, Invalidation::Keys(keys)));
     }
 }
 

@@ -379,9 +379,18 @@ impl PgStore {
         tx.commit().await.map_err(|e| self.error(doing, e))
     }
 
-    /// One invalidation transaction: the keys' locks, then their tombstones.
-    async fn invalidate_group(&self, namespace: &str, keys: &[String]) -> Result<(), Error> {
+    /// One invalidation transaction: the keys' locks, `work` (a write to
+    /// the source) if any, then their tombstones.
+    async fn invalidate_group(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        work: Option<futures::future::BoxFuture<'_, ()>>,
+    ) -> Result<(), Error> {
         let mut tx = self.lock(namespace, self.locks_for(keys)).await?;
+        if let Some(work) = work {
+            work.await;
+        }
         self.tombstone(&mut tx, namespace, keys).await?;
         self.commit(tx, "committing an invalidation").await
     }
@@ -601,10 +610,8 @@ impl<F: BatchFetch> Store<F> for PgStore {
                 self.inner.max_locks_per_transaction
             )));
         }
-        let mut tx = self.lock(namespace, self.locks_for(&displayed)).await?;
-        work.await;
-        self.tombstone(&mut tx, namespace, &displayed).await?;
-        self.commit(tx, "committing a write").await
+        self.invalidate_group(namespace, &displayed, Some(work))
+            .await
     }
 
     async fn invalidate(&self, namespace: &str, keys: &[F::Key]) -> Result<(), Error> {
@@ -614,7 +621,7 @@ impl<F: BatchFetch> Store<F> for PgStore {
         displayed.sort_unstable();
         displayed.dedup();
         for group in displayed.chunks(self.inner.max_locks_per_transaction) {
-            self.invalidate_group(namespace, group).await?;
+            self.invalidate_group(namespace, group, None).await?;
         }
         Ok(())
     }
