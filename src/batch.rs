@@ -141,35 +141,16 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
     // Lease positions with a stale entry to serve if the refill fails.
     let mut fallbacks = Vec::new();
     for ((key, flight), lookup) in batch.into_iter().zip(looked) {
-        let lookup = match lookup {
-            Lookup::Stale(entry) => {
-                let past = now.duration_since(entry.expires_at).unwrap_or_default();
-                if past < cache.config.stale_while_revalidate {
-                    Counters::add(&cache.counters.stale_served, 1);
-                    Counters::add(&cache.counters.store_hits, 1);
-                    flight.complete(Ok(Some(entry)));
-                    to_refresh.push(key);
-                    continue;
-                }
-                // Within stale-if-error only: refill, and keep the entry.
-                match cache.inflight.claim(&key, &flight) {
-                    Claim::Lead => {
-                        fallbacks.push((lease.keys().len(), entry));
-                        lease.push(key, flight);
-                    }
-                    Claim::Join(leader) => joins.push((flight, leader)),
-                }
-                continue;
-            }
-            other => other,
-        };
-        match lookup {
+        // What the store answered; otherwise the key is filled, keeping a
+        // stale entry (within stale-if-error) to serve if the refill fails.
+        let fallback = match lookup {
             Lookup::Hit(entry) => {
                 if let Some(local) = local {
                     let expires_at = entry.expires_at;
                     local.insert(epoch, key.to_string(), Some(entry.clone()), expires_at);
                 }
                 flight.complete(Ok(Some(entry)));
+                continue;
             }
             Lookup::NegativeHit => {
                 if let Some(local) = local {
@@ -177,11 +158,29 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
                     local.insert(epoch, key.to_string(), None, expires_at);
                 }
                 flight.complete(Ok(None));
+                continue;
             }
-            _ => match cache.inflight.claim(&key, &flight) {
-                Claim::Lead => lease.push(key, flight),
-                Claim::Join(leader) => joins.push((flight, leader)),
-            },
+            Lookup::Stale(entry)
+                if now.duration_since(entry.expires_at).unwrap_or_default()
+                    < cache.config.stale_while_revalidate =>
+            {
+                Counters::add(&cache.counters.stale_served, 1);
+                Counters::add(&cache.counters.store_hits, 1);
+                flight.complete(Ok(Some(entry)));
+                to_refresh.push(key);
+                continue;
+            }
+            Lookup::Stale(entry) => Some(entry),
+            _ => None,
+        };
+        match cache.inflight.claim(&key, &flight) {
+            Claim::Lead => {
+                if let Some(entry) = fallback {
+                    fallbacks.push((lease.keys().len(), entry));
+                }
+                lease.push(key, flight);
+            }
+            Claim::Join(leader) => joins.push((flight, leader)),
         }
     }
     tally.coalesced = joins.len();

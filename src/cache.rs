@@ -752,7 +752,16 @@ impl<F: BatchFetch> CacheBuilder<F> {
             self.fleet,
             max_batch_size,
         )?;
-        let namespace: Arc<str> = Arc::from(self.provider.namespace());
+        let provider = ProviderCaller::new(
+            self.provider,
+            max_batch_size,
+            CallPolicy {
+                limiter,
+                retry: self.retry,
+                timeout: self.provider_timeout,
+                chunk_concurrency: self.chunk_concurrency,
+            },
+        );
         let local = match self.local_tier {
             None => None,
             Some((capacity, ttl)) => {
@@ -772,7 +781,7 @@ impl<F: BatchFetch> CacheBuilder<F> {
                     )
                 })?;
                 let tier = Arc::new(LocalTier::new(capacity, ttl));
-                LocalTier::follow(&tier, namespace.clone(), events);
+                LocalTier::follow(&tier, provider.namespace().clone(), events);
                 Some(tier)
             }
         };
@@ -787,16 +796,6 @@ impl<F: BatchFetch> CacheBuilder<F> {
             chunk_concurrency: self.chunk_concurrency,
             retry: self.retry,
         };
-        let provider = ProviderCaller::new(
-            self.provider,
-            max_batch_size,
-            CallPolicy {
-                limiter,
-                retry: self.retry,
-                timeout: self.provider_timeout,
-                chunk_concurrency: self.chunk_concurrency,
-            },
-        );
         Ok(Cache {
             inner: Arc::new(CacheInner {
                 provider,

@@ -34,7 +34,7 @@ pub(crate) struct ProviderCaller<F> {
 
 /// Why one attempt failed, and what to do about it.
 enum Failure {
-    Retry { after: Option<Duration>, err: Error },
+    Retry(Error),
     RateLimited { after: Option<Duration>, err: Error },
     Fail(Error),
 }
@@ -121,11 +121,11 @@ impl<F: BatchFetch> ProviderCaller<F> {
             let last = attempt >= policy.retry.max_attempts().get();
             let delay = match failure {
                 Failure::Fail(err) => return Err(err),
-                Failure::Retry { after, err } => {
+                Failure::Retry(err) => {
                     if last {
                         return Err(err);
                     }
-                    after.or_else(|| backoff.next()).unwrap_or_default()
+                    backoff.next().unwrap_or_default()
                 }
                 Failure::RateLimited { after, err } => {
                     let delay = after.or_else(|| backoff.next()).unwrap_or_default();
@@ -174,13 +174,10 @@ impl<F: BatchFetch> ProviderCaller<F> {
             Err(_) => {
                 Counters::add(&counters.provider_timeouts, 1);
                 tracing::debug!(namespace = %self.namespace, "provider call timed out");
-                return Err(Failure::Retry {
-                    after: None,
-                    err: Error::ProviderTimeout {
-                        namespace: self.namespace.clone(),
-                        timeout: self.policy.timeout,
-                    },
-                });
+                return Err(Failure::Retry(Error::ProviderTimeout {
+                    namespace: self.namespace.clone(),
+                    timeout: self.policy.timeout,
+                }));
             }
         };
         match outcome {
@@ -203,7 +200,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                         after: retry_after,
                         err,
                     },
-                    ErrorClass::Transient => Failure::Retry { after: None, err },
+                    ErrorClass::Transient => Failure::Retry(err),
                     _ => Failure::Fail(err),
                 })
             }
