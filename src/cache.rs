@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::inflight::InFlight;
-use crate::limit::{FleetLimiter, Limiter};
+use crate::limit::{FleetLimiter, Limiter, Prepaid};
 use crate::local::LocalTier;
 use crate::provider::{CallPolicy, ProviderCaller};
 use crate::stats::Counters;
@@ -416,8 +416,7 @@ impl<F: BatchFetch> CacheInner<F> {
         leave: &(dyn Fn(&[usize]) + Send + Sync),
         tally: &mut Tally,
     ) -> Result<Vec<Option<Entry<F::Value>>>, Error> {
-        // Wait for the provider's budget before the store locks anything.
-        let prepaid = self.provider.prepay(keys.len(), &self.counters).await?;
+        let prepaid = Prepaid::default();
         let fill = Fill {
             namespace: self.provider.namespace(),
             keys,
@@ -488,7 +487,7 @@ impl<F: BatchFetch> CacheInner<F> {
 
     /// One background refresh; the number of keys it fetched.
     async fn refresh(&self, keys: &[F::Key]) -> Result<usize, Error> {
-        let prepaid = self.provider.prepay(keys.len(), &self.counters).await?;
+        let prepaid = Prepaid::default();
         let fill = Fill {
             namespace: self.provider.namespace(),
             keys,

@@ -10,7 +10,7 @@ pub(crate) type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>
 /// Provider failures ([`Error::Provider`], [`Error::ProviderPanicked`],
 /// [`Error::ProviderTimeout`]) are kept apart from the machinery's own
 /// failures ([`Error::Store`], [`Error::LockTimeout`], [`Error::RateLimited`],
-/// [`Error::Closed`], [`Error::Config`]), so a caller can tell "the upstream
+/// [`Error::Contended`], [`Error::Closed`], [`Error::Config`]), so a caller can tell "the upstream
 /// said no" from "the cache is broken or throttled".
 ///
 /// `Error` is `Clone`: when one provider call fails, every load that waited on
@@ -101,6 +101,20 @@ pub enum Error {
         keys: usize,
         /// The configured lock timeout.
         timeout: std::time::Duration,
+    },
+
+    /// A fill kept losing its keys: its leases were revoked (by
+    /// invalidations or writes of the keys) every time it fetched them, or
+    /// other holders kept them for more rounds than a fill waits. Nothing
+    /// stale was served; loading again may succeed.
+    #[error("{keys} key(s) of `{namespace}` stayed contended after {rounds} rounds of claims")]
+    Contended {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// How many keys were still unsettled.
+        keys: usize,
+        /// The rounds made.
+        rounds: u32,
     },
 
     /// The task that was loading this key went away before it finished

@@ -134,7 +134,7 @@ pub use loader::Loader;
 pub use retry::RetryPolicy;
 pub use stats::Stats;
 #[cfg(feature = "postgres")]
-pub use store::postgres::{LockMode, PgRateLimit, PgStore, PgStoreBuilder};
+pub use store::postgres::{FillMode, LockMode, PgRateLimit, PgStore, PgStoreBuilder};
 pub use store::{MemoryStore, Store};
 
 /// The README's examples, compiled and run as doctests (they use every

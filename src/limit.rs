@@ -4,15 +4,15 @@
 //!
 //! # Where the wait happens
 //!
-//! A batch with misses first waits for the **first** provider call's permit
-//! (its call and its keys) *before* the store opens its fill transaction:
-//! while the provider's budget is exhausted, no Postgres connection is held
-//! and no key is locked. That permit is then spent by the first provider call
-//! of the fill. Only further calls of the same fill (more chunks than one,
-//! retries) wait inside the fill, holding its locks: those keys could not be
-//! fetched by anyone else anyway, and releasing the locks would let another
-//! instance spend budget on the same keys. If the re-read after locking finds
-//! every key filled by someone else, the prepaid permit goes unused.
+//! A provider call waits for its permit (its call and its keys) right
+//! before it is made. With leases, that is after the claim: only keys this
+//! fill actually leased are paid for, and nothing (no connection, no lock)
+//! is held while the budget is exhausted. A store that holds locks across
+//! the provider (the held-transaction protocol) instead pays for the first
+//! call before it locks anything
+//! ([`Fill::prepay_first_call`](crate::store::Fill::prepay_first_call)); if
+//! its re-read then finds every key filled by someone else, that permit
+//! goes unused.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -279,20 +279,21 @@ impl Limiter {
         Ok(())
     }
 
-    /// Pays for the first call of a fill before the fill starts.
+    /// Pays for the first call of a fill before it takes anything, into
+    /// `slot`.
     pub(crate) async fn prepay(
         &self,
         namespace: &str,
         keys: usize,
+        slot: &Prepaid,
         counters: &Counters,
-    ) -> Result<Prepaid, Error> {
+    ) -> Result<(), Error> {
         if self.is_unlimited() {
-            return Ok(Prepaid::default());
+            return Ok(());
         }
         self.acquire(namespace, keys, counters).await?;
-        Ok(Prepaid {
-            keys: Mutex::new(Some(keys)),
-        })
+        *slot.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+        Ok(())
     }
 
     /// Before a call: spends the prepaid permit (then only honours a fleet

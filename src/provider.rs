@@ -62,18 +62,37 @@ impl<F: BatchFetch> ProviderCaller<F> {
         self.max_batch_size
     }
 
-    /// Pays, before a fill starts, for the first call it will make for
-    /// `missing` keys (see [`crate::limit`] for why).
+    /// Pays for the first call a fill will make for `missing` keys, into
+    /// `slot` (see [`crate::limit`] for when).
     pub(crate) async fn prepay(
         &self,
         missing: usize,
+        slot: &Prepaid,
         counters: &Counters,
-    ) -> Result<Prepaid, Error> {
+    ) -> Result<(), Error> {
         let keys = missing.min(self.max_batch_size);
         self.policy
             .limiter
-            .prepay(&self.namespace, keys, counters)
+            .prepay(&self.namespace, keys, slot, counters)
             .await
+    }
+
+    /// The longest fetching `keys` keys may take, rate-limit waits aside:
+    /// its calls in sequence (`chunk_concurrency` at a time), each with
+    /// every attempt at the timeout and every retry wait.
+    pub(crate) fn worst_case(&self, keys: usize) -> Duration {
+        let calls = keys.div_ceil(self.max_batch_size).max(1);
+        let rounds = calls.div_ceil(self.policy.chunk_concurrency.max(1));
+        let retry = &self.policy.retry;
+        let per_call = self
+            .policy
+            .timeout
+            .checked_mul(retry.max_attempts().get())
+            .and_then(|calls| calls.checked_add(retry.worst_case_waits()))
+            .unwrap_or(Duration::MAX);
+        per_call
+            .checked_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+            .unwrap_or(Duration::MAX)
     }
 
     /// Fetches `keys` in chunks of at most `max_batch_size`, at most

@@ -70,6 +70,16 @@ pub struct Stats {
     pub stale_served: u64,
     /// Keys renewed by background refreshes.
     pub refreshes: u64,
+    /// Keys a fill found leased by another holder (another instance) and
+    /// waited for, instead of fetching them.
+    pub lease_waits: u64,
+    /// Expired leases taken over: their holder died or hung before it
+    /// published.
+    pub lease_takeovers: u64,
+    /// Keys whose lease was revoked (invalidated) while this cache fetched
+    /// them: what was fetched was delivered to nobody, and the keys were
+    /// claimed again.
+    pub leases_revoked: u64,
     /// Keys being loaded right now by this cache (the in-flight table's size).
     pub in_flight: u64,
 }
@@ -114,6 +124,9 @@ pub(crate) struct Counters {
     pub(crate) invalidations: AtomicU64,
     pub(crate) stale_served: AtomicU64,
     pub(crate) refreshes: AtomicU64,
+    pub(crate) lease_waits: AtomicU64,
+    pub(crate) lease_takeovers: AtomicU64,
+    pub(crate) leases_revoked: AtomicU64,
 }
 
 impl Counters {
@@ -153,6 +166,9 @@ impl Counters {
             invalidations: self.invalidations.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
             refreshes: self.refreshes.load(Relaxed),
+            lease_waits: self.lease_waits.load(Relaxed),
+            lease_takeovers: self.lease_takeovers.load(Relaxed),
+            leases_revoked: self.leases_revoked.load(Relaxed),
             in_flight: in_flight as u64,
         }
     }

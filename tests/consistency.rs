@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, LockMode, MemoryStore, Store};
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, Store};
 use rand::{Rng, SeedableRng};
 use support::pg::TestDb;
 use tokio::sync::Semaphore;
@@ -87,10 +87,21 @@ impl BatchFetch for SlowReader {
     }
 }
 
+/// How an invalidation meets a fill in progress.
+#[derive(Clone, Copy, PartialEq)]
+enum Meets {
+    /// It waits for the fill (the fill holds the keys' locks).
+    Waits,
+    /// It revokes the fill's lease at once; the fill fetches again.
+    Revokes,
+}
+
 /// The classic race, step by step: a fill has read v1 and is held before it
-/// writes; the source changes to v2 and `invalidate` is called. It waits for
-/// the fill; once it returns, every instance loads v2.
-async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec<S>) {
+/// writes; the source changes to v2 and `invalidate` is called. Either it
+/// waits for the fill, or it revokes the fill's lease, and the fill, which
+/// fetched v1, must neither write nor deliver it. Once it returns, every
+/// instance loads v2.
+async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec<S>, meets: Meets) {
     let source = Source::default();
     source.write(1); // v1
     let gate = Arc::new(Semaphore::new(0));
@@ -125,20 +136,38 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec
             cache.invalidate([1]).await
         }
     });
-    // The invalidation (running) waits for the held fill.
     started.acquire().await.unwrap().forget();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !invalidating.is_finished(),
-        "invalidate must wait for the fill"
-    );
-    gate.add_permits(1);
-    assert_eq!(
-        filling.await.unwrap().unwrap(),
-        Some(1),
-        "the fill that began before"
-    );
-    invalidating.await.unwrap().unwrap();
+    if meets == Meets::Waits {
+        // The invalidation (running) waits for the held fill.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !invalidating.is_finished(),
+            "invalidate must wait for the fill"
+        );
+        gate.add_permits(1);
+        assert_eq!(
+            filling.await.unwrap().unwrap(),
+            Some(1),
+            "the fill that began before"
+        );
+        invalidating.await.unwrap().unwrap();
+    } else {
+        // The invalidation returns while the fill is still held, revoking
+        // its lease; the fill's v1 is neither written nor delivered: it
+        // fetches again (a second pass through the gate) and returns v2.
+        tokio::time::timeout(Duration::from_secs(10), invalidating)
+            .await
+            .expect("invalidate must not wait for a leased fill")
+            .unwrap()
+            .unwrap();
+        gate.add_permits(2);
+        assert_eq!(
+            filling.await.unwrap().unwrap(),
+            Some(2),
+            "a fill whose lease was revoked delivers nothing it fetched before"
+        );
+        assert_eq!(holder.stats().leases_revoked, 1);
+    }
 
     for cache in others.iter().chain([&holder]) {
         assert_eq!(cache.loader().load(1).await.unwrap(), Some(2));
@@ -148,18 +177,37 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn classic_race_memory_store() {
     let store = MemoryStore::new();
-    slow_reader_cannot_write_back(vec![store.clone(), store.clone(), store]).await;
+    slow_reader_cannot_write_back(vec![store.clone(), store.clone(), store], Meets::Waits).await;
+}
+
+async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
+    let db = TestDb::new(tag).await;
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(db.store_with(LockMode::PerKey, fill).await);
+    }
+    let pool = stores[0].pool().clone();
+    slow_reader_cannot_write_back(stores, meets).await;
+    // The table holds v2, never the v1 fetched before the invalidation.
+    let value: serde_json::Value = sqlx::query_scalar(&format!(
+        "SELECT value FROM {} WHERE namespace = 'consistency/classic' AND key = '1'",
+        db.table()
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(value, serde_json::json!(2));
+    db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn classic_race_postgres() {
-    let db = TestDb::new("classic").await;
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        stores.push(db.store(LockMode::PerKey).await);
-    }
-    slow_reader_cannot_write_back(stores).await;
-    db.cleanup().await;
+async fn classic_race_postgres_leases() {
+    classic_race_on_postgres(FillMode::Lease, Meets::Revokes, "classic_lease").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_postgres_held_transactions() {
+    classic_race_on_postgres(FillMode::HeldTransaction, Meets::Waits, "classic_held").await;
 }
 
 /// One recorded load: the key, when it started, the version it returned.

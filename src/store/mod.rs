@@ -317,10 +317,53 @@ impl<F: BatchFetch> Fill<'_, F> {
         self.counters.record_lock_wait(waited);
     }
 
+    /// The longest [`fetch`](Self::fetch) of `keys` keys may take: its
+    /// calls one after another (as many at a time as the cache's chunk
+    /// concurrency), each with every attempt at the provider timeout and
+    /// every retry wait, `Retry-After` waits included. Waits for the rate
+    /// limiter's budget are not included: they have no bound of their own.
+    /// A store that leases keys for a fetch leases them at least this long.
+    pub fn fetch_bound(&self, keys: usize) -> Duration {
+        self.provider.worst_case(keys)
+    }
+
+    /// Waits for the provider's budget for the first call of `keys` keys
+    /// and reserves it for this fill's first [`fetch`](Self::fetch) call. A
+    /// store that holds locks or connections across the fetch calls it
+    /// before taking them, so that nothing is held while the budget is
+    /// exhausted; a store that holds nothing across the fetch does not need
+    /// it (the budget is then charged when the call is made).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when a fleet-wide limiter cannot be reached.
+    pub async fn prepay_first_call(&self, keys: usize) -> Result<(), Error> {
+        self.provider.prepay(keys, self.prepaid, self.counters).await
+    }
+
+    /// Reports that `keys` keys were found leased by another holder and
+    /// waited for; counted in [`Stats::lease_waits`](crate::Stats::lease_waits).
+    pub fn record_lease_wait(&self, keys: usize) {
+        Counters::add(&self.counters.lease_waits, keys);
+    }
+
+    /// Reports expired leases taken over; counted in
+    /// [`Stats::lease_takeovers`](crate::Stats::lease_takeovers).
+    pub fn record_takeovers(&self, keys: usize) {
+        Counters::add(&self.counters.lease_takeovers, keys);
+    }
+
+    /// Reports keys whose lease was revoked while they were fetched;
+    /// counted in [`Stats::leases_revoked`](crate::Stats::leases_revoked).
+    pub fn record_revoked(&self, keys: usize) {
+        Counters::add(&self.counters.leases_revoked, keys);
+    }
+
     /// Asks the provider for `keys`, in as few calls as its
     /// `max_batch_size` allows, under the cache's rate limits, timeout and
-    /// retry policy. Call it only while the keys' locks are held, with only
-    /// the keys still missing. A key absent from the answer is not found.
+    /// retry policy. Call it only while this fill has the keys to itself
+    /// (their locks, or their leases), with only the keys still missing. A
+    /// key absent from the answer is not found.
     ///
     /// # Errors
     ///

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use loadlock::{LockMode, PgStore};
+use loadlock::{FillMode, LockMode, PgStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
@@ -141,9 +141,15 @@ impl TestDb {
 
     /// A migrated store on a new pool.
     pub async fn store(&self, mode: LockMode) -> PgStore {
+        self.store_with(mode, FillMode::default()).await
+    }
+
+    /// A migrated store on a new pool, filling with `fill`.
+    pub async fn store_with(&self, mode: LockMode, fill: FillMode) -> PgStore {
         let store = PgStore::builder(self.pool(4).await)
             .table(self.table())
             .lock_mode(mode)
+            .fill_mode(fill)
             .build()
             .expect("store");
         store.migrate().await.expect("migrate");

@@ -1,16 +1,17 @@
-//! Invalidation events over `LISTEN/NOTIFY`: published inside the
-//! invalidating transaction (so delivered on commit, and only then), heard
-//! by one listener connection per store.
+//! Events over `LISTEN/NOTIFY`, heard by one listener connection per store:
+//! invalidations, published inside the invalidating transaction (so
+//! delivered on commit, and only then), and the publishes and releases of
+//! leases that other fills wait for.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Weak;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::broadcast;
 
-use super::store::Inner;
 use super::table::TableName;
+use super::waiters::Waiters;
 use crate::{Invalidation, StoreEvent};
 
 /// Postgres refuses payloads of 8,000 bytes or more; stay well below.
@@ -75,19 +76,80 @@ fn keys_payload(id: String, namespace: &str, keys: &[&str]) -> String {
     serde_json::json!({ "id": id, "ns": namespace, "keys": keys }).to_string()
 }
 
-fn parse(payload: &str) -> Option<StoreEvent> {
+/// What one notification says.
+#[derive(Debug, PartialEq)]
+enum Heard {
+    /// An invalidation, for the application and the waiters.
+    Invalidated(StoreEvent),
+    /// Leases of these keys were published or released (every key of the
+    /// namespace for `None`): only fills waiting for them care.
+    Filled {
+        namespace: String,
+        keys: Option<Vec<String>>,
+    },
+}
+
+fn strings(value: &serde_json::Value) -> Option<Vec<String>> {
+    Some(
+        value
+            .as_array()?
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+fn parse(payload: &str) -> Option<Heard> {
     let value: serde_json::Value = serde_json::from_str(payload).ok()?;
     let namespace = value.get("ns")?.as_str()?;
-    if value.get("all").and_then(|a| a.as_bool()) == Some(true) {
-        return Some(StoreEvent::new(namespace, Invalidation::Namespace));
+    let flag = |name: &str| value.get(name).and_then(|a| a.as_bool()) == Some(true);
+    if flag("filled_all") {
+        return Some(Heard::Filled {
+            namespace: namespace.to_owned(),
+            keys: None,
+        });
     }
-    let keys = value
-        .get("keys")?
-        .as_array()?
-        .iter()
-        .filter_map(|k| k.as_str().map(str::to_owned))
-        .collect();
-    Some(StoreEvent::new(namespace, Invalidation::Keys(keys)))
+    if let Some(keys) = value.get("filled") {
+        return Some(Heard::Filled {
+            namespace: namespace.to_owned(),
+            keys: Some(strings(keys)?),
+        });
+    }
+    if flag("all") {
+        return Some(Heard::Invalidated(StoreEvent::new(
+            namespace,
+            Invalidation::Namespace,
+        )));
+    }
+    let keys = strings(value.get("keys")?)?;
+    Some(Heard::Invalidated(StoreEvent::new(
+        namespace,
+        Invalidation::Keys(keys),
+    )))
+}
+
+/// Hands an event to the waiting fills, then (invalidations only) to the
+/// application's subscribers.
+fn deliver(heard: Heard, waiters: &Waiters, sender: &broadcast::Sender<StoreEvent>) {
+    match heard {
+        Heard::Filled {
+            namespace,
+            keys: Some(keys),
+        } => waiters.wake_keys(&namespace, &keys),
+        Heard::Filled {
+            namespace,
+            keys: None,
+        } => waiters.wake_all(Some(&namespace)),
+        Heard::Invalidated(event) => {
+            match &event.invalidation {
+                Invalidation::Keys(keys) => waiters.wake_keys(&event.namespace, keys),
+                Invalidation::Namespace => waiters.wake_all(Some(&event.namespace)),
+                _ => waiters.wake_all(None),
+            }
+            // Nobody subscribed is not an error.
+            let _ = sender.send(event);
+        }
+    }
 }
 
 /// Listens on `channel` for as long as the store lives (until `closed`
@@ -98,23 +160,26 @@ fn parse(payload: &str) -> Option<StoreEvent> {
 /// unheard).
 pub(super) fn spawn_listener(
     runtime: tokio::runtime::Handle,
-    store: Weak<Inner>,
+    options: PgConnectOptions,
     channel: String,
     sender: broadcast::Sender<StoreEvent>,
+    waiters: Arc<Waiters>,
     mut closed: tokio::sync::watch::Receiver<()>,
 ) {
+    let options = options.application_name(LISTENER_APPLICATION_NAME);
     runtime.spawn(async move {
         let missed = || {
-            let _ = sender.send(StoreEvent::new("", Invalidation::Missed));
+            deliver(
+                Heard::Invalidated(StoreEvent::new("", Invalidation::Missed)),
+                &waiters,
+                &sender,
+            );
         };
         loop {
-            let Some(inner) = store.upgrade() else {
+            if closed.has_changed().is_err() {
                 return;
-            };
-            let options = (*inner.pool.connect_options())
-                .clone()
-                .application_name(LISTENER_APPLICATION_NAME);
-            drop(inner);
+            }
+            let options = options.clone();
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .connect_lazy_with(options);
@@ -143,10 +208,8 @@ pub(super) fn spawn_listener(
                 };
                 match received {
                     Ok(Some(notification)) => match parse(notification.payload()) {
-                        Some(event) => {
-                            let _ = sender.send(event);
-                        }
-                        None => tracing::warn!(%channel, "unreadable invalidation event"),
+                        Some(heard) => deliver(heard, &waiters, &sender),
+                        None => tracing::warn!(%channel, "unreadable event"),
                     },
                     Ok(None) => {
                         tracing::info!(%channel, "invalidation listener lost its connection");
@@ -178,8 +241,11 @@ mod tests {
         let mut seen = Vec::new();
         for payload in &announced {
             assert!(payload.len() < 8_000, "{}", payload.len());
-            match parse(payload).unwrap().invalidation {
-                Invalidation::Keys(keys) => seen.extend(keys),
+            match parse(payload).unwrap() {
+                Heard::Invalidated(StoreEvent {
+                    invalidation: Invalidation::Keys(keys),
+                    ..
+                }) => seen.extend(keys),
                 other => panic!("{other:?}"),
             }
         }
@@ -192,9 +258,29 @@ mod tests {
         let long = vec!["x".repeat(9_000)];
         let whole = payloads("ns", Some(&long));
         assert_eq!(
-            parse(&whole[0]).unwrap().invalidation,
-            Invalidation::Namespace
+            parse(&whole[0]).unwrap(),
+            Heard::Invalidated(StoreEvent::new("ns", Invalidation::Namespace))
         );
+    }
+
+    #[test]
+    fn publishes_are_told_apart_from_invalidations() {
+        assert_eq!(
+            parse(r#"{"id":1,"ns":"n","filled":["a","b"]}"#),
+            Some(Heard::Filled {
+                namespace: "n".into(),
+                keys: Some(vec!["a".into(), "b".into()])
+            })
+        );
+        assert_eq!(
+            parse(r#"{"id":1,"ns":"n","filled_all":true}"#),
+            Some(Heard::Filled {
+                namespace: "n".into(),
+                keys: None
+            })
+        );
+        assert_eq!(parse(r#"{"ns":"n"}"#), None);
+        assert_eq!(parse("not json"), None);
     }
 
     fn payloads_one() -> String {

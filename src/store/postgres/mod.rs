@@ -1,45 +1,67 @@
 //! [`PgStore`]: the shared tier, one Postgres table for a whole fleet.
 //!
 //! Every instance of a service points its caches at the same table; misses
-//! are filled under `pg_advisory_xact_lock`, so each missing key is fetched
-//! from the provider once per TTL across all of them.
+//! are claimed under `pg_advisory_xact_lock` and leased, so each missing key
+//! is fetched from the provider once per TTL across all of them, while no
+//! connection, transaction or lock is held during a provider call.
 //!
-//! # The protocol
+//! # The protocol ([`FillMode::Lease`], the default)
 //!
-//! 1. **Optimistic read** — one statement, no transaction, no lock:
-//!    `SELECT key, value … WHERE namespace = $1 AND key = ANY($2) AND
-//!    expires_at > statement_timestamp()`. Fresh rows are hits.
-//! 2. **Fill**, for the keys still missing, in one `READ COMMITTED`
-//!    transaction per group of at most
-//!    [`max_locks_per_transaction`](PgStoreBuilder::max_locks_per_transaction)
-//!    keys:
-//!    1. `set_config('lock_timeout', $1, true)` (and a bound on time idle in
-//!       the transaction), local to the transaction;
-//!    2. all the locks in **one** statement: the namespace's lock *shared*
+//! 1. **Optimistic read** ([`read`](self)) — one statement, no transaction,
+//!    no lock: rows of the namespace's current generation that are fresh
+//!    are hits. A read never waits for a fill.
+//! 2. **Claim**, for the keys still missing, in groups: one statement (a
+//!    function, so its own short `READ COMMITTED` transaction):
+//!    1. every lock in **one** statement: the namespace's lock *shared*
 //!       first (a namespace invalidation takes it exclusively), then every
-//!       key's lock in ascending id order, so two transactions can never
-//!       wait on each other in a cycle:
-//!       `SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(id)::text
-//!       ELSE pg_advisory_xact_lock(id)::text END FROM (SELECT $2 AS id, true
-//!       AS shared UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s
+//!       key's lock in ascending id order:
+//!       `SELECT <t>_lock_wait(s.id, s.shared, deadline) FROM (SELECT $ns AS
+//!       id, true AS shared UNION ALL SELECT DISTINCT unnest($ids), false) s
 //!       ORDER BY shared DESC, id` (the outer `ORDER BY` fixes the order:
-//!       output expressions are evaluated after the sort);
-//!    3. the **re-read**, in a new statement, whose snapshot is taken after
-//!       the locks: rows another instance wrote while this one waited are
-//!       hits ([`Stats::store_hits_after_lock`](crate::Stats::store_hits_after_lock));
-//!    4. the provider, for what is still missing;
-//!    5. one upsert of the deduplicated, sorted rows (values and negative
-//!       entries) through `unnest`, with expiry from the database clock;
-//!    6. `COMMIT`, which releases the locks.
+//!       output expressions are evaluated after the sort). `<t>_lock_wait`
+//!       sets `lock_timeout` to the time left before taking each lock, so
+//!       the statement as a whole waits at most the lock timeout;
+//!    2. the **re-read**, in new statements (new snapshots, taken after the
+//!       locks): a key with a fresh row is found; a key with a live lease of
+//!       another holder is *busy* (and marked as awaited); every other key
+//!       is **leased**: a token from a sequence, the holder's name, and an
+//!       expiry from the database clock, recorded in its row;
+//!    3. the commit, which releases the locks.
+//! 3. **Fetch** — the provider, for the leased keys only, holding nothing:
+//!    rate limits (charged now, for keys actually leased), retries, chunks
+//!    and timeouts as configured.
+//! 4. **Publish** — one statement: values and negative entries are written
+//!    only where the lease token is still this fill's; waiters are notified
+//!    (`pg_notify`) if any. A key whose lease was revoked (an
+//!    invalidation, a write, a compare-and-set, a new namespace generation)
+//!    writes nothing, and what was fetched for it is delivered to nobody:
+//!    it is claimed again. A failed fetch releases its leases at once.
+//! 5. **Wait** — a busy key is awaited: the fill wakes on the holder's
+//!    notification (or a bounded poll), then re-reads it. A lease past its
+//!    expiry belongs to a holder that died or hung and is taken over by the
+//!    next claim; the old holder's publish is then refused by the token.
 //!
-//! An all-hit batch costs one round trip; a batch with misses costs one more
-//! transaction of six statements per group, whatever its size
-//! ([`PgStore::round_trips`] counts them).
+//! An all-hit batch costs one round trip; a miss batch one claim and one
+//! publish per group, whatever its size ([`PgStore::round_trips`] counts
+//! them).
+//!
+//! A lease lasts as long as its fetch may take — every chunk of the group,
+//! each attempt at the provider timeout, each retry or `Retry-After` wait —
+//! plus a margin, at most [`max_lease`](PgStoreBuilder::max_lease); groups
+//! are cut so their lease fits.
 //!
 //! Invalidations ([`Cache::invalidate`](crate::Cache::invalidate)) take the
-//! same locks, write tombstones (rows that are never fresh), and publish the
-//! keys with `pg_notify` in the same transaction; every row carries a
-//! `version` from one sequence, so a key's version only grows.
+//! same locks, write tombstones (rows that are never fresh) that revoke the
+//! keys' leases, and publish the keys with `pg_notify` in the same
+//! transaction; every row carries a `version` from one sequence, so a key's
+//! version only grows. A whole-namespace invalidation starts the
+//! namespace's next *generation* (one row in `<t>_namespaces`): rows of
+//! older generations are misses, so it costs the same for ten keys or ten
+//! million; [`PgStore::purge_expired`] reclaims them.
+//!
+//! [`FillMode::HeldTransaction`] keeps the older protocol: one transaction
+//! per group holds the locks from the re-read through the provider call to
+//! the upsert and commit.
 //!
 //! # Lock ids
 //!
@@ -56,18 +78,26 @@
 //!
 //! ```sql
 //! CREATE TABLE loadlock_cache (
-//!     namespace  text NOT NULL,
-//!     key        text NOT NULL,        -- the key's Display form
-//!     value      jsonb,                -- NULL: a negative entry
-//!     fetched_at timestamptz NOT NULL,
-//!     expires_at timestamptz NOT NULL,     -- '-infinity': invalidated
-//!     version    bigint NOT NULL,          -- from <table>_version
+//!     namespace        text NOT NULL,
+//!     key              text NOT NULL,     -- the key's Display form
+//!     value            jsonb,             -- NULL: a negative entry
+//!     fetched_at       timestamptz NOT NULL,
+//!     expires_at       timestamptz NOT NULL,  -- '-infinity': invalidated
+//!     version          bigint NOT NULL,       -- from <table>_version
+//!     generation       bigint NOT NULL,       -- the namespace's, when written
+//!     lease_token      bigint,                -- the live lease, if any
+//!     lease_holder     text,
+//!     lease_expires_at timestamptz,
+//!     lease_waiters    boolean NOT NULL,      -- someone awaits the publish
 //!     PRIMARY KEY (namespace, key)
 //! ) WITH (fillfactor = 80);
 //! ```
 //!
 //! Operators can read it with plain SQL, for example
-//! `SELECT key, value FROM loadlock_cache WHERE namespace = 'users/v1'`.
+//! `SELECT key, value FROM loadlock_cache WHERE namespace = 'users/v1'`, or
+//! see the fills in progress with
+//! `SELECT key, lease_holder, lease_expires_at FROM loadlock_cache WHERE
+//! lease_token IS NOT NULL`.
 //!
 //! # Behind PgBouncer
 //!
@@ -76,13 +106,59 @@
 //! PgBouncer must track prepared statements (version 1.21 or later, with
 //! `max_prepared_statements` above zero).
 
+/// Runs `$work` (a future returning `Result<T, Error>` that uses `$conn`, a
+/// pooled connection) within the query timeout plus `$extra`, the wait for
+/// the connection included. A connection whose work timed out is discarded,
+/// never returned to the pool: it may be half-open, or still busy on the
+/// server.
+macro_rules! in_conn {
+    ($store:expr, $doing:expr, $extra:expr, |$conn:ident| $work:expr) => {{
+        let store = $store;
+        let doing = $doing;
+        let limit = store.inner.query_timeout.saturating_add($extra);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pooled = store.acquire(doing, deadline, limit).await?;
+        let outcome = {
+            let $conn: &mut sqlx::PgConnection = &mut pooled;
+            tokio::time::timeout_at(deadline, $work).await
+        };
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                drop(pooled.detach());
+                Err(store.timed_out(doing, limit))
+            }
+        }
+    }};
+}
+
+/// [`in_conn!`] for one statement's future (`Result<T, sqlx::Error>`); a
+/// lock timeout becomes [`Error::LockTimeout`](crate::Error::LockTimeout)
+/// when `$locks` names what was being locked.
+macro_rules! on_conn {
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {{
+        let store = $store;
+        let doing = $doing;
+        let locks = $locks;
+        in_conn!(store, doing, $extra, |$conn| async {
+            $work.await.map_err(|e| store.db_error(doing, locks, e))
+        })
+    }};
+}
+
 mod events;
+mod held;
+mod invalidate;
+mod lease;
+mod locked;
 mod migrate;
 mod rate_limit;
+mod read;
 mod sql;
 mod store;
 mod table;
+mod waiters;
 
 pub use rate_limit::PgRateLimit;
-pub use store::{LockMode, PgStore, PgStoreBuilder};
+pub use store::{FillMode, LockMode, PgStore, PgStoreBuilder};
 pub use table::TableName;

@@ -1,115 +1,175 @@
 //! The statements of the Postgres protocol, built once per store for its
-//! (validated, quoted) table. Every value is a bound parameter.
+//! (validated, quoted) table, and the schema's migrations. Every value is a
+//! bound parameter; only validated identifiers are spliced.
 
 use super::table::TableName;
 
 /// The statements a [`PgStore`](super::PgStore) runs.
 #[derive(Debug)]
 pub(crate) struct Statements {
-    /// `$1` namespace, `$2` keys, `$3` grace seconds: rows fresh, or expired
-    /// less than the grace ago, with a `fresh` flag; by the database clock
-    /// at the statement's start (not the transaction's: the re-read runs
-    /// after a lock wait).
+    /// `$1` namespace, `$2` keys, `$3` grace seconds: rows of the
+    /// namespace's current generation, fresh or expired less than the grace
+    /// ago, with a `fresh` flag; by the database clock at the statement's
+    /// start (not the transaction's: the re-read runs after a lock wait).
     pub(crate) select_fresh: String,
-    /// `$1` key lock ids, `$2` the namespace's lock id: the namespace's lock
-    /// shared (so a namespace invalidation waits for this transaction), then
-    /// every key's exclusively in ascending order, all in one statement. The
-    /// outer `ORDER BY` is what guarantees the order (output expressions are
+    /// `$1` key lock ids, `$2` the namespace's lock id, `$3` the seconds the
+    /// whole statement may wait: the namespace's lock shared (so a namespace
+    /// invalidation waits for this transaction), then every key's
+    /// exclusively in ascending order, all in one statement. The outer
+    /// `ORDER BY` is what guarantees the order (output expressions are
     /// evaluated after the sort); the lock functions are never in a `WHERE`.
-    /// Every transaction takes its namespace lock before key locks, so no two
-    /// can wait on each other in a cycle.
-    pub(crate) lock: &'static str,
-    /// The same, only trying: true when every lock was taken.
+    /// Each lock waits at most the time left of the statement's budget (see
+    /// the `_lock_wait` function), so the statement as a whole is bounded,
+    /// not each lock.
+    pub(crate) lock: String,
+    /// `$1` key lock ids, `$2` the namespace's lock id: only trying; true
+    /// when every lock was taken.
     pub(crate) try_lock: &'static str,
-    /// `$1` the namespace's lock id, exclusively: namespace-mode fills and
-    /// namespace invalidations.
-    pub(crate) lock_namespace: &'static str,
+    /// `$1` the namespace's lock id, `$2` the seconds it may wait,
+    /// exclusively: namespace-mode fills and namespace invalidations.
+    pub(crate) lock_namespace: String,
     /// The same, only trying.
     pub(crate) try_lock_namespace: &'static str,
-    /// `$1` namespace: deletes every row of it.
-    pub(crate) delete_namespace: String,
+    /// `$1` namespace: starts its next generation, which makes every row of
+    /// the older ones a miss (and revokes their leases) in one row write.
+    pub(crate) next_generation: String,
     /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
     /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
     pub(crate) bound_transaction: &'static str,
     /// `$1` namespace, `$2` keys (deduplicated, sorted), `$3` JSON text or
     /// NULL for negative entries, `$4` TTL seconds, `$5` negative TTL
-    /// seconds. Expiry is computed from the database clock.
+    /// seconds. Expiry is computed from the database clock; any lease on the
+    /// rows is revoked (the held-transaction protocol).
     pub(crate) upsert: String,
     /// `$1` how many expired rows to delete at most.
     pub(crate) purge_expired: String,
     /// `$1` namespace, `$2` keys (deduplicated, sorted): tombstones, rows
-    /// that are never fresh (`expires_at = -infinity`), so never served.
+    /// that are never fresh (`expires_at = -infinity`), so never served; their
+    /// leases are revoked.
     pub(crate) tombstone: String,
     /// `$1` namespace, `$2` key, `$3` expected version, `$4` JSON value,
-    /// `$5` TTL seconds: the compare-and-set; returns the new version.
+    /// `$5` TTL seconds: the compare-and-set (revoking a lease); returns the
+    /// new version.
     pub(crate) put_if_version: String,
     /// `$1` namespace, `$2` key: the current version.
     pub(crate) version_of: String,
+    /// The lease claim, one round trip; see the `_claim` function.
+    pub(crate) claim: String,
+    /// The lease publish, one round trip; see the `_publish` function.
+    pub(crate) publish: String,
+    /// The lease release, one round trip; see the `_release` function.
+    pub(crate) release: String,
+}
+
+/// The current generation of namespace `$1`, as an expression.
+fn generation_of(table: &TableName, namespace: &str) -> String {
+    format!(
+        "coalesce((SELECT n.generation FROM {} n WHERE n.namespace = {namespace}), 0)",
+        table.quoted("_namespaces")
+    )
 }
 
 impl Statements {
     pub(crate) fn new(table: &TableName) -> Self {
         let t = table.quoted("");
         let next_version = format!("nextval('{}')", table.quoted("_version"));
+        let generation = generation_of(table, "$1");
+        let lock_wait = table.quoted("_lock_wait");
         // date_part returns float8 directly (extract goes through numeric).
         let meta = "version, date_part('epoch', fetched_at), \
                     date_part('epoch', expires_at)";
+        let revoke = "lease_token = NULL, lease_holder = NULL, lease_expires_at = NULL, \
+                      lease_waiters = false";
         Statements {
             select_fresh: format!(
                 "SELECT key, value, expires_at > statement_timestamp(), {meta} FROM {t} \
                  WHERE namespace = $1 AND key = ANY($2::text[]) \
-                   AND expires_at > statement_timestamp() - make_interval(secs => $3::float8)"
+                   AND expires_at > statement_timestamp() - make_interval(secs => $3::float8) \
+                   AND generation = {generation}"
             ),
-            lock: "SELECT CASE WHEN s.shared THEN pg_advisory_xact_lock_shared(s.id)::text \
-                          ELSE pg_advisory_xact_lock(s.id)::text END \
-                   FROM (SELECT $2::bigint AS id, true AS shared \
-                         UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
-                   ORDER BY s.shared DESC, s.id",
+            lock: format!(
+                "SELECT {lock_wait}(s.id, s.shared, \
+                        statement_timestamp() + make_interval(secs => $3::float8)) \
+                 FROM (SELECT $2::bigint AS id, true AS shared \
+                       UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
+                 ORDER BY s.shared DESC, s.id"
+            ),
             try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
                          SELECT CASE WHEN s.shared THEN pg_try_advisory_xact_lock_shared(s.id) \
                                 ELSE pg_try_advisory_xact_lock(s.id) END AS taken \
                          FROM (SELECT $2::bigint AS id, true AS shared \
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
                          ORDER BY s.shared DESC, s.id) t",
-            lock_namespace: "SELECT pg_advisory_xact_lock($1)",
+            lock_namespace: format!(
+                "SELECT {lock_wait}($1::bigint, false, \
+                        statement_timestamp() + make_interval(secs => $2::float8))"
+            ),
             try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
-            delete_namespace: format!("DELETE FROM {t} WHERE namespace = $1"),
+            next_generation: format!(
+                "INSERT INTO {ns} AS n (namespace, generation) VALUES ($1, 1) \
+                 ON CONFLICT (namespace) DO UPDATE SET generation = n.generation + 1",
+                ns = table.quoted("_namespaces")
+            ),
             bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
                                 set_config('idle_in_transaction_session_timeout', $2, true)",
             upsert: format!(
-                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version) \
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                       generation) \
                  SELECT $1, u.key, u.value::jsonb, statement_timestamp(), \
                         statement_timestamp() + make_interval(secs => \
                             CASE WHEN u.value IS NULL THEN $5::float8 ELSE $4::float8 END), \
-                        {next_version} \
+                        {next_version}, {generation} \
                  FROM unnest($2::text[], $3::text[]) AS u(key, value) \
                  ORDER BY u.key \
                  ON CONFLICT (namespace, key) DO UPDATE \
                  SET value = EXCLUDED.value, fetched_at = EXCLUDED.fetched_at, \
-                     expires_at = EXCLUDED.expires_at, version = EXCLUDED.version \
+                     expires_at = EXCLUDED.expires_at, version = EXCLUDED.version, \
+                     generation = EXCLUDED.generation, {revoke} \
                  RETURNING key, {meta}"
             ),
             tombstone: format!(
-                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version) \
-                 SELECT $1, k, NULL, statement_timestamp(), '-infinity', {next_version} \
+                "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                       generation) \
+                 SELECT $1, k, NULL, statement_timestamp(), '-infinity', {next_version}, \
+                        {generation} \
                  FROM unnest($2::text[]) AS k ORDER BY k \
                  ON CONFLICT (namespace, key) DO UPDATE \
                  SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity', \
-                     version = EXCLUDED.version"
+                     version = EXCLUDED.version, generation = EXCLUDED.generation, {revoke}"
             ),
             put_if_version: format!(
                 "UPDATE {t} SET value = $4::jsonb, fetched_at = statement_timestamp(), \
                    expires_at = statement_timestamp() + make_interval(secs => $5::float8), \
-                   version = {next_version} \
-                 WHERE namespace = $1 AND key = $2 AND version = $3 RETURNING version"
+                   version = {next_version}, {revoke} \
+                 WHERE namespace = $1 AND key = $2 AND version = $3 \
+                   AND generation = {generation} \
+                 RETURNING version"
             ),
-            version_of: format!("SELECT version FROM {t} WHERE namespace = $1 AND key = $2"),
+            version_of: format!(
+                "SELECT version FROM {t} WHERE namespace = $1 AND key = $2 \
+                   AND generation = {generation}"
+            ),
             purge_expired: format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
-                     SELECT ctid FROM {t} WHERE expires_at <= now() \
-                     LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-                 AND expires_at <= now()"
+                     SELECT c.ctid FROM {t} c \
+                     WHERE (c.expires_at <= now() \
+                            OR c.generation <> {old}) \
+                       AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= now()) \
+                     LIMIT $1 FOR UPDATE SKIP LOCKED))",
+                old = generation_of(table, "c.namespace")
             ),
+            claim: format!(
+                "SELECT key, state, value, version, fetched_at, expires_at, token, \
+                        lease_left, taken_over \
+                 FROM {}($1, $2, $3, $4, $5, $6, $7)",
+                table.quoted("_claim")
+            ),
+            publish: format!(
+                "SELECT key, version, fetched_at, expires_at \
+                 FROM {}($1, $2, $3, $4, $5, $6, $7, $8)",
+                table.quoted("_publish")
+            ),
+            release: format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release")),
         }
     }
 }
@@ -161,7 +221,191 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             ]
         },
     },
+    Migration {
+        version: 3,
+        description: "leases and namespace generations",
+        statements: leases,
+    },
 ];
+
+/// Migration 3: lease columns, namespace generations, and the functions of
+/// the lease protocol (each one round trip).
+fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
+    let t = table.quoted("");
+    let namespaces = table.quoted("_namespaces");
+    let next_version = format!("nextval('{}')", table.quoted("_version"));
+    let lease_seq = table.quoted("_lease");
+    let lock_wait = table.quoted("_lock_wait");
+    let unlogged = if unlogged { "UNLOGGED " } else { "" };
+    let generation = generation_of(table, "p_ns");
+    // A live lease of the row `c`, at `now_ts`, in generation `gen`.
+    let live = "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
+    let fresh = "(c.generation = gen AND c.expires_at > now_ts)";
+    // Wakes the waiters of `keys` (a filled or released lease) when the
+    // rows say someone waits; the payload names the keys, or the whole
+    // namespace when it would not fit in a notification.
+    let notify = "IF waited THEN \
+                    payload := json_build_object('id', p_token, 'ns', p_ns, 'filled', to_json(p_keys))::text; \
+                    IF octet_length(payload) > 7500 THEN \
+                      payload := json_build_object('id', p_token, 'ns', p_ns, 'filled_all', true)::text; \
+                    END IF; \
+                    PERFORM pg_notify(p_channel, payload); \
+                  END IF;";
+    // Locks the rows of `p_keys` still leased by `p_token`, in key order (so
+    // two writers never wait on each other's rows in a cycle), and tells
+    // whether anyone waits for them. A row changed meanwhile is re-checked
+    // after its lock is granted (READ COMMITTED's `FOR UPDATE`).
+    let lock_mine = format!(
+        "SELECT coalesce(bool_or(x.lease_waiters), false) INTO waited FROM ( \
+           SELECT c.lease_waiters FROM {t} c \
+           WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = p_token \
+             AND c.generation = gen \
+           ORDER BY c.key FOR UPDATE) x;"
+    );
+    vec![
+        format!(
+            "ALTER TABLE {t} \
+               ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0, \
+               ADD COLUMN IF NOT EXISTS lease_token bigint, \
+               ADD COLUMN IF NOT EXISTS lease_holder text, \
+               ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz, \
+               ADD COLUMN IF NOT EXISTS lease_waiters boolean NOT NULL DEFAULT false"
+        ),
+        format!(
+            "CREATE {unlogged}TABLE IF NOT EXISTS {namespaces} ( \
+               namespace text PRIMARY KEY, \
+               generation bigint NOT NULL)"
+        ),
+        format!("CREATE SEQUENCE IF NOT EXISTS {lease_seq}"),
+        // One lock, waiting at most until `deadline`: `lock_timeout` is read
+        // when a wait begins, so setting it before each lock bounds the
+        // statement that takes many locks as a whole.
+        format!(
+            "CREATE OR REPLACE FUNCTION {lock_wait}(id bigint, shared boolean, deadline timestamptz) \
+             RETURNS void LANGUAGE plpgsql VOLATILE AS $$ \
+             BEGIN \
+               PERFORM set_config('lock_timeout', \
+                 greatest(1, ceil(1000 * extract(epoch FROM deadline - clock_timestamp())))::bigint::text \
+                 || 'ms', true); \
+               IF shared THEN \
+                 PERFORM pg_advisory_xact_lock_shared(id); \
+               ELSE \
+                 PERFORM pg_advisory_xact_lock(id); \
+               END IF; \
+             END $$"
+        ),
+        // The claim, run as one statement (its own transaction): the locks,
+        // then in new statements (new snapshots, READ COMMITTED) the re-read
+        // and the leases of what is missing and not leased by a live holder.
+        // A key leased by another is marked as awaited, so its publish
+        // notifies. Answers each key: 'h' fresh value, 'n' fresh negative
+        // entry, 'l' leased by this claim, 'b' leased by a live holder.
+        format!(
+            "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
+                 p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
+             RETURNS TABLE (key text, state text, value jsonb, version bigint, fetched_at float8, \
+                            expires_at float8, token bigint, lease_left float8, taken_over bigint) \
+             LANGUAGE plpgsql VOLATILE AS $$ \
+             #variable_conflict use_column \
+             DECLARE \
+               gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; stolen bigint; \
+             BEGIN \
+               PERFORM {lock_wait}(s.id, s.shared, \
+                                   statement_timestamp() + make_interval(secs => p_budget_secs)) \
+               FROM (SELECT p_ns_id AS id, true AS shared \
+                     UNION ALL SELECT DISTINCT unnest(p_ids), false) s \
+               ORDER BY s.shared DESC, s.id; \
+               now_ts := clock_timestamp(); \
+               lease_until := now_ts + make_interval(secs => p_lease_secs); \
+               gen := {generation}; \
+               tok := nextval('{lease_seq}'); \
+               SELECT count(*) INTO stolen FROM {t} c \
+               WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.generation = gen \
+                 AND c.lease_token IS NOT NULL AND c.lease_expires_at <= now_ts \
+                 AND c.expires_at <= now_ts; \
+               INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                     generation, lease_token, lease_holder, lease_expires_at) \
+               SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
+                      lease_until \
+               FROM unnest(p_keys) AS k ORDER BY k \
+               ON CONFLICT (namespace, key) DO UPDATE SET \
+                 lease_waiters = {live}, \
+                 lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
+                 lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
+                 lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at ELSE lease_until END, \
+                 value = CASE WHEN c.generation = gen THEN c.value END, \
+                 fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
+                 expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
+                                   ELSE '-infinity' END, \
+                 version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
+                 generation = gen \
+               WHERE NOT {fresh}; \
+               RETURN QUERY \
+               SELECT k.k, \
+                      CASE WHEN {fresh} THEN (CASE WHEN c.value IS NULL THEN 'n' ELSE 'h' END) \
+                           WHEN c.lease_token = tok THEN 'l' ELSE 'b' END, \
+                      CASE WHEN {fresh} THEN c.value END, \
+                      c.version, date_part('epoch', c.fetched_at), date_part('epoch', c.expires_at), \
+                      tok, date_part('epoch', c.lease_expires_at - now_ts), stolen \
+               FROM unnest(p_keys) AS k(k) \
+               LEFT JOIN {t} c ON c.namespace = p_ns AND c.key = k.k; \
+             END $$",
+            claim = table.quoted("_claim"),
+        ),
+        // The publish, one statement: values and negative entries written
+        // where the lease is still `p_token`'s (an invalidation, a write or a
+        // namespace generation revoked it otherwise), waiters notified.
+        // Returns the keys written, with their version and times.
+        format!(
+            "CREATE OR REPLACE FUNCTION {publish}(p_ns text, p_keys text[], p_values text[], \
+                 p_token bigint, p_ttl float8, p_negative_ttl float8, p_channel text, \
+                 p_lock_timeout text) \
+             RETURNS TABLE (key text, version bigint, fetched_at float8, expires_at float8) \
+             LANGUAGE plpgsql VOLATILE AS $$ \
+             #variable_conflict use_column \
+             DECLARE gen bigint; waited boolean; payload text; now_ts timestamptz; \
+             BEGIN \
+               PERFORM set_config('lock_timeout', p_lock_timeout, true); \
+               gen := {generation}; \
+               {lock_mine} \
+               now_ts := clock_timestamp(); \
+               RETURN QUERY \
+               UPDATE {t} AS c SET value = u.value::jsonb, fetched_at = now_ts, \
+                 expires_at = now_ts + make_interval(secs => \
+                   CASE WHEN u.value IS NULL THEN p_negative_ttl ELSE p_ttl END), \
+                 version = {next_version}, lease_token = NULL, lease_holder = NULL, \
+                 lease_expires_at = NULL, lease_waiters = false \
+               FROM unnest(p_keys, p_values) AS u(key, value) \
+               WHERE c.namespace = p_ns AND c.key = u.key AND c.lease_token = p_token \
+                 AND c.generation = gen \
+               RETURNING c.key, c.version, date_part('epoch', c.fetched_at), \
+                         date_part('epoch', c.expires_at); \
+               {notify} \
+             END $$",
+            publish = table.quoted("_publish"),
+        ),
+        // The release of leases whose fill failed: waiters are woken to
+        // claim the keys themselves. Returns how many leases were released.
+        format!(
+            "CREATE OR REPLACE FUNCTION {release}(p_ns text, p_keys text[], p_token bigint, \
+                 p_channel text, p_lock_timeout text) \
+             RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ \
+             DECLARE gen bigint; waited boolean; payload text; released bigint; \
+             BEGIN \
+               PERFORM set_config('lock_timeout', p_lock_timeout, true); \
+               gen := {generation}; \
+               {lock_mine} \
+               UPDATE {t} AS c SET lease_token = NULL, lease_holder = NULL, \
+                 lease_expires_at = NULL, lease_waiters = false \
+               WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = p_token; \
+               GET DIAGNOSTICS released = ROW_COUNT; \
+               {notify} \
+               RETURN released; \
+             END $$",
+            release = table.quoted("_release"),
+        ),
+    ]
+}
 
 /// The statements that create the migration history table.
 pub(crate) fn history_table(table: &TableName) -> Vec<String> {

@@ -1,19 +1,21 @@
-//! [`PgStore`] and its builder: the protocol of the shared tier.
+//! [`PgStore`] and its builder: the settings, the connection discipline
+//! (every round trip bounded, a timed-out connection discarded), and the
+//! [`Store`] implementation that hands each operation to its room.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgRow, Postgres};
-use sqlx::types::Json;
-use sqlx::{Executor, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPool, Postgres};
 
+use super::events;
 use super::sql::Statements;
 use super::table::TableName;
-use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup, Store};
-use crate::{BatchFetch, Entry, Error};
+use super::waiters::Waiters;
+use crate::store::{Fill, Filled, Lookup, Store};
+use crate::{BatchFetch, Error, StoreEvent};
 
 /// The default table: `loadlock_cache`, in the connection's search path.
 const DEFAULT_TABLE: &str = "loadlock_cache";
@@ -26,15 +28,41 @@ pub enum LockMode {
     /// concurrently, fills of the same key are serialized.
     #[default]
     PerKey,
-    /// One advisory lock per namespace: at most one fill of the namespace
-    /// runs at a time across the fleet ("serial batches"), for providers
-    /// that forbid concurrent calls. Exactly-once holds the same way.
+    /// One advisory lock per namespace, held for the whole fill: at most one
+    /// fill of the namespace runs at a time across the fleet ("serial
+    /// batches"), for providers that forbid concurrent calls. Holding the
+    /// lock across the provider call is the point of this mode, so it always
+    /// fills with [`FillMode::HeldTransaction`]. Exactly-once holds the same
+    /// way.
     Namespace,
 }
 
+/// How a fill keeps other fills of its keys away while it calls the
+/// provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FillMode {
+    /// Leases (the default): a short transaction records a lease on each
+    /// missing key and commits; the provider is called holding no
+    /// connection, no transaction and no lock; the values are published
+    /// only where the lease is still this fill's. Other fills of a leased
+    /// key wait for its publish (woken by a notification), or take the lease
+    /// over once it has expired (its holder died). Hits never wait for
+    /// fills, and a slow provider never occupies the pool.
+    #[default]
+    Lease,
+    /// The older protocol: one transaction per fill holds a connection and
+    /// the keys' advisory locks across the provider call. A holder that dies
+    /// releases its keys at once (its session ends), where a lease must
+    /// expire first; but every fill in progress occupies a pooled
+    /// connection for the provider's whole latency, so a slow provider
+    /// delays hits queued behind it for the pool.
+    HeldTransaction,
+}
+
 /// The shared store: a Postgres table, filled under
-/// `pg_advisory_xact_lock`. See the [module documentation](super) for the
-/// protocol and the table.
+/// `pg_advisory_xact_lock` and leases. See the [module documentation](super)
+/// for the protocol and the table.
 ///
 /// Cheap to clone (an `Arc` inside); clones share the pool and settings.
 /// One store may serve many caches (providers): rows and locks are scoped by
@@ -43,12 +71,13 @@ pub enum LockMode {
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use loadlock::{LockMode, PgStore};
+/// use loadlock::{FillMode, LockMode, PgStore};
 ///
 /// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
 /// let store = PgStore::builder(pool)
 ///     .table("cache.entries")
 ///     .lock_mode(LockMode::PerKey)
+///     .fill_mode(FillMode::Lease)
 ///     .lock_timeout(Duration::from_secs(5))
 ///     .build()?;
 /// store.migrate().await?; // at startup; safe when many instances start at once
@@ -59,20 +88,29 @@ pub struct PgStore {
     pub(super) inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
+pub(super) struct Inner {
     pub(super) pool: PgPool,
     pub(super) table: TableName,
     pub(super) unlogged: bool,
-    lock_mode: LockMode,
-    lock_timeout: Duration,
-    idle_in_transaction_timeout: Duration,
-    max_locks_per_transaction: usize,
-    sql: Statements,
+    pub(super) lock_mode: LockMode,
+    pub(super) fill_mode: FillMode,
+    pub(super) lock_timeout: Duration,
+    pub(super) idle_in_transaction_timeout: Duration,
+    pub(super) max_locks_per_transaction: usize,
+    pub(super) max_lease: Duration,
+    pub(super) query_timeout: Duration,
+    pub(super) sql: Statements,
     round_trips: AtomicU64,
-    /// The channel of this table's invalidation events.
-    channel: String,
-    /// Subscribers of the events; the listener starts with the first.
-    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<crate::StoreEvent>>,
+    /// Who holds the leases this store takes: shows in the table's
+    /// `lease_holder` column.
+    pub(super) holder: String,
+    /// The channel of this table's events.
+    pub(super) channel: String,
+    /// Subscribers of the events; the listener starts with the first
+    /// subscriber or the first fill that waits for another's lease.
+    events: OnceLock<tokio::sync::broadcast::Sender<StoreEvent>>,
+    /// Fills waiting for other holders' leases, woken by the listener.
+    pub(super) waiters: Arc<Waiters>,
     /// Dropped with the store, which stops the listener.
     closing: tokio::sync::watch::Sender<()>,
 }
@@ -84,7 +122,10 @@ impl fmt::Debug for PgStore {
             .field("table", &inner.table.to_string())
             .field("unlogged", &inner.unlogged)
             .field("lock_mode", &inner.lock_mode)
+            .field("fill_mode", &inner.fill_mode)
             .field("lock_timeout", &inner.lock_timeout)
+            .field("query_timeout", &inner.query_timeout)
+            .field("max_lease", &inner.max_lease)
             .field(
                 "idle_in_transaction_timeout",
                 &inner.idle_in_transaction_timeout,
@@ -112,9 +153,12 @@ impl PgStore {
             table: DEFAULT_TABLE.to_owned(),
             unlogged: false,
             lock_mode: LockMode::PerKey,
+            fill_mode: FillMode::Lease,
             lock_timeout: Duration::from_secs(10),
             idle_in_transaction_timeout: Duration::from_secs(120),
             max_locks_per_transaction: 1000,
+            max_lease: Duration::from_secs(120),
+            query_timeout: Duration::from_secs(30),
         }
     }
 
@@ -133,9 +177,19 @@ impl PgStore {
         self.inner.lock_mode
     }
 
-    /// The `LISTEN/NOTIFY` channel of this table's invalidation events. The
-    /// listener connection shows in `pg_stat_activity` with the application
-    /// name `loadlock-listener`.
+    /// The fill protocol in use: [`LockMode::Namespace`] always fills with
+    /// [`FillMode::HeldTransaction`].
+    pub fn fill_mode(&self) -> FillMode {
+        match self.inner.lock_mode {
+            LockMode::Namespace => FillMode::HeldTransaction,
+            LockMode::PerKey => self.inner.fill_mode,
+        }
+    }
+
+    /// The `LISTEN/NOTIFY` channel of this table's events (invalidations,
+    /// and publishes that other fills wait for). The listener connection
+    /// shows in `pg_stat_activity` with the application name
+    /// `loadlock-listener`.
     pub fn event_channel(&self) -> &str {
         &self.inner.channel
     }
@@ -146,27 +200,29 @@ impl PgStore {
         self.inner.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Deletes at most `limit` expired rows (of every namespace), skipping
-    /// rows another transaction has locked, so it never blocks a fill; returns
-    /// how many it deleted. Call it periodically (for example every minute
-    /// with a limit of 10,000) to keep the table small; a cache works without
-    /// it, since expired rows are misses and refills overwrite them.
+    /// Deletes at most `limit` rows that no longer serve (expired, or of a
+    /// namespace generation older than the current one), skipping rows
+    /// another transaction has locked or a live lease holds, so it never
+    /// blocks a fill; returns how many it deleted. Call it periodically (for
+    /// example every minute with a limit of 10,000) to keep the table small;
+    /// a cache works without it, since such rows are misses and refills
+    /// overwrite them.
     ///
     /// `expires_at` is deliberately not indexed (it changes on every refill,
     /// and an index would rule out HOT updates), so each call scans until it
-    /// has found `limit` expired rows.
+    /// has found `limit` rows.
     ///
     /// # Errors
     ///
-    /// [`Error::Store`] when the statement fails.
+    /// [`Error::Store`] when the statement fails or takes longer than the
+    /// [query timeout](PgStoreBuilder::query_timeout).
     pub async fn purge_expired(&self, limit: usize) -> Result<u64, Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.count_round_trips(1);
-        let done = sqlx::query(&self.inner.sql.purge_expired)
-            .bind(limit)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|e| self.error("purging expired rows", e))?;
+        let sql = &self.inner.sql.purge_expired;
+        let done = on_conn!(self, "purging expired rows", Duration::ZERO, None, |conn| {
+            sqlx::query(sql).bind(limit).execute(conn)
+        })?;
         Ok(done.rows_affected())
     }
 
@@ -174,314 +230,102 @@ impl PgStore {
         self.inner.round_trips.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// A pooled connection, waiting until `deadline` at most.
+    pub(super) async fn acquire(
+        &self,
+        doing: &str,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<PoolConnection<Postgres>, Error> {
+        match tokio::time::timeout_at(deadline, self.inner.pool.acquire()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(self.error(doing, err)),
+            Err(_) => Err(self.timed_out(doing, limit)),
+        }
+    }
+
+    pub(super) fn timed_out(&self, doing: &str, limit: Duration) -> Error {
+        Error::Store {
+            message: format!(
+                "{doing} ({}): no answer within {limit:?}; the connection was discarded",
+                self.inner.table
+            )
+            .into(),
+            source: None,
+        }
+    }
+
+    /// Maps a database error: a lock timeout to [`Error::LockTimeout`] when
+    /// `locks` says what was being locked, otherwise as [`error`](Self::error).
+    pub(super) fn db_error(
+        &self,
+        doing: &str,
+        locks: Option<(&str, usize)>,
+        err: sqlx::Error,
+    ) -> Error {
+        match locks {
+            Some((namespace, keys)) if sql_state(&err).as_deref() == Some("55P03") => {
+                Error::LockTimeout {
+                    namespace: namespace.into(),
+                    keys,
+                    timeout: self.inner.lock_timeout,
+                }
+            }
+            _ => self.error(doing, err),
+        }
+    }
+
     /// Maps a database error, naming the missing table when that is the
     /// cause.
     pub(super) fn error(&self, doing: &str, err: sqlx::Error) -> Error {
-        if sql_state(&err).as_deref() == Some("42P01") {
-            return Error::store(
-                format!(
-                    "{doing}: table {} does not exist; call PgStore::migrate() once at startup",
-                    self.inner.table
-                ),
-                err,
-            );
+        match sql_state(&err).as_deref() {
+            Some("42P01") | Some("42883") | Some("42703") => {
+                return Error::store(
+                    format!(
+                        "{doing}: table {} is missing or not up to date; call PgStore::migrate() \
+                         once at startup",
+                        self.inner.table
+                    ),
+                    err,
+                );
+            }
+            _ => {}
         }
         Error::store(format!("{doing} ({})", self.inner.table), err)
     }
 
-    async fn select_fresh<'c, E, V>(
-        &self,
-        executor: E,
-        namespace: &str,
-        keys: &[String],
-        grace: Duration,
-    ) -> Result<Vec<Lookup<V>>, Error>
-    where
-        E: Executor<'c, Database = Postgres>,
-        V: serde::de::DeserializeOwned + Clone,
-    {
-        self.count_round_trips(1);
-        let rows = sqlx::query(&self.inner.sql.select_fresh)
-            .bind(namespace)
-            .bind(keys)
-            .bind(grace.as_secs_f64())
-            .fetch_all(executor)
-            .await
-            .map_err(|e| self.error("reading cache rows", e))?;
-        let position: HashMap<&str, usize> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| (key.as_str(), i))
-            .collect();
-        let mut found = vec![Lookup::Miss; keys.len()];
-        for row in rows {
-            let Some(&i) = row
-                .try_get::<&str, _>(0)
-                .ok()
-                .and_then(|key| position.get(key))
-            else {
-                continue;
-            };
-            found[i] = decode_value(&row, namespace, &keys[i]);
+    /// The event sender, starting the listener on first use; `None` outside
+    /// a tokio runtime (nothing is set up then, so a later call may start
+    /// it).
+    pub(super) fn events(&self) -> Option<&tokio::sync::broadcast::Sender<StoreEvent>> {
+        if let Some(sender) = self.inner.events.get() {
+            return Some(sender);
         }
-        Ok(found)
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.inner.events.get_or_init(|| {
+            let sender = tokio::sync::broadcast::channel(4096).0;
+            events::spawn_listener(
+                runtime,
+                (*self.inner.pool.connect_options()).clone(),
+                self.inner.channel.clone(),
+                sender.clone(),
+                Arc::clone(&self.inner.waiters),
+                self.inner.closing.subscribe(),
+            );
+            sender
+        }))
     }
 
-    /// Opens a bounded READ COMMITTED transaction holding the locks of
-    /// `keys` (or of the namespace), in one ordered statement. Dropping the
-    /// transaction before COMMIT rolls back, which releases the locks and
-    /// writes nothing.
-    async fn begin_locked(
-        &self,
-        namespace: &str,
-        keys: &[String],
-        try_only: bool,
-    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
-        self.begin_with_locks(namespace, self.locks_for(keys), try_only)
-            .await
-    }
-
-    /// What this store's lock mode locks for `keys`.
-    fn locks_for<'k>(&self, keys: &'k [String]) -> Locks<'k> {
-        match self.inner.lock_mode {
-            LockMode::PerKey => Locks::Keys(keys),
-            LockMode::Namespace => Locks::Namespace,
-        }
-    }
-
-    /// [`begin_locked`](Self::begin_locked) for an explicit set of locks.
-    async fn begin_with_locks(
-        &self,
-        namespace: &str,
-        locks: Locks<'_>,
-        try_only: bool,
-    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, Error> {
-        let inner = &*self.inner;
-        let namespace_id = namespace_lock_id(namespace);
-        let (keys, ids): (usize, Vec<i64>) = match locks {
-            Locks::Keys(keys) => (
-                keys.len(),
-                keys.iter().map(|key| lock_id(namespace, key)).collect(),
-            ),
-            Locks::Namespace => (0, Vec::new()),
-        };
-        let whole_namespace = matches!(locks, Locks::Namespace);
-        self.count_round_trips(1);
-        let mut tx = inner
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(|e| self.error("starting a transaction", e))?;
-        self.count_round_trips(1);
-        sqlx::query(inner.sql.bound_transaction)
-            .bind(pg_millis(inner.lock_timeout))
-            .bind(pg_millis(inner.idle_in_transaction_timeout))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("bounding the transaction", e))?;
-        self.count_round_trips(1);
-        if try_only {
-            let taken: bool = if whole_namespace {
-                sqlx::query_scalar(inner.sql.try_lock_namespace)
-                    .bind(namespace_id)
-                    .fetch_one(&mut *tx)
-                    .await
-            } else {
-                sqlx::query_scalar(inner.sql.try_lock)
-                    .bind(&ids)
-                    .bind(namespace_id)
-                    .fetch_one(&mut *tx)
-                    .await
-            }
-            .map_err(|e| self.error("trying the keys' locks", e))?;
-            // Dropping `tx` rolls back, releasing whatever was taken.
-            return Ok(taken.then_some(tx));
-        }
-        let locked = if whole_namespace {
-            sqlx::query(inner.sql.lock_namespace)
-                .bind(namespace_id)
-                .execute(&mut *tx)
-                .await
+    /// The most keys one claim or fill transaction covers for a fill whose
+    /// provider calls carry `max_batch_size` keys: a whole number of calls
+    /// where the lock cap allows.
+    pub(super) fn group_size(&self, max_batch_size: usize) -> usize {
+        let cap = self.inner.max_locks_per_transaction;
+        if max_batch_size <= cap {
+            cap / max_batch_size * max_batch_size
         } else {
-            sqlx::query(inner.sql.lock)
-                .bind(&ids)
-                .bind(namespace_id)
-                .execute(&mut *tx)
-                .await
-        };
-        match locked {
-            Ok(_) => Ok(Some(tx)),
-            Err(err) if sql_state(&err).as_deref() == Some("55P03") => Err(Error::LockTimeout {
-                namespace: namespace.into(),
-                keys,
-                timeout: inner.lock_timeout,
-            }),
-            Err(err) => Err(self.error("taking the keys' locks", err)),
+            cap
         }
-    }
-
-    /// [`begin_with_locks`](Self::begin_with_locks), waiting for the locks.
-    async fn lock(
-        &self,
-        namespace: &str,
-        locks: Locks<'_>,
-    ) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
-        self.begin_with_locks(namespace, locks, false)
-            .await?
-            .ok_or_else(|| Error::Store {
-                message: "the locks were not taken".into(),
-                source: None,
-            })
-    }
-
-    /// Tombstones `keys` (entries that are never fresh, so never served,
-    /// stale or not) and announces them, inside `tx`.
-    async fn tombstone(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        namespace: &str,
-        keys: &[String],
-    ) -> Result<(), Error> {
-        self.count_round_trips(1);
-        sqlx::query(&self.inner.sql.tombstone)
-            .bind(namespace)
-            .bind(keys)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("invalidating cache rows", e))?;
-        self.publish(tx, namespace, Some(keys)).await
-    }
-
-    /// Announces `keys` of `namespace` (all of it for `None`) inside `tx`:
-    /// delivered when, and only if, it commits.
-    async fn publish(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        namespace: &str,
-        keys: Option<&[String]>,
-    ) -> Result<(), Error> {
-        self.count_round_trips(1);
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-            .bind(&self.inner.channel)
-            .bind(super::events::payloads(namespace, keys))
-            .execute(tx)
-            .await
-            .map_err(|e| self.error("publishing an invalidation", e))?;
-        Ok(())
-    }
-
-    async fn commit(
-        &self,
-        tx: sqlx::Transaction<'static, Postgres>,
-        doing: &str,
-    ) -> Result<(), Error> {
-        self.count_round_trips(1);
-        tx.commit().await.map_err(|e| self.error(doing, e))
-    }
-
-    /// One invalidation transaction: the keys' locks, `work` (a write to
-    /// the source) if any, then their tombstones.
-    async fn invalidate_group(
-        &self,
-        namespace: &str,
-        keys: &[String],
-        work: Option<futures::future::BoxFuture<'_, ()>>,
-    ) -> Result<(), Error> {
-        let mut tx = self.lock(namespace, self.locks_for(keys)).await?;
-        if let Some(work) = work {
-            work.await;
-        }
-        self.tombstone(&mut tx, namespace, keys).await?;
-        self.commit(tx, "committing an invalidation").await
-    }
-
-    /// One fill transaction over `group` (indices into `fill.keys()`).
-    async fn fill_group<F: BatchFetch>(
-        &self,
-        fill: &Fill<'_, F>,
-        displayed: &[String],
-        group: &[usize],
-        answers: &mut [Option<Filled<F::Value>>],
-        try_only: bool,
-    ) -> Result<bool, Error> {
-        let inner = &*self.inner;
-        let namespace = fill.namespace();
-        let keys: Vec<String> = group.iter().map(|&i| displayed[i].clone()).collect();
-        let started = Instant::now();
-        let locked = self.begin_locked(namespace, &keys, try_only).await;
-        fill.record_lock_wait(started.elapsed());
-        let Some(mut tx) = locked? else {
-            return Ok(false);
-        };
-
-        // A new statement, so a new snapshot: it sees what others committed
-        // while we waited for the locks.
-        let reread: Vec<Lookup<F::Value>> = self
-            .select_fresh(&mut *tx, namespace, &keys, Duration::ZERO)
-            .await?;
-        let mut missing = Vec::new();
-        for (&i, lookup) in group.iter().zip(reread) {
-            match lookup {
-                Lookup::Hit(value) => answers[i] = Some(Filled::Stored(Some(value))),
-                Lookup::NegativeHit => answers[i] = Some(Filled::Stored(None)),
-                _ => missing.push(i),
-            }
-        }
-        if missing.is_empty() {
-            fill.about_to_commit(group);
-            self.commit(tx, "ending a fill transaction").await?;
-            return Ok(true);
-        }
-
-        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let mut fetched = fill.fetch(&missing_keys).await?;
-
-        let mut rows: Vec<(&str, Option<String>)> = Vec::with_capacity(missing.len());
-        let mut values: HashMap<&str, (usize, F::Value)> = HashMap::with_capacity(missing.len());
-        for (&i, key) in missing.iter().zip(&missing_keys) {
-            let value = fetched.remove(key);
-            let json = match &value {
-                Some(value) => Some(serde_json::to_string(value).map_err(|e| {
-                    Error::store(format!("value of key {:?} is not JSON", displayed[i]), e)
-                })?),
-                None => None,
-            };
-            rows.push((displayed[i].as_str(), json));
-            answers[i] = Some(Filled::Fetched(None));
-            if let Some(value) = value {
-                values.insert(displayed[i].as_str(), (i, value));
-            }
-        }
-        // Sorted (so concurrent upserts take row locks in one order) and
-        // deduplicated (one statement may not touch a row twice).
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        rows.dedup_by(|a, b| a.0 == b.0);
-        let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) = rows.into_iter().unzip();
-        self.count_round_trips(1);
-        let written = sqlx::query(&inner.sql.upsert)
-            .bind(namespace)
-            .bind(&row_keys)
-            .bind(&row_values)
-            .bind(fill.ttl().as_secs_f64())
-            .bind(fill.negative_ttl().as_secs_f64())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.error("writing cache rows", e))?;
-        // The version and times each value was written with.
-        for row in written {
-            let Ok(key) = row.try_get::<&str, _>(0) else {
-                continue;
-            };
-            if let Some((i, value)) = values.remove(key) {
-                let (version, fetched_at, expires_at) = row_meta(&row, 1);
-                answers[i] = Some(Filled::Fetched(Some(Entry::new(
-                    value, version, fetched_at, expires_at,
-                ))));
-            }
-        }
-        fill.about_to_commit(group);
-        self.commit(tx, "committing a fill").await?;
-        Ok(true)
     }
 }
 
@@ -494,48 +338,36 @@ impl<F: BatchFetch> Store<F> for PgStore {
         grace: Duration,
     ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        self.select_fresh(&self.inner.pool, namespace, &displayed, grace)
-            .await
+        self.read(namespace, &displayed, grace).await
+    }
+
+    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
+        let answers = match self.fill_mode() {
+            FillMode::Lease => self.fill_leased(&fill, false).await?,
+            FillMode::HeldTransaction => self.fill_held(&fill, false).await?,
+        };
+        answers.ok_or_else(|| Error::Store {
+            message: "a fill gave up without trying only".into(),
+            source: None,
+        })
     }
 
     async fn refresh(&self, fill: Fill<'_, F>) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
-        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
-        let mut answers: Vec<Option<Filled<F::Value>>> =
-            (0..displayed.len()).map(|_| None).collect();
-        let all: Vec<usize> = (0..displayed.len()).collect();
-        // A refresh is small (the stale keys of one batch): one group.
-        if !self
-            .fill_group(&fill, &displayed, &all, &mut answers, true)
-            .await?
-        {
-            return Ok(None);
+        match self.fill_mode() {
+            FillMode::Lease => self.fill_leased(&fill, true).await,
+            FillMode::HeldTransaction => self.fill_held(&fill, true).await,
         }
-        Ok(answers.into_iter().collect())
     }
 
     fn fill_time_limit(&self) -> Option<Duration> {
-        Some(self.inner.idle_in_transaction_timeout)
+        Some(match self.fill_mode() {
+            FillMode::Lease => super::lease::longest_covered_fetch(self.inner.max_lease),
+            FillMode::HeldTransaction => self.inner.idle_in_transaction_timeout,
+        })
     }
 
-    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<crate::StoreEvent>> {
-        if let Some(sender) = self.inner.events.get() {
-            return Some(sender.subscribe());
-        }
-        // The listener runs on the tokio runtime; without one there are no
-        // events (and nothing is set up, so a later call may start them).
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let sender = self.inner.events.get_or_init(|| {
-            let sender = tokio::sync::broadcast::channel(4096).0;
-            super::events::spawn_listener(
-                runtime,
-                Arc::downgrade(&self.inner),
-                self.inner.channel.clone(),
-                sender.clone(),
-                self.inner.closing.subscribe(),
-            );
-            sender
-        });
-        Some(sender.subscribe())
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        self.events().map(|sender| sender.subscribe())
     }
 
     async fn put_if_version(
@@ -549,50 +381,12 @@ impl<F: BatchFetch> Store<F> for PgStore {
         let text = key.to_string();
         let json = serde_json::to_string(&value)
             .map_err(|e| Error::store(format!("value of key {text:?} is not JSON"), e))?;
-        let expected_i64 = i64::try_from(expected).unwrap_or(i64::MAX);
-        let keys = std::slice::from_ref(&text);
-        let mut tx = self.lock(namespace, self.locks_for(keys)).await?;
-        self.count_round_trips(1);
-        let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
-            .bind(namespace)
-            .bind(&text)
-            .bind(expected_i64)
-            .bind(&json)
-            .bind(ttl.as_secs_f64())
-            .fetch_optional(&mut *tx)
+        self.put_if_version_text(namespace, text, expected, json, ttl)
             .await
-            .map_err(|e| self.error("putting a value", e))?;
-        let Some(version) = written else {
-            self.count_round_trips(1);
-            let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
-                .bind(namespace)
-                .bind(&text)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.error("reading a version", e))?;
-            return Err(Error::VersionMismatch {
-                namespace: namespace.into(),
-                key: text.into(),
-                expected,
-                actual: actual.and_then(|v| u64::try_from(v).ok()),
-            });
-        };
-        self.publish(&mut tx, namespace, Some(keys)).await?;
-        self.commit(tx, "committing a put").await?;
-        Ok(u64::try_from(version).unwrap_or(0))
     }
 
     async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
-        let mut tx = self.lock(namespace, Locks::Namespace).await?;
-        // Deleting keeps versions growing: they come from a sequence.
-        self.count_round_trips(1);
-        sqlx::query(&self.inner.sql.delete_namespace)
-            .bind(namespace)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error("invalidating a namespace", e))?;
-        self.publish(&mut tx, namespace, None).await?;
-        self.commit(tx, "committing an invalidation").await
+        self.invalidate_whole_namespace(namespace).await
     }
 
     async fn write_locked(
@@ -625,95 +419,9 @@ impl<F: BatchFetch> Store<F> for PgStore {
         }
         Ok(())
     }
-
-    async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
-        let displayed: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
-        let mut answers: Vec<Option<Filled<F::Value>>> =
-            (0..displayed.len()).map(|_| None).collect();
-        let indices: Vec<usize> = (0..displayed.len()).collect();
-        let group_size = match self.inner.lock_mode {
-            // A whole number of provider calls per group where the cap
-            // allows, so groups add no provider call.
-            LockMode::PerKey => {
-                let cap = self.inner.max_locks_per_transaction;
-                let batch = fill.max_batch_size();
-                if batch <= cap {
-                    cap / batch * batch
-                } else {
-                    cap
-                }
-            }
-            LockMode::Namespace => indices.len().max(1),
-        };
-        // Groups run one after another: a transaction never waits for a lock
-        // while holding another group's locks. Each group commits on its own:
-        // when a later group's provider call fails, earlier groups' values
-        // stay stored (they are good values), and the load still fails.
-        for group in indices.chunks(group_size) {
-            self.fill_group(&fill, &displayed, group, &mut answers, false)
-                .await?;
-        }
-        answers
-            .into_iter()
-            .map(|answer| {
-                answer.ok_or_else(|| Error::Store {
-                    message: "a fill left a key unanswered".into(),
-                    source: None,
-                })
-            })
-            .collect()
-    }
 }
 
-/// Decodes a row's value: a hit, a negative entry (NULL), or undecodable.
-fn decode_value<V: serde::de::DeserializeOwned>(
-    row: &PgRow,
-    namespace: &str,
-    key: &str,
-) -> Lookup<V> {
-    let fresh = row.try_get::<bool, _>(2).unwrap_or(false);
-    match row.try_get::<Option<Json<V>>, _>(1) {
-        Ok(Some(Json(value))) => {
-            let (version, fetched_at, expires_at) = row_meta(row, 3);
-            let entry = Entry::new(value, version, fetched_at, expires_at);
-            if fresh {
-                Lookup::Hit(entry)
-            } else {
-                Lookup::Stale(entry)
-            }
-        }
-        Ok(None) if fresh => Lookup::NegativeHit,
-        Ok(None) => Lookup::Miss,
-        Err(err) => {
-            tracing::warn!(
-                namespace,
-                key,
-                error = %err,
-                "cached row does not decode into the value type; fetching it again"
-            );
-            Lookup::Undecodable
-        }
-    }
-}
-
-/// Reads `version, fetched_at, expires_at` (the times as epoch seconds)
-/// from the columns starting at `first`.
-fn row_meta(row: &PgRow, first: usize) -> (u64, SystemTime, SystemTime) {
-    let version = row.try_get::<i64, _>(first).unwrap_or(0);
-    let time = |i: usize| {
-        let seconds = row.try_get::<f64, _>(i).unwrap_or(0.0);
-        Duration::try_from_secs_f64(seconds)
-            .map(|d| SystemTime::UNIX_EPOCH + d)
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    };
-    (
-        u64::try_from(version).unwrap_or(0),
-        time(first + 1),
-        time(first + 2),
-    )
-}
-
-fn sql_state(err: &sqlx::Error) -> Option<String> {
+pub(super) fn sql_state(err: &sqlx::Error) -> Option<String> {
     err.as_database_error()
         .and_then(|db| db.code())
         .map(|code| code.into_owned())
@@ -721,7 +429,7 @@ fn sql_state(err: &sqlx::Error) -> Option<String> {
 
 /// A duration as a Postgres setting value, in whole milliseconds (at least 1;
 /// 0 would mean "no limit").
-fn pg_millis(duration: Duration) -> String {
+pub(super) fn pg_millis(duration: Duration) -> String {
     format!("{}ms", duration.as_millis().max(1))
 }
 
@@ -732,7 +440,10 @@ fn pg_millis(duration: Duration) -> String {
 /// | [`table`](Self::table) | `loadlock_cache` |
 /// | [`unlogged`](Self::unlogged) | `false` |
 /// | [`lock_mode`](Self::lock_mode) | [`LockMode::PerKey`] |
+/// | [`fill_mode`](Self::fill_mode) | [`FillMode::Lease`] |
 /// | [`lock_timeout`](Self::lock_timeout) | 10 s |
+/// | [`query_timeout`](Self::query_timeout) | 30 s |
+/// | [`max_lease`](Self::max_lease) | 120 s |
 /// | [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout) | 120 s |
 /// | [`max_locks_per_transaction`](Self::max_locks_per_transaction) | 1,000 |
 #[must_use = "a builder does nothing until .build() is called"]
@@ -741,9 +452,12 @@ pub struct PgStoreBuilder {
     table: String,
     unlogged: bool,
     lock_mode: LockMode,
+    fill_mode: FillMode,
     lock_timeout: Duration,
     idle_in_transaction_timeout: Duration,
     max_locks_per_transaction: usize,
+    max_lease: Duration,
+    query_timeout: Duration,
 }
 
 impl fmt::Debug for PgStoreBuilder {
@@ -752,7 +466,10 @@ impl fmt::Debug for PgStoreBuilder {
             .field("table", &self.table)
             .field("unlogged", &self.unlogged)
             .field("lock_mode", &self.lock_mode)
+            .field("fill_mode", &self.fill_mode)
             .field("lock_timeout", &self.lock_timeout)
+            .field("query_timeout", &self.query_timeout)
+            .field("max_lease", &self.max_lease)
             .field(
                 "idle_in_transaction_timeout",
                 &self.idle_in_transaction_timeout,
@@ -789,29 +506,62 @@ impl PgStoreBuilder {
         self
     }
 
-    /// How long a fill waits for its keys' locks before failing with
-    /// [`Error::LockTimeout`]. At least 1 ms.
+    /// How a fill keeps its keys while it calls the provider; see
+    /// [`FillMode`]. Use one mode for every instance sharing a table: mixing
+    /// them never serves a stale value, but a held-transaction fill
+    /// overwrites (revokes) a lease, so a key may then be fetched twice.
+    pub fn fill_mode(mut self, mode: FillMode) -> Self {
+        self.fill_mode = mode;
+        self
+    }
+
+    /// How long one statement that takes locks (a claim, an invalidation)
+    /// may wait for them in all, before failing with
+    /// [`Error::LockTimeout`]: the bound holds for the statement as a
+    /// whole, however many keys it locks. At least 1 ms.
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
     }
 
-    /// How long a fill transaction may sit idle, which is how long the
-    /// provider (with its retries) may take while the keys' locks are held.
-    /// Past it, the server ends the session: the locks are released and the
-    /// load fails with [`Error::Store`], so nothing can hold keys forever.
-    /// The cache's provider timeout, times its attempts, plus retry waits,
-    /// must be shorter ([`CacheBuilder::build`](crate::CacheBuilder::build)
-    /// checks). At least 1 ms.
+    /// The longest any one round trip may take, waiting for a pooled
+    /// connection included (plus the lock timeout, for statements that take
+    /// locks). Past it the operation fails with [`Error::Store`] and the
+    /// connection is discarded, so a half-open connection or a stalled
+    /// server fails loads instead of hanging them. At least 1 ms.
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// The longest lease a fill may take ([`FillMode::Lease`]). A fill's
+    /// lease lasts as long as its provider calls may take (every chunk of
+    /// its group, every attempt at the provider timeout, every retry wait),
+    /// plus a margin; large fills are split into groups whose lease fits.
+    /// A lease past its expiry may be taken over by another fill: its holder
+    /// is presumed dead or hung. [`CacheBuilder::build`](crate::CacheBuilder::build)
+    /// checks that one provider call with its retries fits. At least 1 s.
+    pub fn max_lease(mut self, max: Duration) -> Self {
+        self.max_lease = max;
+        self
+    }
+
+    /// How long a transaction may sit idle: with
+    /// [`FillMode::HeldTransaction`], how long the provider (with its
+    /// retries) may take while the keys' locks are held; with leases, it
+    /// only bounds short transactions (and [`Cache::write`](crate::Cache::write)'s
+    /// update). Past it, the server ends the session: the locks are released
+    /// and the operation fails with [`Error::Store`], so nothing can hold
+    /// keys forever. At least 1 ms.
     pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.idle_in_transaction_timeout = timeout;
         self
     }
 
-    /// The most keys one fill transaction locks; larger miss sets are filled
-    /// in several transactions, one after another. The server's lock table is
-    /// shared and finite (default settings fail near 10–20 thousand locks in
-    /// one transaction). At least 1.
+    /// The most keys one claim or fill transaction locks; larger miss sets
+    /// are filled in several groups, one after another. The server's lock
+    /// table is shared and finite (default settings fail near 10–20
+    /// thousand locks in one transaction). At least 1.
     pub fn max_locks_per_transaction(mut self, max: usize) -> Self {
         self.max_locks_per_transaction = max;
         self
@@ -822,21 +572,26 @@ impl PgStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for an invalid table name, a zero timeout or a zero
-    /// lock cap.
+    /// [`Error::Config`] for an invalid table name, a zero timeout, a lease
+    /// limit under a second, or a zero lock cap.
     pub fn build(self) -> Result<PgStore, Error> {
         let table = TableName::parse(&self.table)?;
         // Postgres takes these settings as 32-bit milliseconds.
         let pg_range = Duration::from_millis(1)..=Duration::from_millis(i32::MAX as u64);
-        if !pg_range.contains(&self.lock_timeout) {
-            return Err(Error::config(
-                "lock_timeout must be between 1 ms and 2^31 - 1 ms (about 24 days)",
-            ));
+        for (name, value) in [
+            ("lock_timeout", self.lock_timeout),
+            ("idle_in_transaction_timeout", self.idle_in_transaction_timeout),
+            ("query_timeout", self.query_timeout),
+            ("max_lease", self.max_lease),
+        ] {
+            if !pg_range.contains(&value) {
+                return Err(Error::config(format!(
+                    "{name} must be between 1 ms and 2^31 - 1 ms (about 24 days)"
+                )));
+            }
         }
-        if !pg_range.contains(&self.idle_in_transaction_timeout) {
-            return Err(Error::config(
-                "idle_in_transaction_timeout must be between 1 ms and 2^31 - 1 ms (about 24 days)",
-            ));
+        if self.max_lease < Duration::from_secs(1) {
+            return Err(Error::config("max_lease must be at least 1 s"));
         }
         if self.max_locks_per_transaction == 0 {
             return Err(Error::config(
@@ -844,31 +599,38 @@ impl PgStoreBuilder {
             ));
         }
         let sql = Statements::new(&table);
-        let channel = super::events::channel(&table);
+        let channel = events::channel(&table);
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 table,
                 unlogged: self.unlogged,
                 lock_mode: self.lock_mode,
+                fill_mode: self.fill_mode,
                 lock_timeout: self.lock_timeout,
                 idle_in_transaction_timeout: self.idle_in_transaction_timeout,
                 max_locks_per_transaction: self.max_locks_per_transaction,
+                max_lease: self.max_lease,
+                query_timeout: self.query_timeout,
+                holder: holder_name(),
                 channel,
                 sql,
                 round_trips: AtomicU64::new(0),
-                events: std::sync::OnceLock::new(),
+                events: OnceLock::new(),
+                waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
             }),
         })
     }
 }
 
-/// What a transaction locks.
-#[derive(Clone, Copy)]
-enum Locks<'a> {
-    /// These keys (and their namespace, shared).
-    Keys(&'a [String]),
-    /// The whole namespace, exclusively.
-    Namespace,
+/// The name this store's leases carry: the process and a per-store number,
+/// so operators can tell holders apart in the table.
+fn holder_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "pid {} store {}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
