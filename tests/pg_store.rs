@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::lock_id;
-use loadlock::{Cache, Error, LockMode, PgStore};
+use loadlock::{Cache, Error, FillMode, LockMode, PgStore};
 use sqlx::{Connection, PgConnection};
 use support::pg::TestDb;
 use support::{conformance, value_of, Fake};
@@ -96,7 +96,8 @@ async fn concurrent_migrate_applies_once() {
         history,
         vec![
             (1, "cache table".to_string()),
-            (2, "entry versions".to_string())
+            (2, "entry versions".to_string()),
+            (3, "leases and namespace generations".to_string()),
         ]
     );
     let persistence: String = sqlx::query_scalar(
@@ -233,20 +234,21 @@ async fn rows_are_readable_with_plain_sql() {
     db.cleanup().await;
 }
 
-/// An instance that waited on another's locks finds the other's rows in its
-/// re-read and does not call its provider for them.
+/// With held transactions, an instance that waited on another's locks finds
+/// the other's rows in its re-read and does not call its provider for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reread_after_lock_finds_the_other_instances_rows() {
     let db = TestDb::new("reread").await;
     let gate = Arc::new(Semaphore::new(0));
     let first = Fake::<u64>::builder("pg/reread").gate(gate.clone()).build();
     let second = Fake::<u64>::new("pg/reread");
+    let held = FillMode::HeldTransaction;
     let a = Cache::builder(first.clone())
-        .store(db.store(LockMode::PerKey).await)
+        .store(db.store_with(LockMode::PerKey, held).await)
         .build()
         .unwrap();
     let b = Cache::builder(second.clone())
-        .store(db.store(LockMode::PerKey).await)
+        .store(db.store_with(LockMode::PerKey, held).await)
         .build()
         .unwrap();
     let keys: Vec<u64> = (0..10).collect();
@@ -277,6 +279,69 @@ async fn reread_after_lock_finds_the_other_instances_rows() {
     assert_eq!(stats.store_hits, 10);
     assert_eq!(stats.lock_waits, 1);
     assert!(stats.lock_wait_max > Duration::ZERO);
+    db.cleanup().await;
+}
+
+/// With leases, an instance that finds another's live leases waits for its
+/// publish (woken by its notification, well before the poll) and does not
+/// call its provider; no connection of either instance is held meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leased_key_is_awaited_not_fetched_again() {
+    let db = TestDb::new("leasewait").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let first = Fake::<u64>::builder("pg/leasewait").gate(gate.clone()).build();
+    let second = Fake::<u64>::new("pg/leasewait");
+    let a_store = db.store(LockMode::PerKey).await;
+    let a = Cache::builder(first.clone())
+        .store(a_store.clone())
+        .build()
+        .unwrap();
+    let b = Cache::builder(second.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let keys: Vec<u64> = (0..10).collect();
+
+    let a_load = tokio::spawn({
+        let (a, keys) = (a.clone(), keys.clone());
+        async move { a.loader().load_many(keys).await }
+    });
+    // A holds the leases, its provider held at the gate.
+    wait_until(|| first.call_count() == 1).await;
+    let b_load = tokio::spawn({
+        let (b, keys) = (b.clone(), keys.clone());
+        async move { b.loader().load_many(keys).await }
+    });
+    wait_until(|| b.stats().lease_waits == 10).await;
+    // Nothing of the store sits in a transaction while the provider runs.
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let idle_in_transaction: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(idle_in_transaction, 0);
+    let leased: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE lease_token IS NOT NULL AND lease_waiters",
+        db.table()
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(leased, 10, "the leases show, marked as awaited");
+    let published = Instant::now();
+    gate.add_permits(1);
+
+    assert_eq!(a_load.await.unwrap().unwrap().len(), 10);
+    let got = b_load.await.unwrap().unwrap();
+    let waited = published.elapsed();
+    assert_eq!(got[&3], value_of(&3));
+    assert_eq!(second.call_count(), 0, "B must not call its provider");
+    let stats = b.stats();
+    assert_eq!(stats.store_hits_after_lock, 10);
+    assert_eq!(stats.store_hits, 10);
+    eprintln!("B answered {waited:?} after A's publish");
     db.cleanup().await;
 }
 
@@ -333,11 +398,14 @@ async fn lock_timeout_is_an_error_not_a_hang() {
 
 /// An all-hit batch is one round trip; a miss batch a constant number per
 /// lock group, whatever its size.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trips_are_constant_per_batch() {
-    let db = TestDb::new("roundtrips").await;
+/// Round trips of a miss batch, per protocol: the read, then per group of
+/// keys a claim and a publish (leases), or a transaction of six statements
+/// (held transactions).
+async fn round_trips_are_constant(fill: FillMode, per_group: u64, tag: &str) {
+    let db = TestDb::new(tag).await;
     let store = PgStore::builder(db.pool(2).await)
         .table(db.table())
+        .fill_mode(fill)
         .max_locks_per_transaction(1000)
         .build()
         .unwrap();
@@ -358,16 +426,27 @@ async fn round_trips_are_constant_per_batch() {
         cache.loader().load_many(keys).await.unwrap();
         let hit = measure(before);
         eprintln!("{n:>5} keys: all-miss batch {miss} round trips, all-hit batch {hit}");
-        // get + (BEGIN, bound, lock, re-read, upsert, COMMIT)
-        assert_eq!(miss, 7, "{n} keys");
+        assert_eq!(miss, 1 + per_group, "{n} keys");
         assert_eq!(hit, 1, "{n} keys");
     }
-    // Past the lock cap, one more transaction per group of 1,000 keys.
+    // Past the lock cap, one more group per 1,000 keys.
     let keys: Vec<u64> = (900_000..902_500).collect();
     let before = store.round_trips();
     cache.loader().load_many(keys).await.unwrap();
-    assert_eq!(measure(before), 1 + 3 * 6);
+    assert_eq!(measure(before), 1 + 3 * per_group);
     db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_are_constant_per_batch_with_leases() {
+    // claim, publish
+    round_trips_are_constant(FillMode::Lease, 2, "roundtrips_lease").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_are_constant_per_batch_with_held_transactions() {
+    // BEGIN, bound, lock, re-read, upsert, COMMIT
+    round_trips_are_constant(FillMode::HeldTransaction, 6, "roundtrips_held").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,14 +527,24 @@ async fn wait_for_lock_waiters(url: &str, ids: &[i64]) {
     }
 }
 
-/// A provider call with its retries must fit in the store's bound on a fill
-/// (its idle-in-transaction timeout), or the server would end the session
-/// under a slow but healthy provider.
+/// A provider call with its retries must fit in the store's bound on a fill:
+/// the longest lease (or a lease would expire under a slow but healthy
+/// provider, and another instance would fetch the keys again), or with held
+/// transactions the idle-in-transaction timeout (or the server would end the
+/// session).
 #[tokio::test]
 async fn provider_timeout_must_fit_the_fill_bound() {
+    for fill in [FillMode::Lease, FillMode::HeldTransaction] {
+        provider_timeout_must_fit(fill).await;
+    }
+}
+
+async fn provider_timeout_must_fit(fill: FillMode) {
     let db = TestDb::new("fillbound").await;
     let store = PgStore::builder(db.pool(1).await)
         .table(db.table())
+        .fill_mode(fill)
+        .max_lease(Duration::from_secs(20))
         .idle_in_transaction_timeout(Duration::from_secs(20))
         .build()
         .unwrap();
