@@ -3,13 +3,14 @@
 //!
 //! I instances (each its own pool) x R concurrent clients per instance, each
 //! client making requests of K keys drawn from Zipf(s) over N keys. The same
-//! workload (same seeds, same keys) runs under four strategies:
+//! workload (same seeds, same keys) runs under five strategies:
 //!
 //! * `per-key` — every load calls the provider (the naive client);
 //! * `dataloader` — per-request dedup and batching, no shared cache;
 //! * `cache-aside` — a shared Postgres table without locks (read, miss,
 //!   fetch, write);
-//! * `loadlock`.
+//! * `loadlock` — fills under leases (the default protocol);
+//! * `loadlock-held` — fills in held transactions (the older protocol).
 //!
 //! ```text
 //! cargo run --release --example hit_ratio
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::future::join_all;
 use indicatif::{ProgressBar, ProgressStyle};
-use loadlock::{BatchFetch, Cache, ErrorClass, PgStore, RetryPolicy, Stats};
+use loadlock::{BatchFetch, Cache, ErrorClass, FillMode, PgStore, RetryPolicy, Stats};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
 use sqlx::PgPool;
@@ -77,7 +78,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
     /// Strategies to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["per-key".to_string(), "dataloader".to_string(), "cache-aside".to_string(), "loadlock".to_string()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["per-key".to_string(), "dataloader".to_string(), "cache-aside".to_string(), "loadlock".to_string(), "loadlock-held".to_string()])]
     strategies: Vec<String>,
     /// Print one JSON object to stdout instead of the table.
     #[arg(long)]
@@ -216,7 +217,8 @@ enum Kind {
     PerKey,
     DataLoader,
     CacheAside,
-    Loadlock,
+    /// loadlock with this fill protocol.
+    Loadlock(FillMode),
 }
 
 impl Kind {
@@ -225,7 +227,8 @@ impl Kind {
             "per-key" => Kind::PerKey,
             "dataloader" => Kind::DataLoader,
             "cache-aside" => Kind::CacheAside,
-            "loadlock" => Kind::Loadlock,
+            "loadlock" => Kind::Loadlock(FillMode::Lease),
+            "loadlock-held" => Kind::Loadlock(FillMode::HeldTransaction),
             _ => return None,
         })
     }
@@ -235,7 +238,8 @@ impl Kind {
             Kind::PerKey => "per-key",
             Kind::DataLoader => "dataloader",
             Kind::CacheAside => "cache-aside",
-            Kind::Loadlock => "loadlock",
+            Kind::Loadlock(FillMode::HeldTransaction) => "loadlock-held",
+            Kind::Loadlock(_) => "loadlock",
         }
     }
 }
@@ -396,9 +400,10 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
                 table: env.table.clone(),
                 namespace: namespace.clone(),
             },
-            Kind::Loadlock => {
+            Kind::Loadlock(fill) => {
                 let store = PgStore::builder(pool.clone())
                     .table(env.table.clone())
+                    .fill_mode(fill)
                     .build()
                     .expect("store");
                 Client::Loadlock(
@@ -600,7 +605,8 @@ async fn main() {
         .map(|name| {
             Kind::parse(name).unwrap_or_else(|| {
                 eprintln!(
-                    "unknown strategy {name:?}: use per-key, dataloader, cache-aside, loadlock"
+                    "unknown strategy {name:?}: use per-key, dataloader, cache-aside, loadlock, \
+                     loadlock-held"
                 );
                 std::process::exit(2)
             })
@@ -629,7 +635,8 @@ async fn main() {
         .fetch_one(&db.pool(1).await)
         .await
         .expect("reading max_connections");
-    let needed = max_instances as u64 * u64::from(args.pool_size) + 5;
+    // Each loadlock instance also keeps one listener connection.
+    let needed = max_instances as u64 * (u64::from(args.pool_size) + 1) + 5;
     if needed > max_connections.parse::<u64>().unwrap_or(u64::MAX) {
         eprintln!(
             "{max_instances} instances x {} connections need {needed} connections; \
@@ -685,7 +692,11 @@ async fn main() {
     }
     let mut sweep = Vec::new();
     for &n in &args.sweep_instances {
-        for kind in [Kind::DataLoader, Kind::CacheAside, Kind::Loadlock] {
+        for kind in [
+            Kind::DataLoader,
+            Kind::CacheAside,
+            Kind::Loadlock(FillMode::Lease),
+        ] {
             if !kinds.contains(&kind) || n == 0 {
                 continue;
             }

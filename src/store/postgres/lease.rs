@@ -296,6 +296,9 @@ impl PgStore {
         fill.about_to_commit(leased);
         let written = self.publish(fill, &rows, held.token).await;
         held.settled();
+        // Fills of this process waiting for these keys need no notification
+        // from the server.
+        self.inner.waiters.wake_keys(namespace, &keys_of(&rows));
         let mut lost: Vec<usize> = Vec::new();
         let mut published: HashMap<String, (u64, std::time::SystemTime, std::time::SystemTime)> =
             HashMap::with_capacity(rows.len());
@@ -410,6 +413,11 @@ impl PgStore {
     /// Gives up the leases `token` holds on `keys`, waking their waiters.
     async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
         let inner = &*self.inner;
+        // Sorted: rows are locked in key order.
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let keys = &keys;
         self.count_round_trips(1);
         on_conn!(
             self,
@@ -424,6 +432,11 @@ impl PgStore {
                 .bind(pg_millis(inner.lock_timeout))
                 .execute(conn)
         )?;
+        self.inner.waiters.wake_keys(namespace, keys);
         Ok(())
     }
+}
+
+fn keys_of(rows: &[(&str, Option<String>)]) -> Vec<String> {
+    rows.iter().map(|(key, _)| (*key).to_owned()).collect()
 }

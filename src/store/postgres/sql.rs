@@ -18,9 +18,8 @@ pub(crate) struct Statements {
     /// exclusively in ascending order, all in one statement. The outer
     /// `ORDER BY` is what guarantees the order (output expressions are
     /// evaluated after the sort); the lock functions are never in a `WHERE`.
-    /// Each lock waits at most the time left of the statement's budget (see
-    /// the `_lock_wait` function), so the statement as a whole is bounded,
-    /// not each lock.
+    /// Each lock waits at most the time left of the statement's budget, so
+    /// the statement as a whole is bounded, not each lock.
     pub(crate) lock: String,
     /// `$1` key lock ids, `$2` the namespace's lock id: only trying; true
     /// when every lock was taken.
@@ -61,6 +60,27 @@ pub(crate) struct Statements {
     pub(crate) release: String,
 }
 
+/// The locks of the rows `s(id, shared)`, in one statement, ascending,
+/// the namespace's (shared) first, each waiting at most until `deadline`:
+/// `lock_timeout` is read when a wait begins, so setting it to the time
+/// left right before each lock (in the lock function's argument, which is
+/// evaluated first) bounds the statement as a whole. Output expressions are
+/// evaluated after the sort, so the outer `ORDER BY` fixes the order.
+fn bounded_locks(ids: &str, namespace_id: &str, deadline: &str) -> String {
+    let id = format!(
+        "CASE WHEN set_config('lock_timeout', \
+             greatest(1, ceil(1000 * date_part('epoch', {deadline} - clock_timestamp())))::bigint::text \
+             || 'ms', true) <> '' THEN s.id END"
+    );
+    format!(
+        "SELECT CASE WHEN s.shared THEN pg_advisory_xact_lock_shared({id})::text \
+                ELSE pg_advisory_xact_lock({id})::text END \
+         FROM (SELECT {namespace_id}::bigint AS id, true AS shared \
+               UNION ALL SELECT DISTINCT unnest({ids}::bigint[]), false) s \
+         ORDER BY s.shared DESC, s.id"
+    )
+}
+
 /// The current generation of namespace `$1`, as an expression.
 fn generation_of(table: &TableName, namespace: &str) -> String {
     format!(
@@ -74,25 +94,29 @@ impl Statements {
         let t = table.quoted("");
         let next_version = format!("nextval('{}')", table.quoted("_version"));
         let generation = generation_of(table, "$1");
-        let lock_wait = table.quoted("_lock_wait");
         // date_part returns float8 directly (extract goes through numeric).
         let meta = "version, date_part('epoch', fetched_at), \
                     date_part('epoch', expires_at)";
         let revoke = "lease_token = NULL, lease_holder = NULL, lease_expires_at = NULL, \
                       lease_waiters = false";
         Statements {
+            // One primary-key probe per key (the `LIMIT` keeps the lateral
+            // subquery a parameterized scan), whatever the table's statistics
+            // say about the namespace.
             select_fresh: format!(
-                "SELECT key, value, expires_at > statement_timestamp(), {meta} FROM {t} \
-                 WHERE namespace = $1 AND key = ANY($2::text[]) \
-                   AND expires_at > statement_timestamp() - make_interval(secs => $3::float8) \
-                   AND generation = {generation}"
+                "SELECT k.key, c.value, c.expires_at > statement_timestamp(), \
+                        c.version, date_part('epoch', c.fetched_at), \
+                        date_part('epoch', c.expires_at) \
+                 FROM unnest($2::text[]) AS k(key) \
+                 CROSS JOIN LATERAL (SELECT * FROM {t} c \
+                     WHERE c.namespace = $1 AND c.key = k.key \
+                       AND c.expires_at > statement_timestamp() - make_interval(secs => $3::float8) \
+                       AND c.generation = {generation} LIMIT 1) c"
             ),
-            lock: format!(
-                "SELECT {lock_wait}(s.id, s.shared, \
-                        statement_timestamp() + make_interval(secs => $3::float8)) \
-                 FROM (SELECT $2::bigint AS id, true AS shared \
-                       UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
-                 ORDER BY s.shared DESC, s.id"
+            lock: bounded_locks(
+                "$1",
+                "$2",
+                "(statement_timestamp() + make_interval(secs => $3::float8))",
             ),
             try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
                          SELECT CASE WHEN s.shared THEN pg_try_advisory_xact_lock_shared(s.id) \
@@ -101,8 +125,10 @@ impl Statements {
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
                          ORDER BY s.shared DESC, s.id) t",
             lock_namespace: format!(
-                "SELECT {lock_wait}($1::bigint, false, \
-                        statement_timestamp() + make_interval(secs => $2::float8))"
+                "SELECT pg_advisory_xact_lock(CASE WHEN set_config('lock_timeout', \
+                     greatest(1, ceil(1000 * date_part('epoch', statement_timestamp() \
+                         + make_interval(secs => $2::float8) - clock_timestamp())))::bigint::text \
+                     || 'ms', true) <> '' THEN $1::bigint END)"
             ),
             try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
             next_generation: format!(
@@ -235,7 +261,6 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
     let namespaces = table.quoted("_namespaces");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
     let lease_seq = table.quoted("_lease");
-    let lock_wait = table.quoted("_lock_wait");
     let unlogged = if unlogged { "UNLOGGED " } else { "" };
     let generation = generation_of(table, "p_ns");
     // A live lease of the row `c`, at `now_ts`, in generation `gen`.
@@ -251,16 +276,20 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
                     END IF; \
                     PERFORM pg_notify(p_channel, payload); \
                   END IF;";
-    // Locks the rows of `p_keys` still leased by `p_token`, in key order (so
-    // two writers never wait on each other's rows in a cycle), and tells
-    // whether anyone waits for them. A row changed meanwhile is re-checked
-    // after its lock is granted (READ COMMITTED's `FOR UPDATE`).
+    // Locks the rows of `p_keys` (sorted by the caller) still leased by
+    // `p_token`, one primary-key probe after another in that order (so two
+    // writers never wait on each other's rows in a cycle: claims also write
+    // rows in key order), and tells whether anyone waits for them. A row
+    // changed meanwhile is re-checked once its lock is granted (READ
+    // COMMITTED's `FOR UPDATE`).
     let lock_mine = format!(
-        "SELECT coalesce(bool_or(x.lease_waiters), false) INTO waited FROM ( \
-           SELECT c.lease_waiters FROM {t} c \
-           WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = p_token \
+        "SELECT coalesce(bool_or(x.lease_waiters), false), array_agg(x.tid) \
+         INTO waited, tids \
+         FROM unnest(p_keys) AS k(k) \
+         CROSS JOIN LATERAL (SELECT c.lease_waiters, c.ctid AS tid FROM {t} c \
+           WHERE c.namespace = p_ns AND c.key = k.k AND c.lease_token = p_token \
              AND c.generation = gen \
-           ORDER BY c.key FOR UPDATE) x;"
+           LIMIT 1 FOR UPDATE) x;"
     );
     vec![
         format!(
@@ -277,23 +306,6 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
                generation bigint NOT NULL)"
         ),
         format!("CREATE SEQUENCE IF NOT EXISTS {lease_seq}"),
-        // One lock, waiting at most until `deadline`: `lock_timeout` is read
-        // when a wait begins, so setting it before each lock bounds the
-        // statement that takes many locks as a whole.
-        format!(
-            "CREATE OR REPLACE FUNCTION {lock_wait}(id bigint, shared boolean, deadline timestamptz) \
-             RETURNS void LANGUAGE plpgsql VOLATILE AS $$ \
-             BEGIN \
-               PERFORM set_config('lock_timeout', \
-                 greatest(1, ceil(1000 * extract(epoch FROM deadline - clock_timestamp())))::bigint::text \
-                 || 'ms', true); \
-               IF shared THEN \
-                 PERFORM pg_advisory_xact_lock_shared(id); \
-               ELSE \
-                 PERFORM pg_advisory_xact_lock(id); \
-               END IF; \
-             END $$"
-        ),
         // The claim, run as one statement (its own transaction): the locks,
         // then in new statements (new snapshots, READ COMMITTED) the re-read
         // and the leases of what is missing and not leased by a live holder.
@@ -310,19 +322,16 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
              DECLARE \
                gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; stolen bigint; \
              BEGIN \
-               PERFORM {lock_wait}(s.id, s.shared, \
-                                   statement_timestamp() + make_interval(secs => p_budget_secs)) \
-               FROM (SELECT p_ns_id AS id, true AS shared \
-                     UNION ALL SELECT DISTINCT unnest(p_ids), false) s \
-               ORDER BY s.shared DESC, s.id; \
+               PERFORM * FROM ({locks}) l; \
                now_ts := clock_timestamp(); \
                lease_until := now_ts + make_interval(secs => p_lease_secs); \
                gen := {generation}; \
                tok := nextval('{lease_seq}'); \
-               SELECT count(*) INTO stolen FROM {t} c \
-               WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.generation = gen \
-                 AND c.lease_token IS NOT NULL AND c.lease_expires_at <= now_ts \
-                 AND c.expires_at <= now_ts; \
+               SELECT count(*) INTO stolen FROM unnest(p_keys) AS k(k) \
+               CROSS JOIN LATERAL (SELECT 1 FROM {t} c \
+                 WHERE c.namespace = p_ns AND c.key = k.k AND c.generation = gen \
+                   AND c.lease_token IS NOT NULL AND c.lease_expires_at <= now_ts \
+                   AND c.expires_at <= now_ts LIMIT 1) x; \
                INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                      generation, lease_token, lease_holder, lease_expires_at) \
                SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
@@ -348,9 +357,15 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
                       c.version, date_part('epoch', c.fetched_at), date_part('epoch', c.expires_at), \
                       tok, date_part('epoch', c.lease_expires_at - now_ts), stolen \
                FROM unnest(p_keys) AS k(k) \
-               LEFT JOIN {t} c ON c.namespace = p_ns AND c.key = k.k; \
+               LEFT JOIN LATERAL (SELECT * FROM {t} c \
+                 WHERE c.namespace = p_ns AND c.key = k.k LIMIT 1) c ON true; \
              END $$",
             claim = table.quoted("_claim"),
+            locks = bounded_locks(
+                "p_ids",
+                "p_ns_id",
+                "(statement_timestamp() + make_interval(secs => p_budget_secs))"
+            ),
         ),
         // The publish, one statement: values and negative entries written
         // where the lease is still `p_token`'s (an invalidation, a write or a
@@ -363,7 +378,7 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
              RETURNS TABLE (key text, version bigint, fetched_at float8, expires_at float8) \
              LANGUAGE plpgsql VOLATILE AS $$ \
              #variable_conflict use_column \
-             DECLARE gen bigint; waited boolean; payload text; now_ts timestamptz; \
+             DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
              BEGIN \
                PERFORM set_config('lock_timeout', p_lock_timeout, true); \
                gen := {generation}; \
@@ -376,8 +391,7 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
                  version = {next_version}, lease_token = NULL, lease_holder = NULL, \
                  lease_expires_at = NULL, lease_waiters = false \
                FROM unnest(p_keys, p_values) AS u(key, value) \
-               WHERE c.namespace = p_ns AND c.key = u.key AND c.lease_token = p_token \
-                 AND c.generation = gen \
+               WHERE c.ctid = ANY(tids) AND c.key = u.key \
                RETURNING c.key, c.version, date_part('epoch', c.fetched_at), \
                          date_part('epoch', c.expires_at); \
                {notify} \
@@ -390,14 +404,14 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
             "CREATE OR REPLACE FUNCTION {release}(p_ns text, p_keys text[], p_token bigint, \
                  p_channel text, p_lock_timeout text) \
              RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ \
-             DECLARE gen bigint; waited boolean; payload text; released bigint; \
+             DECLARE gen bigint; waited boolean; tids tid[]; payload text; released bigint; \
              BEGIN \
                PERFORM set_config('lock_timeout', p_lock_timeout, true); \
                gen := {generation}; \
                {lock_mine} \
                UPDATE {t} AS c SET lease_token = NULL, lease_holder = NULL, \
                  lease_expires_at = NULL, lease_waiters = false \
-               WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = p_token; \
+               WHERE c.ctid = ANY(tids); \
                GET DIAGNOSTICS released = ROW_COUNT; \
                {notify} \
                RETURN released; \
