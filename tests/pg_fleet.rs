@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, LockMode, PgStore};
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, PgStore};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
 use support::pg::TestDb;
@@ -27,7 +27,7 @@ fn zipf_keys(rng: &mut impl Rng, count: usize) -> Vec<u64> {
     (0..count).map(|_| rng.sample(zipf) as u64).collect()
 }
 
-async fn exactly_once_across_instances(mode: LockMode, tag: &str) {
+async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str) {
     const INSTANCES: usize = 8;
     const LOADERS: usize = 64;
     const KEYS_PER_LOADER: usize = 25;
@@ -40,7 +40,7 @@ async fn exactly_once_across_instances(mode: LockMode, tag: &str) {
     for _ in 0..INSTANCES {
         caches.push(
             Cache::builder(provider.clone())
-                .store(db.store(mode).await)
+                .store(db.store_with(mode, fill).await)
                 .build()
                 .unwrap(),
         );
@@ -90,12 +90,17 @@ async fn exactly_once_across_instances(mode: LockMode, tag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn exactly_once_across_8_instances_per_key_locks() {
-    exactly_once_across_instances(LockMode::PerKey, "once_perkey").await;
+    exactly_once_across_instances(LockMode::PerKey, FillMode::Lease, "once_perkey").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn exactly_once_across_8_instances_held_transactions() {
+    exactly_once_across_instances(LockMode::PerKey, FillMode::HeldTransaction, "once_held").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn exactly_once_across_8_instances_namespace_lock() {
-    exactly_once_across_instances(LockMode::Namespace, "once_ns").await;
+    exactly_once_across_instances(LockMode::Namespace, FillMode::HeldTransaction, "once_ns").await;
 }
 
 /// 8 instances fill 8 disjoint key sets with a 200 ms provider: with per-key

@@ -289,7 +289,9 @@ async fn reread_after_lock_finds_the_other_instances_rows() {
 async fn a_leased_key_is_awaited_not_fetched_again() {
     let db = TestDb::new("leasewait").await;
     let gate = Arc::new(Semaphore::new(0));
-    let first = Fake::<u64>::builder("pg/leasewait").gate(gate.clone()).build();
+    let first = Fake::<u64>::builder("pg/leasewait")
+        .gate(gate.clone())
+        .build();
     let second = Fake::<u64>::new("pg/leasewait");
     let a_store = db.store(LockMode::PerKey).await;
     let a = Cache::builder(first.clone())
@@ -564,5 +566,49 @@ async fn provider_timeout_must_fit(fill: FillMode) {
         .retry(loadlock::RetryPolicy::none())
         .build();
     assert!(fits.is_ok());
+    db.cleanup().await;
+}
+
+/// Hits never wait for misses: while 8 fills of a 1.5 s provider run on a
+/// pool of 4 connections, a load of a key already in the table answers in
+/// well under one provider latency (with held transactions it queued
+/// behind the fills for the pool's connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hit_never_waits_for_slow_fills() {
+    let db = TestDb::new("hitfast").await;
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let slow = Fake::<u64>::builder("pg/hitfast")
+        .delay(Duration::from_millis(1500))
+        .build();
+    let cache = Cache::builder(slow.clone()).store(store).build().unwrap();
+    // Key 0 is in the table; keys 1..=8 are not.
+    cache.loader().load(0).await.unwrap();
+
+    let fills: Vec<_> = (1..=8u64)
+        .map(|key| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.loader().load(key).await })
+        })
+        .collect();
+    wait_until(|| slow.call_count() >= 2).await;
+    let asked = Instant::now();
+    let hit = cache.loader().load(0).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(hit, Some(value_of(&0)));
+    assert_eq!(cache.stats().store_hits, 1);
+    eprintln!("a hit answered in {took:?} while 8 fills of a 1.5 s provider ran on 4 connections");
+    // It answered while every fill was still at the provider: it did not
+    // queue behind them for a connection.
+    assert!(
+        fills.iter().all(|fill| !fill.is_finished()),
+        "the hit (after {took:?}) waited for the fills"
+    );
+    for fill in fills {
+        fill.await.unwrap().unwrap();
+    }
     db.cleanup().await;
 }

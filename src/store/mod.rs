@@ -338,7 +338,9 @@ impl<F: BatchFetch> Fill<'_, F> {
     ///
     /// [`Error::Store`] when a fleet-wide limiter cannot be reached.
     pub async fn prepay_first_call(&self, keys: usize) -> Result<(), Error> {
-        self.provider.prepay(keys, self.prepaid, self.counters).await
+        self.provider
+            .prepay(keys, self.prepaid, self.counters)
+            .await
     }
 
     /// Reports that `keys` keys were found leased by another holder and

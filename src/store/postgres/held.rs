@@ -125,8 +125,7 @@ impl PgStore {
             // deduplicated (one statement may not touch a row twice).
             rows.sort_by(|a, b| a.0.cmp(b.0));
             rows.dedup_by(|a, b| a.0 == b.0);
-            let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) =
-                rows.into_iter().unzip();
+            let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) = rows.into_iter().unzip();
             self.count_round_trips(1);
             let written = sqlx::query(&inner.sql.upsert)
                 .bind(namespace)

@@ -73,37 +73,42 @@ impl PgStore {
     ) -> Result<u64, Error> {
         let expected_i64 = i64::try_from(expected).unwrap_or(i64::MAX);
         let keys = std::slice::from_ref(&text);
-        in_conn!(self, "putting a value", self.inner.lock_timeout, |conn| async {
-            let mut tx = self.lock(conn, namespace, self.locks_for(keys)).await?;
-            self.count_round_trips(1);
-            let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
-                .bind(namespace)
-                .bind(&text)
-                .bind(expected_i64)
-                .bind(&json)
-                .bind(ttl.as_secs_f64())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.error("putting a value", e))?;
-            let Some(version) = written else {
+        in_conn!(
+            self,
+            "putting a value",
+            self.inner.lock_timeout,
+            |conn| async {
+                let mut tx = self.lock(conn, namespace, self.locks_for(keys)).await?;
                 self.count_round_trips(1);
-                let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
+                let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
                     .bind(namespace)
                     .bind(&text)
+                    .bind(expected_i64)
+                    .bind(&json)
+                    .bind(ttl.as_secs_f64())
                     .fetch_optional(&mut *tx)
                     .await
-                    .map_err(|e| self.error("reading a version", e))?;
-                return Err(Error::VersionMismatch {
-                    namespace: namespace.into(),
-                    key: text.clone().into(),
-                    expected,
-                    actual: actual.and_then(|v| u64::try_from(v).ok()),
-                });
-            };
-            self.announce(&mut tx, namespace, Some(keys)).await?;
-            self.commit(tx, "committing a put").await?;
-            Ok(u64::try_from(version).unwrap_or(0))
-        })
+                    .map_err(|e| self.error("putting a value", e))?;
+                let Some(version) = written else {
+                    self.count_round_trips(1);
+                    let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
+                        .bind(namespace)
+                        .bind(&text)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(|e| self.error("reading a version", e))?;
+                    return Err(Error::VersionMismatch {
+                        namespace: namespace.into(),
+                        key: text.clone().into(),
+                        expected,
+                        actual: actual.and_then(|v| u64::try_from(v).ok()),
+                    });
+                };
+                self.announce(&mut tx, namespace, Some(keys)).await?;
+                self.commit(tx, "committing a put").await?;
+                Ok(u64::try_from(version).unwrap_or(0))
+            }
+        )
     }
 
     /// Tombstones `keys` (entries that are never fresh, so never served,

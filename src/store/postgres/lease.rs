@@ -35,9 +35,11 @@ use crate::{BatchFetch, Entry, Error};
 /// the round trips around the fetch, and a tenth for clock drift.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
-/// How often a fill waiting for another holder looks again when no
-/// notification comes (the listener may be reconnecting).
-const POLL: Duration = Duration::from_millis(500);
+/// How soon a fill waiting for another holder looks again when no
+/// notification comes (the listener may be connecting): the first time,
+/// then doubling up to [`MAX_POLL`].
+const POLL: Duration = Duration::from_millis(50);
+const MAX_POLL: Duration = Duration::from_secs(1);
 
 /// Rounds of claims one fill makes before it gives up: a round ends when
 /// every key was fetched, found, or found leased by another and waited for.
@@ -50,7 +52,9 @@ const MAX_REVOKED: u32 = 4;
 
 /// The lease a fetch bounded by `fetch` needs.
 pub(super) fn lease_for(fetch: Duration) -> Duration {
-    fetch.saturating_add(fetch / 10).saturating_add(LEASE_MARGIN)
+    fetch
+        .saturating_add(fetch / 10)
+        .saturating_add(LEASE_MARGIN)
 }
 
 /// The longest fetch a lease of at most `max_lease` covers.
@@ -120,6 +124,10 @@ impl PgStore {
         let group_size = self.lease_group_size(fill);
         let mut pending: Vec<usize> = (0..texts.len()).collect();
         let mut revoked_rounds = 0;
+        let mut poll = POLL;
+        // Listening from the first fill on, so that a wait for another
+        // holder is woken by its publish rather than by the poll.
+        let _ = self.events();
         for _ in 0..MAX_ROUNDS {
             if pending.is_empty() {
                 return Ok(Some(
@@ -141,8 +149,9 @@ impl PgStore {
                 let group_texts: Vec<String> = group.iter().map(|&i| texts[i].clone()).collect();
                 let lease = lease_for(fill.fetch_bound(group.len()));
                 let started = Instant::now();
-                let (token, taken_over, claimed) =
-                    self.claim::<F::Value>(namespace, &group_texts, lease).await?;
+                let (token, taken_over, claimed) = self
+                    .claim::<F::Value>(namespace, &group_texts, lease)
+                    .await?;
                 fill.record_lock_wait(started.elapsed());
                 fill.record_takeovers(taken_over);
                 let mut leased = Vec::new();
@@ -152,7 +161,8 @@ impl PgStore {
                         Claimed::Found(_) => recheck.push(i),
                         Claimed::Undecodable => {
                             // Made a miss (a tombstone), then claimed again.
-                            self.invalidate_group(namespace, &texts[i..=i], None).await?;
+                            self.invalidate_group(namespace, &texts[i..=i], None)
+                                .await?;
                             next.push(i);
                         }
                         Claimed::Busy(left) => {
@@ -197,13 +207,14 @@ impl PgStore {
             }
             if !recheck.is_empty() {
                 if let Some(left) = busy_for {
-                    // Start listening if nobody has yet; the poll covers the
-                    // time it takes to connect.
-                    let _ = self.events();
-                    let poll = POLL.min(left + Duration::from_millis(5));
+                    // Woken by the holder's publish; the poll covers a
+                    // listener that is (re)connecting, the lease's expiry a
+                    // holder that died.
                     tokio::select! {
                         () = registration.woken() => {}
-                        () = tokio::time::sleep(poll) => {}
+                        () = tokio::time::sleep(poll.min(left + Duration::from_millis(5))) => {
+                            poll = (poll * 2).min(MAX_POLL);
+                        }
                     }
                 }
                 // Leave first, then read: whoever joins from now on reads
@@ -240,9 +251,7 @@ impl PgStore {
         let by_locks = self.group_size(batch);
         let covered = longest_covered_fetch(self.inner.max_lease);
         let mut calls = 1;
-        while calls < by_locks.div_ceil(batch)
-            && fill.fetch_bound((calls + 1) * batch) <= covered
-        {
+        while calls < by_locks.div_ceil(batch) && fill.fetch_bound((calls + 1) * batch) <= covered {
             calls += 1;
         }
         by_locks.min(calls * batch).max(1)
@@ -310,9 +319,10 @@ impl PgStore {
         for &i in leased {
             match published.get(texts[i].as_str()) {
                 Some(&(version, fetched_at, expires_at)) => {
-                    answers[i] = Some(Filled::Fetched(values.remove(texts[i].as_str()).map(
-                        |(_, value)| Entry::new(value, version, fetched_at, expires_at),
-                    )));
+                    answers[i] =
+                        Some(Filled::Fetched(values.remove(texts[i].as_str()).map(
+                            |(_, value)| Entry::new(value, version, fetched_at, expires_at),
+                        )));
                 }
                 None => lost.push(i),
             }
@@ -352,9 +362,15 @@ impl PgStore {
         let mut taken_over = 0;
         let mut states: HashMap<String, Claimed<V>> = HashMap::with_capacity(rows.len());
         for row in rows {
-            let key: String = row.try_get(0).map_err(|e| self.error("reading a claim", e))?;
-            let state: String = row.try_get(1).map_err(|e| self.error("reading a claim", e))?;
-            token = row.try_get(6).map_err(|e| self.error("reading a claim", e))?;
+            let key: String = row
+                .try_get(0)
+                .map_err(|e| self.error("reading a claim", e))?;
+            let state: String = row
+                .try_get(1)
+                .map_err(|e| self.error("reading a claim", e))?;
+            token = row
+                .try_get(6)
+                .map_err(|e| self.error("reading a claim", e))?;
             taken_over = usize::try_from(row.try_get::<i64, _>(8).unwrap_or(0)).unwrap_or(0);
             let claimed = match state.as_str() {
                 "l" => Claimed::Leased,
@@ -367,7 +383,11 @@ impl PgStore {
                     _ => Claimed::Undecodable,
                 },
                 _ => {
-                    let left = row.try_get::<Option<f64>, _>(7).ok().flatten().unwrap_or(0.0);
+                    let left = row
+                        .try_get::<Option<f64>, _>(7)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0.0);
                     Claimed::Busy(Duration::try_from_secs_f64(left.max(0.0)).unwrap_or_default())
                 }
             };
@@ -419,19 +439,15 @@ impl PgStore {
         keys.dedup();
         let keys = &keys;
         self.count_round_trips(1);
-        on_conn!(
-            self,
-            "releasing leases",
-            inner.lock_timeout,
-            None,
-            |conn| sqlx::query(&inner.sql.release)
+        on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
+            sqlx::query(&inner.sql.release)
                 .bind(namespace)
                 .bind(keys)
                 .bind(token)
                 .bind(&inner.channel)
                 .bind(pg_millis(inner.lock_timeout))
                 .execute(conn)
-        )?;
+        })?;
         self.inner.waiters.wake_keys(namespace, keys);
         Ok(())
     }

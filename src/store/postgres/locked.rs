@@ -87,7 +87,7 @@ impl PgStore {
         }
         let budget = inner.lock_timeout.as_secs_f64();
         let locked = if whole_namespace {
-            sqlx::query(&inner.sql.lock_namespace)
+            sqlx::query(inner.sql.lock_namespace)
                 .bind(namespace_id)
                 .bind(budget)
                 .execute(&mut *tx)

@@ -53,7 +53,12 @@ impl PgStore {
     }
 
     /// The rows of a read, aligned with `keys`.
-    pub(super) fn lookups<V>(&self, rows: Vec<PgRow>, namespace: &str, keys: &[String]) -> Vec<Lookup<V>>
+    pub(super) fn lookups<V>(
+        &self,
+        rows: Vec<PgRow>,
+        namespace: &str,
+        keys: &[String],
+    ) -> Vec<Lookup<V>>
     where
         V: serde::de::DeserializeOwned + Clone,
     {

@@ -26,7 +26,7 @@ pub(crate) struct Statements {
     pub(crate) try_lock: &'static str,
     /// `$1` the namespace's lock id, `$2` the seconds it may wait,
     /// exclusively: namespace-mode fills and namespace invalidations.
-    pub(crate) lock_namespace: String,
+    pub(crate) lock_namespace: &'static str,
     /// The same, only trying.
     pub(crate) try_lock_namespace: &'static str,
     /// `$1` namespace: starts its next generation, which makes every row of
@@ -124,12 +124,10 @@ impl Statements {
                          FROM (SELECT $2::bigint AS id, true AS shared \
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
                          ORDER BY s.shared DESC, s.id) t",
-            lock_namespace: format!(
-                "SELECT pg_advisory_xact_lock(CASE WHEN set_config('lock_timeout', \
+            lock_namespace: "SELECT pg_advisory_xact_lock(CASE WHEN set_config('lock_timeout', \
                      greatest(1, ceil(1000 * date_part('epoch', statement_timestamp() \
                          + make_interval(secs => $2::float8) - clock_timestamp())))::bigint::text \
-                     || 'ms', true) <> '' THEN $1::bigint END)"
-            ),
+                     || 'ms', true) <> '' THEN $1::bigint END)",
             try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
             next_generation: format!(
                 "INSERT INTO {ns} AS n (namespace, generation) VALUES ($1, 1) \

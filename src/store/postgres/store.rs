@@ -580,7 +580,10 @@ impl PgStoreBuilder {
         let pg_range = Duration::from_millis(1)..=Duration::from_millis(i32::MAX as u64);
         for (name, value) in [
             ("lock_timeout", self.lock_timeout),
-            ("idle_in_transaction_timeout", self.idle_in_transaction_timeout),
+            (
+                "idle_in_transaction_timeout",
+                self.idle_in_transaction_timeout,
+            ),
             ("query_timeout", self.query_timeout),
             ("max_lease", self.max_lease),
         ] {
