@@ -15,12 +15,13 @@
 //!    1. every lock in **one** statement: the namespace's lock *shared*
 //!       first (a namespace invalidation takes it exclusively), then every
 //!       key's lock in ascending id order:
-//!       `SELECT <t>_lock_wait(s.id, s.shared, deadline) FROM (SELECT $ns AS
+//!       `SELECT pg_advisory_xact_lock(bounded(id)) FROM (SELECT $ns AS
 //!       id, true AS shared UNION ALL SELECT DISTINCT unnest($ids), false) s
 //!       ORDER BY shared DESC, id` (the outer `ORDER BY` fixes the order:
-//!       output expressions are evaluated after the sort). `<t>_lock_wait`
-//!       sets `lock_timeout` to the time left before taking each lock, so
-//!       the statement as a whole waits at most the lock timeout;
+//!       output expressions are evaluated after the sort); `bounded(id)`,
+//!       the lock function's argument, first sets `lock_timeout` to the time
+//!       left, so the statement as a whole waits at most the lock timeout
+//!       (shared locks use `pg_advisory_xact_lock_shared` the same way);
 //!    2. the **re-read**, in new statements (new snapshots, taken after the
 //!       locks): a key with a fresh row is found; a key with a live lease of
 //!       another holder is *busy* (and marked as awaited); every other key
