@@ -47,8 +47,8 @@ impl PgStore {
         Ok(Some(
             answers
                 .into_iter()
-                .map(|a| a.expect("every key settled"))
-                .collect(),
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(super::lease::unsettled)?,
         ))
     }
 

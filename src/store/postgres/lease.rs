@@ -50,6 +50,14 @@ const MAX_ROUNDS: u32 = 64;
 /// [`Error::Contended`].
 const MAX_REVOKED: u32 = 4;
 
+/// A fill that ended with a key unanswered: a bug, reported, never a panic.
+pub(super) fn unsettled() -> Error {
+    Error::Store {
+        message: "a fill left a key unanswered".into(),
+        source: None,
+    }
+}
+
 /// The lease a fetch bounded by `fetch` needs.
 pub(super) fn lease_for(fetch: Duration) -> Duration {
     fetch
@@ -133,8 +141,8 @@ impl PgStore {
                 return Ok(Some(
                     answers
                         .into_iter()
-                        .map(|a| a.expect("every key settled"))
-                        .collect(),
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(unsettled)?,
                 ));
             }
             // Registered before claiming: a publish between the claim and
