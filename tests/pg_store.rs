@@ -234,47 +234,61 @@ async fn rows_are_readable_with_plain_sql() {
     db.cleanup().await;
 }
 
+/// Two instances on their own pools, both loading keys 0..10: A first,
+/// its provider held at a gate once called; then B.
+struct HeldAtTheGate {
+    gate: Arc<Semaphore>,
+    second: Fake<u64>,
+    b: Cache<Fake<u64>>,
+    a_load: tokio::task::JoinHandle<Result<std::collections::HashMap<u64, String>, Error>>,
+    b_load: tokio::task::JoinHandle<Result<std::collections::HashMap<u64, String>, Error>>,
+}
+
+async fn a_at_the_gate_then_b(db: &TestDb, namespace: &str, fill: FillMode) -> HeldAtTheGate {
+    let gate = Arc::new(Semaphore::new(0));
+    let first = Fake::<u64>::builder(namespace).gate(gate.clone()).build();
+    let second = Fake::<u64>::new(namespace);
+    let a = Cache::builder(first.clone())
+        .store(db.store_with(LockMode::PerKey, fill).await)
+        .build()
+        .unwrap();
+    let b = Cache::builder(second.clone())
+        .store(db.store_with(LockMode::PerKey, fill).await)
+        .build()
+        .unwrap();
+    let a_load = tokio::spawn(async move { a.loader().load_many(0..10).await });
+    wait_until(|| first.call_count() == 1).await;
+    let b_load = tokio::spawn({
+        let b = b.clone();
+        async move { b.loader().load_many(0..10).await }
+    });
+    HeldAtTheGate {
+        gate,
+        second,
+        b,
+        a_load,
+        b_load,
+    }
+}
+
 /// With held transactions, an instance that waited on another's locks finds
 /// the other's rows in its re-read and does not call its provider for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reread_after_lock_finds_the_other_instances_rows() {
     let db = TestDb::new("reread").await;
-    let gate = Arc::new(Semaphore::new(0));
-    let first = Fake::<u64>::builder("pg/reread").gate(gate.clone()).build();
-    let second = Fake::<u64>::new("pg/reread");
-    let held = FillMode::HeldTransaction;
-    let a = Cache::builder(first.clone())
-        .store(db.store_with(LockMode::PerKey, held).await)
-        .build()
-        .unwrap();
-    let b = Cache::builder(second.clone())
-        .store(db.store_with(LockMode::PerKey, held).await)
-        .build()
-        .unwrap();
-    let keys: Vec<u64> = (0..10).collect();
-
-    let a_load = tokio::spawn({
-        let (a, keys) = (a.clone(), keys.clone());
-        async move { a.loader().load_many(keys).await }
-    });
-    // A holds the locks, its provider held at the gate.
-    wait_until(|| first.call_count() == 1).await;
-    let b_load = tokio::spawn({
-        let (b, keys) = (b.clone(), keys.clone());
-        async move { b.loader().load_many(keys).await }
-    });
-    let ids: Vec<i64> = keys
-        .iter()
+    let race = a_at_the_gate_then_b(&db, "pg/reread", FillMode::HeldTransaction).await;
+    // A holds the locks; B waits for them.
+    let ids: Vec<i64> = (0..10u64)
         .map(|k| lock_id("pg/reread", &k.to_string()))
         .collect();
     wait_for_lock_waiters(&db.url, &ids).await;
-    gate.add_permits(1);
+    race.gate.add_permits(1);
 
-    assert_eq!(a_load.await.unwrap().unwrap().len(), 10);
-    let got = b_load.await.unwrap().unwrap();
+    assert_eq!(race.a_load.await.unwrap().unwrap().len(), 10);
+    let got = race.b_load.await.unwrap().unwrap();
     assert_eq!(got[&3], value_of(&3));
-    assert_eq!(second.call_count(), 0, "B must not call its provider");
-    let stats = b.stats();
+    assert_eq!(race.second.call_count(), 0, "B must not call its provider");
+    let stats = race.b.stats();
     assert_eq!(stats.store_hits_after_lock, 10);
     assert_eq!(stats.store_hits, 10);
     assert_eq!(stats.lock_waits, 1);
@@ -288,38 +302,17 @@ async fn reread_after_lock_finds_the_other_instances_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leased_key_is_awaited_not_fetched_again() {
     let db = TestDb::new("leasewait").await;
-    let gate = Arc::new(Semaphore::new(0));
-    let first = Fake::<u64>::builder("pg/leasewait")
-        .gate(gate.clone())
-        .build();
-    let second = Fake::<u64>::new("pg/leasewait");
-    let a_store = db.store(LockMode::PerKey).await;
-    let a = Cache::builder(first.clone())
-        .store(a_store.clone())
-        .build()
-        .unwrap();
-    let b = Cache::builder(second.clone())
-        .store(db.store(LockMode::PerKey).await)
-        .build()
-        .unwrap();
-    let keys: Vec<u64> = (0..10).collect();
-
-    let a_load = tokio::spawn({
-        let (a, keys) = (a.clone(), keys.clone());
-        async move { a.loader().load_many(keys).await }
-    });
-    // A holds the leases, its provider held at the gate.
-    wait_until(|| first.call_count() == 1).await;
-    let b_load = tokio::spawn({
-        let (b, keys) = (b.clone(), keys.clone());
-        async move { b.loader().load_many(keys).await }
-    });
-    wait_until(|| b.stats().lease_waits == 10).await;
-    // Nothing of the store sits in a transaction while the provider runs.
+    let race = a_at_the_gate_then_b(&db, "pg/leasewait", FillMode::Lease).await;
+    // A holds the leases; B waits for them.
+    wait_until(|| race.b.stats().lease_waits == 10).await;
+    // No session of this test's stores sits in a transaction while the
+    // provider runs (their last statement names the test's schema).
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let idle_in_transaction: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE state LIKE 'idle in transaction%' AND query LIKE '%' || $1 || '%'",
     )
+    .bind(&db.schema)
     .fetch_one(&mut conn)
     .await
     .unwrap();
@@ -333,14 +326,14 @@ async fn a_leased_key_is_awaited_not_fetched_again() {
     .unwrap();
     assert_eq!(leased, 10, "the leases show, marked as awaited");
     let published = Instant::now();
-    gate.add_permits(1);
+    race.gate.add_permits(1);
 
-    assert_eq!(a_load.await.unwrap().unwrap().len(), 10);
-    let got = b_load.await.unwrap().unwrap();
+    assert_eq!(race.a_load.await.unwrap().unwrap().len(), 10);
+    let got = race.b_load.await.unwrap().unwrap();
     let waited = published.elapsed();
     assert_eq!(got[&3], value_of(&3));
-    assert_eq!(second.call_count(), 0, "B must not call its provider");
-    let stats = b.stats();
+    assert_eq!(race.second.call_count(), 0, "B must not call its provider");
+    let stats = race.b.stats();
     assert_eq!(stats.store_hits_after_lock, 10);
     assert_eq!(stats.store_hits, 10);
     eprintln!("B answered {waited:?} after A's publish");

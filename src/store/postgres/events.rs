@@ -135,14 +135,16 @@ fn deliver(heard: Heard, waiters: &Waiters, sender: &broadcast::Sender<StoreEven
         Heard::Filled {
             namespace,
             keys: Some(keys),
-        } => waiters.wake_keys(&namespace, &keys),
+        } => waiters.wake_keys(&namespace, keys.iter().map(String::as_str)),
         Heard::Filled {
             namespace,
             keys: None,
         } => waiters.wake_all(Some(&namespace)),
         Heard::Invalidated(event) => {
             match &event.invalidation {
-                Invalidation::Keys(keys) => waiters.wake_keys(&event.namespace, keys),
+                Invalidation::Keys(keys) => {
+                    waiters.wake_keys(&event.namespace, keys.iter().map(String::as_str))
+                }
                 Invalidation::Namespace => waiters.wake_all(Some(&event.namespace)),
                 _ => waiters.wake_all(None),
             }

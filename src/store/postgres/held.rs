@@ -8,15 +8,12 @@
 //! cost: a pooled connection and an open transaction for the provider's
 //! whole latency, bounded by the idle-in-transaction timeout.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
-
-use super::read::row_meta;
+use super::rows::Encoded;
 use super::{LockMode, PgStore};
 use crate::store::{Fill, Filled, Lookup};
-use crate::{BatchFetch, Entry, Error};
+use crate::{BatchFetch, Error};
 
 impl PgStore {
     /// A fill in held transactions, group by group; with `try_only` (a
@@ -64,7 +61,7 @@ impl PgStore {
     ) -> Result<bool, Error> {
         let inner = &*self.inner;
         let namespace = fill.namespace();
-        let keys: Vec<String> = group.iter().map(|&i| displayed[i].clone()).collect();
+        let keys: Vec<&str> = group.iter().map(|&i| displayed[i].as_str()).collect();
         // The provider's budget for the first call, before anything is
         // locked: while the budget is exhausted, nothing is held.
         fill.prepay_first_call(group.len().min(fill.max_batch_size()))
@@ -73,7 +70,12 @@ impl PgStore {
         in_conn!(self, "filling keys", bound, |conn| async {
             let started = Instant::now();
             let locked = self
-                .begin_locked(conn, namespace, self.locks_for(&keys), try_only)
+                .begin_locked(
+                    conn,
+                    namespace,
+                    self.locks_for(namespace, keys.iter().copied()),
+                    try_only,
+                )
                 .await;
             fill.record_lock_wait(started.elapsed());
             let Some(mut tx) = locked? else {
@@ -102,52 +104,21 @@ impl PgStore {
 
             let missing_keys: Vec<F::Key> =
                 missing.iter().map(|&i| fill.keys()[i].clone()).collect();
-            let mut fetched = fill.fetch(&missing_keys).await?;
-
-            let mut rows: Vec<(&str, Option<String>)> = Vec::with_capacity(missing.len());
-            let mut values: HashMap<&str, (usize, F::Value)> =
-                HashMap::with_capacity(missing.len());
-            for (&i, key) in missing.iter().zip(&missing_keys) {
-                let value = fetched.remove(key);
-                let json = match &value {
-                    Some(value) => Some(serde_json::to_string(value).map_err(|e| {
-                        Error::store(format!("value of key {:?} is not JSON", displayed[i]), e)
-                    })?),
-                    None => None,
-                };
-                rows.push((displayed[i].as_str(), json));
-                answers[i] = Some(Filled::Fetched(None));
-                if let Some(value) = value {
-                    values.insert(displayed[i].as_str(), (i, value));
-                }
-            }
-            // Sorted (so concurrent upserts take row locks in one order) and
-            // deduplicated (one statement may not touch a row twice).
-            rows.sort_by(|a, b| a.0.cmp(b.0));
-            rows.dedup_by(|a, b| a.0 == b.0);
-            let (row_keys, row_values): (Vec<&str>, Vec<Option<String>>) = rows.into_iter().unzip();
+            let fetched = fill.fetch(&missing_keys).await?;
+            let rows = Encoded::new(displayed, &missing, &missing_keys, fetched)?;
             self.count_round_trips(1);
             let written = sqlx::query(&inner.sql.upsert)
                 .bind(namespace)
-                .bind(&row_keys)
-                .bind(&row_values)
+                .bind(&rows.keys)
+                .bind(&rows.values)
                 .bind(fill.ttl().as_secs_f64())
                 .bind(fill.negative_ttl().as_secs_f64())
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(|e| self.error("writing cache rows", e))?;
-            // The version and times each value was written with.
-            for row in written {
-                let Ok(key) = row.try_get::<&str, _>(0) else {
-                    continue;
-                };
-                if let Some((i, value)) = values.remove(key) {
-                    let (version, fetched_at, expires_at) = row_meta(&row, 1);
-                    answers[i] = Some(Filled::Fetched(Some(Entry::new(
-                        value, version, fetched_at, expires_at,
-                    ))));
-                }
-            }
+            // The upsert writes every row; a key it did not return is left
+            // unanswered and reported as such.
+            rows.settle(written, answers);
             fill.about_to_commit(group);
             self.commit(tx, "committing a fill").await?;
             Ok(true)

@@ -30,7 +30,13 @@ impl PgStore {
                 .as_ref()
                 .map_or(Duration::ZERO, |_| self.inner.idle_in_transaction_timeout);
         in_conn!(self, "invalidating keys", extra, |conn| async {
-            let mut tx = self.lock(conn, namespace, self.locks_for(keys)).await?;
+            let mut tx = self
+                .lock(
+                    conn,
+                    namespace,
+                    self.locks_for(namespace, keys.iter().map(String::as_str)),
+                )
+                .await?;
             if let Some(work) = work {
                 work.await;
             }
@@ -78,7 +84,13 @@ impl PgStore {
             "putting a value",
             self.inner.lock_timeout,
             |conn| async {
-                let mut tx = self.lock(conn, namespace, self.locks_for(keys)).await?;
+                let mut tx = self
+                    .lock(
+                        conn,
+                        namespace,
+                        self.locks_for(namespace, keys.iter().map(String::as_str)),
+                    )
+                    .await?;
                 self.count_round_trips(1);
                 let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
                     .bind(namespace)

@@ -18,18 +18,16 @@
 //!   trip by the query timeout, a wait for another holder by its lease (a
 //!   lease past its expiry is taken over), and the number of rounds.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
 use sqlx::Row;
 
-use super::read::row_meta;
+use super::rows::Encoded;
 use super::store::pg_millis;
 use super::PgStore;
 use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup};
-use crate::{BatchFetch, Entry, Error};
+use crate::{BatchFetch, Error};
 
 /// A lease's margin over the longest its fetch may take: a fixed part for
 /// the round trips around the fetch, and a tenth for clock drift.
@@ -71,20 +69,19 @@ pub(super) fn longest_covered_fetch(max_lease: Duration) -> Duration {
 }
 
 /// What a claim answered for one key.
-enum Claimed<V> {
-    /// A fresh row: a value, or a negative entry (`None`).
-    Found(Option<Entry<V>>),
-    /// A fresh row that no longer decodes into the cache's value type.
-    Undecodable,
+#[derive(Clone, Copy)]
+enum Claimed {
+    /// A fresh row (a value or a negative entry): re-read by the fill.
+    Found,
     /// Leased by this claim.
     Leased,
     /// Leased by a live holder, for this long still.
     Busy(Duration),
 }
 
-/// The leases of one claim; dropping it before [`settled`](Held::settled)
-/// (a cancelled fill) releases them in the background, so waiters are not
-/// held until expiry.
+/// The leases of one claim, on keys sorted as rows are locked; dropping it
+/// before [`settled`](Held::settled) (a cancelled fill) releases them in
+/// the background, so waiters are not held until expiry.
 struct Held {
     store: PgStore,
     namespace: String,
@@ -93,8 +90,25 @@ struct Held {
 }
 
 impl Held {
+    fn new(store: &PgStore, namespace: &str, token: i64, mut keys: Vec<String>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        Held {
+            store: store.clone(),
+            namespace: namespace.to_owned(),
+            token,
+            keys,
+        }
+    }
+
     fn settled(mut self) {
         self.keys.clear();
+    }
+
+    /// Releases the leases now, waking their waiters.
+    async fn release(mut self) -> Result<(), Error> {
+        let keys = std::mem::take(&mut self.keys);
+        self.store.release(&self.namespace, &keys, self.token).await
     }
 }
 
@@ -130,6 +144,7 @@ impl PgStore {
         let texts: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
         let mut answers: Vec<Option<Filled<F::Value>>> = (0..texts.len()).map(|_| None).collect();
         let group_size = self.lease_group_size(fill);
+        let waiters = &self.inner.waiters;
         let mut pending: Vec<usize> = (0..texts.len()).collect();
         let mut revoked_rounds = 0;
         let mut poll = POLL;
@@ -145,47 +160,40 @@ impl PgStore {
                         .ok_or_else(unsettled)?,
                 ));
             }
-            // Registered before claiming: a publish between the claim and
-            // the wait still wakes it.
-            let keys_pending: Vec<String> = pending.iter().map(|&i| texts[i].clone()).collect();
-            let registration = self.inner.waiters.register(namespace, &keys_pending);
+            // Read before claiming: a wake-up between the claim and the
+            // registration below shows as a changed epoch.
+            let epoch = waiters.epoch();
             let mut next = Vec::new();
             let mut recheck = Vec::new();
+            let mut busy = Vec::new();
             let mut busy_for: Option<Duration> = None;
             let mut revoked = false;
             for group in pending.chunks(group_size) {
-                let group_texts: Vec<String> = group.iter().map(|&i| texts[i].clone()).collect();
+                let group_texts: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
                 let lease = lease_for(fill.fetch_bound(group.len()));
                 let started = Instant::now();
-                let (token, taken_over, claimed) = self
-                    .claim::<F::Value>(namespace, &group_texts, lease)
-                    .await?;
+                let (token, taken_over, claimed) =
+                    self.claim(namespace, &group_texts, lease).await?;
                 fill.record_lock_wait(started.elapsed());
                 fill.record_takeovers(taken_over);
                 let mut leased = Vec::new();
                 for (&i, claimed) in group.iter().zip(claimed) {
                     match claimed {
                         Claimed::Leased => leased.push(i),
-                        Claimed::Found(_) => recheck.push(i),
-                        Claimed::Undecodable => {
-                            // Made a miss (a tombstone), then claimed again.
-                            self.invalidate_group(namespace, &texts[i..=i], None)
-                                .await?;
-                            next.push(i);
-                        }
+                        Claimed::Found => recheck.push(i),
                         Claimed::Busy(left) => {
-                            fill.record_lease_wait(1);
                             busy_for = Some(busy_for.map_or(left, |b| b.min(left)));
+                            busy.push(i);
                             recheck.push(i);
                         }
                     }
                 }
-                let held = Held {
-                    store: self.clone(),
-                    namespace: namespace.to_owned(),
+                let held = Held::new(
+                    self,
+                    namespace,
                     token,
-                    keys: leased.iter().map(|&i| texts[i].clone()).collect(),
-                };
+                    leased.iter().map(|&i| texts[i].clone()).collect(),
+                );
                 if try_only && leased.len() < group.len() {
                     drop(held);
                     return Ok(None);
@@ -213,11 +221,14 @@ impl PgStore {
                     });
                 }
             }
-            if !recheck.is_empty() {
-                if let Some(left) = busy_for {
-                    // Woken by the holder's publish; the poll covers a
-                    // listener that is (re)connecting, the lease's expiry a
-                    // holder that died.
+            if let Some(left) = busy_for {
+                fill.record_lease_wait(busy.len());
+                let registration =
+                    waiters.register(namespace, busy.iter().map(|&i| texts[i].as_str()));
+                // Woken by the holder's publish, unless one may have come
+                // already; the poll covers a listener that is (re)connecting,
+                // the lease's expiry a holder that died.
+                if waiters.epoch() == epoch {
                     tokio::select! {
                         () = registration.woken() => {}
                         () = tokio::time::sleep(poll.min(left + Duration::from_millis(5))) => {
@@ -225,11 +236,13 @@ impl PgStore {
                         }
                     }
                 }
+            }
+            if !recheck.is_empty() {
                 // Leave first, then read: whoever joins from now on reads
                 // the store itself, so nobody receives a value read before
                 // it joined.
                 fill.about_to_commit(&recheck);
-                let keys: Vec<String> = recheck.iter().map(|&i| texts[i].clone()).collect();
+                let keys: Vec<&str> = recheck.iter().map(|&i| texts[i].as_str()).collect();
                 let looked = self
                     .read::<F::Value>(namespace, &keys, Duration::ZERO)
                     .await?;
@@ -237,11 +250,17 @@ impl PgStore {
                     match lookup {
                         Lookup::Hit(entry) => answers[i] = Some(Filled::Stored(Some(entry))),
                         Lookup::NegativeHit => answers[i] = Some(Filled::Stored(None)),
+                        Lookup::Undecodable => {
+                            // Fresh but unreadable: made a miss (a
+                            // tombstone), then claimed again.
+                            self.invalidate_group(namespace, &texts[i..=i], None)
+                                .await?;
+                            next.push(i);
+                        }
                         _ => next.push(i),
                     }
                 }
             }
-            drop(registration);
             next.sort_unstable();
             pending = next;
         }
@@ -278,75 +297,40 @@ impl PgStore {
     ) -> Result<Vec<usize>, Error> {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let mut fetched = match fill.fetch(&keys).await {
+        let fetched = match fill.fetch(&keys).await {
             Ok(fetched) => fetched,
             Err(err) => {
                 // At once, so waiters claim the keys themselves instead of
                 // waiting for the lease to expire.
-                let (token, keys) = (held.token, held.keys.clone());
-                held.settled();
-                if let Err(release) = self.release(namespace, &keys, token).await {
+                if let Err(release) = held.release().await {
                     tracing::warn!(namespace, error = %release,
                         "could not release the leases of a failed fill; they expire on their own");
                 }
                 return Err(err);
             }
         };
-        let mut values: HashMap<&str, (usize, F::Value)> = HashMap::with_capacity(leased.len());
-        let mut rows: Vec<(&str, Option<String>)> = Vec::with_capacity(leased.len());
-        for (&i, key) in leased.iter().zip(&keys) {
-            let value = fetched.remove(key);
-            let json = match &value {
-                Some(value) => Some(serde_json::to_string(value).map_err(|e| {
-                    Error::store(format!("value of key {:?} is not JSON", texts[i]), e)
-                })?),
-                None => None,
-            };
-            rows.push((texts[i].as_str(), json));
-            if let Some(value) = value {
-                values.insert(texts[i].as_str(), (i, value));
-            }
-        }
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        rows.dedup_by(|a, b| a.0 == b.0);
+        let rows = Encoded::new(texts, leased, &keys, fetched)?;
         // Joiners from now on read the store: the publish is what they see.
         fill.about_to_commit(leased);
         let written = self.publish(fill, &rows, held.token).await;
         held.settled();
         // Fills of this process waiting for these keys need no notification
         // from the server.
-        self.inner.waiters.wake_keys(namespace, &keys_of(&rows));
-        let mut lost: Vec<usize> = Vec::new();
-        let mut published: HashMap<String, (u64, std::time::SystemTime, std::time::SystemTime)> =
-            HashMap::with_capacity(rows.len());
-        for row in written? {
-            if let Ok(key) = row.try_get::<String, _>(0) {
-                published.insert(key, row_meta(&row, 1));
-            }
-        }
-        for &i in leased {
-            match published.get(texts[i].as_str()) {
-                Some(&(version, fetched_at, expires_at)) => {
-                    answers[i] =
-                        Some(Filled::Fetched(values.remove(texts[i].as_str()).map(
-                            |(_, value)| Entry::new(value, version, fetched_at, expires_at),
-                        )));
-                }
-                None => lost.push(i),
-            }
-        }
-        Ok(lost)
+        self.inner
+            .waiters
+            .wake_keys(namespace, rows.keys.iter().copied());
+        Ok(rows.settle(written?, answers))
     }
 
     /// One claim: the keys' locks, the re-read and the leases, in one round
-    /// trip; returns the lease token and each key's state, aligned with
-    /// `keys`.
-    async fn claim<V: serde::de::DeserializeOwned>(
+    /// trip; returns the lease token, the leases taken over, and each key's
+    /// state, aligned with `keys`.
+    async fn claim(
         &self,
         namespace: &str,
-        keys: &[String],
+        keys: &[&str],
         lease: Duration,
-    ) -> Result<(i64, usize, Vec<Claimed<V>>), Error> {
+    ) -> Result<(i64, usize, Vec<Claimed>), Error> {
         let inner = &*self.inner;
         let ids: Vec<i64> = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let budget = inner.lock_timeout;
@@ -366,59 +350,42 @@ impl PgStore {
                 .bind(budget.as_secs_f64())
                 .fetch_all(conn)
         )?;
+        if rows.len() != keys.len() {
+            return Err(Error::Store {
+                message: format!("a claim of {} keys answered {}", keys.len(), rows.len()).into(),
+                source: None,
+            });
+        }
         let mut token = 0;
         let mut taken_over = 0;
-        let mut states: HashMap<String, Claimed<V>> = HashMap::with_capacity(rows.len());
+        let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let key: String = row
-                .try_get(0)
-                .map_err(|e| self.error("reading a claim", e))?;
-            let state: String = row
-                .try_get(1)
-                .map_err(|e| self.error("reading a claim", e))?;
-            token = row
-                .try_get(6)
-                .map_err(|e| self.error("reading a claim", e))?;
-            taken_over = usize::try_from(row.try_get::<i64, _>(8).unwrap_or(0)).unwrap_or(0);
-            let claimed = match state.as_str() {
+            let read = |e| self.error("reading a claim", e);
+            let state: &str = row.try_get(0).map_err(read)?;
+            token = row.try_get(1).map_err(read)?;
+            taken_over = usize::try_from(row.try_get::<i64, _>(3).map_err(read)?).unwrap_or(0);
+            claimed.push(match state {
                 "l" => Claimed::Leased,
-                "n" => Claimed::Found(None),
-                "h" => match row.try_get::<Option<Json<V>>, _>(2) {
-                    Ok(Some(Json(value))) => {
-                        let (version, fetched_at, expires_at) = row_meta(&row, 3);
-                        Claimed::Found(Some(Entry::new(value, version, fetched_at, expires_at)))
-                    }
-                    _ => Claimed::Undecodable,
-                },
+                "f" => Claimed::Found,
                 _ => {
-                    let left = row
-                        .try_get::<Option<f64>, _>(7)
-                        .ok()
-                        .flatten()
-                        .unwrap_or(0.0);
-                    Claimed::Busy(Duration::try_from_secs_f64(left.max(0.0)).unwrap_or_default())
+                    let left = row.try_get::<Option<f64>, _>(2).map_err(read)?;
+                    let left = Duration::try_from_secs_f64(left.unwrap_or(0.0).max(0.0));
+                    Claimed::Busy(left.unwrap_or_default())
                 }
-            };
-            states.insert(key, claimed);
+            });
         }
-        let claimed = keys
-            .iter()
-            .map(|key| states.remove(key).unwrap_or(Claimed::Busy(Duration::ZERO)))
-            .collect();
         Ok((token, taken_over, claimed))
     }
 
-    /// Writes `rows` (sorted, deduplicated; `None` a negative entry) where
-    /// the lease is still `token`'s; returns the rows written.
+    /// Writes `rows` where the lease is still `token`'s; returns the rows
+    /// written.
     async fn publish<F: BatchFetch>(
         &self,
         fill: &Fill<'_, F>,
-        rows: &[(&str, Option<String>)],
+        rows: &Encoded<'_, F::Value>,
         token: i64,
     ) -> Result<Vec<PgRow>, Error> {
         let inner = &*self.inner;
-        let (keys, values): (Vec<&str>, Vec<Option<&str>>) =
-            rows.iter().map(|(k, v)| (*k, v.as_deref())).unzip();
         self.count_round_trips(1);
         on_conn!(
             self,
@@ -427,8 +394,8 @@ impl PgStore {
             None,
             |conn| sqlx::query(&inner.sql.publish)
                 .bind(fill.namespace())
-                .bind(&keys)
-                .bind(&values)
+                .bind(&rows.keys)
+                .bind(&rows.values)
                 .bind(token)
                 .bind(fill.ttl().as_secs_f64())
                 .bind(fill.negative_ttl().as_secs_f64())
@@ -438,14 +405,10 @@ impl PgStore {
         )
     }
 
-    /// Gives up the leases `token` holds on `keys`, waking their waiters.
+    /// Gives up the leases `token` holds on `keys` (sorted: rows are locked
+    /// in key order), waking their waiters.
     async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
         let inner = &*self.inner;
-        // Sorted: rows are locked in key order.
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let keys = &keys;
         self.count_round_trips(1);
         on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
             sqlx::query(&inner.sql.release)
@@ -456,11 +419,9 @@ impl PgStore {
                 .bind(pg_millis(inner.lock_timeout))
                 .execute(conn)
         })?;
-        self.inner.waiters.wake_keys(namespace, keys);
+        self.inner
+            .waiters
+            .wake_keys(namespace, keys.iter().map(String::as_str));
         Ok(())
     }
-}
-
-fn keys_of(rows: &[(&str, Option<String>)]) -> Vec<String> {
-    rows.iter().map(|(key, _)| (*key).to_owned()).collect()
 }

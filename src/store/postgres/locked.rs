@@ -19,19 +19,26 @@ use crate::store::{lock_id, namespace_lock_id};
 use crate::Error;
 
 /// What a transaction locks.
-#[derive(Clone, Copy)]
-pub(super) enum Locks<'a> {
-    /// These keys (and their namespace, shared).
-    Keys(&'a [String]),
+pub(super) enum Locks {
+    /// The keys of these lock ids (and their namespace, shared).
+    Keys(Vec<i64>),
     /// The whole namespace, exclusively.
     Namespace,
 }
 
 impl PgStore {
     /// What this store's lock mode locks for `keys`.
-    pub(super) fn locks_for<'k>(&self, keys: &'k [String]) -> Locks<'k> {
+    pub(super) fn locks_for<'k>(
+        &self,
+        namespace: &str,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Locks {
         match self.inner.lock_mode {
-            LockMode::PerKey => Locks::Keys(keys),
+            LockMode::PerKey => Locks::Keys(
+                keys.into_iter()
+                    .map(|key| lock_id(namespace, key))
+                    .collect(),
+            ),
             LockMode::Namespace => Locks::Namespace,
         }
     }
@@ -42,19 +49,17 @@ impl PgStore {
         &self,
         conn: &'c mut PgConnection,
         namespace: &str,
-        locks: Locks<'_>,
+        locks: Locks,
         try_only: bool,
     ) -> Result<Option<Transaction<'c, Postgres>>, Error> {
         let inner = &*self.inner;
         let namespace_id = namespace_lock_id(namespace);
-        let (keys, ids): (usize, Vec<i64>) = match locks {
-            Locks::Keys(keys) => (
-                keys.len(),
-                keys.iter().map(|key| lock_id(namespace, key)).collect(),
-            ),
-            Locks::Namespace => (0, Vec::new()),
-        };
         let whole_namespace = matches!(locks, Locks::Namespace);
+        let ids = match locks {
+            Locks::Keys(ids) => ids,
+            Locks::Namespace => Vec::new(),
+        };
+        let keys = ids.len();
         self.count_round_trips(1);
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
@@ -87,7 +92,7 @@ impl PgStore {
         }
         let budget = inner.lock_timeout.as_secs_f64();
         let locked = if whole_namespace {
-            sqlx::query(inner.sql.lock_namespace)
+            sqlx::query(&inner.sql.lock_namespace)
                 .bind(namespace_id)
                 .bind(budget)
                 .execute(&mut *tx)
@@ -111,7 +116,7 @@ impl PgStore {
         &self,
         conn: &'c mut PgConnection,
         namespace: &str,
-        locks: Locks<'_>,
+        locks: Locks,
     ) -> Result<Transaction<'c, Postgres>, Error> {
         self.begin_locked(conn, namespace, locks, false)
             .await?

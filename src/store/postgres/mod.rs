@@ -155,6 +155,7 @@ mod locked;
 mod migrate;
 mod rate_limit;
 mod read;
+mod rows;
 mod sql;
 mod store;
 mod table;

@@ -19,7 +19,7 @@ impl PgStore {
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
-        keys: &[String],
+        keys: &[&str],
         grace: Duration,
     ) -> Result<Vec<Lookup<V>>, Error>
     where
@@ -37,7 +37,7 @@ impl PgStore {
         &self,
         executor: E,
         namespace: &str,
-        keys: &[String],
+        keys: &[&str],
         grace: Duration,
     ) -> Result<Vec<PgRow>, sqlx::Error>
     where
@@ -57,16 +57,13 @@ impl PgStore {
         &self,
         rows: Vec<PgRow>,
         namespace: &str,
-        keys: &[String],
+        keys: &[&str],
     ) -> Vec<Lookup<V>>
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let position: HashMap<&str, usize> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| (key.as_str(), i))
-            .collect();
+        let position: HashMap<&str, usize> =
+            keys.iter().enumerate().map(|(i, &key)| (key, i)).collect();
         let mut found = vec![Lookup::Miss; keys.len()];
         for row in rows {
             let Some(&i) = row
@@ -76,7 +73,7 @@ impl PgStore {
             else {
                 continue;
             };
-            found[i] = decode_value(&row, namespace, &keys[i]);
+            found[i] = decode_value(&row, namespace, keys[i]);
         }
         found
     }

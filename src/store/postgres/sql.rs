@@ -26,7 +26,7 @@ pub(crate) struct Statements {
     pub(crate) try_lock: &'static str,
     /// `$1` the namespace's lock id, `$2` the seconds it may wait,
     /// exclusively: namespace-mode fills and namespace invalidations.
-    pub(crate) lock_namespace: &'static str,
+    pub(crate) lock_namespace: String,
     /// The same, only trying.
     pub(crate) try_lock_namespace: &'static str,
     /// `$1` namespace: starts its next generation, which makes every row of
@@ -67,17 +67,23 @@ pub(crate) struct Statements {
 /// evaluated first) bounds the statement as a whole. Output expressions are
 /// evaluated after the sort, so the outer `ORDER BY` fixes the order.
 fn bounded_locks(ids: &str, namespace_id: &str, deadline: &str) -> String {
-    let id = format!(
-        "CASE WHEN set_config('lock_timeout', \
-             greatest(1, ceil(1000 * date_part('epoch', {deadline} - clock_timestamp())))::bigint::text \
-             || 'ms', true) <> '' THEN s.id END"
-    );
+    let id = bounded("s.id", deadline);
     format!(
         "SELECT CASE WHEN s.shared THEN pg_advisory_xact_lock_shared({id})::text \
                 ELSE pg_advisory_xact_lock({id})::text END \
          FROM (SELECT {namespace_id}::bigint AS id, true AS shared \
                UNION ALL SELECT DISTINCT unnest({ids}::bigint[]), false) s \
          ORDER BY s.shared DESC, s.id"
+    )
+}
+
+/// `id`, once `lock_timeout` is set to the time left before `deadline`: the
+/// argument of a lock function, so the lock waits at most that long.
+fn bounded(id: &str, deadline: &str) -> String {
+    format!(
+        "CASE WHEN set_config('lock_timeout', \
+             greatest(1, ceil(1000 * date_part('epoch', {deadline} - clock_timestamp())))::bigint::text \
+             || 'ms', true) <> '' THEN {id} END"
     )
 }
 
@@ -124,10 +130,13 @@ impl Statements {
                          FROM (SELECT $2::bigint AS id, true AS shared \
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
                          ORDER BY s.shared DESC, s.id) t",
-            lock_namespace: "SELECT pg_advisory_xact_lock(CASE WHEN set_config('lock_timeout', \
-                     greatest(1, ceil(1000 * date_part('epoch', statement_timestamp() \
-                         + make_interval(secs => $2::float8) - clock_timestamp())))::bigint::text \
-                     || 'ms', true) <> '' THEN $1::bigint END)",
+            lock_namespace: format!(
+                "SELECT pg_advisory_xact_lock({})",
+                bounded(
+                    "$1::bigint",
+                    "(statement_timestamp() + make_interval(secs => $2::float8))"
+                )
+            ),
             try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
             next_generation: format!(
                 "INSERT INTO {ns} AS n (namespace, generation) VALUES ($1, 1) \
@@ -183,8 +192,7 @@ impl Statements {
                 old = generation_of(table, "c.namespace")
             ),
             claim: format!(
-                "SELECT key, state, value, version, fetched_at, expires_at, token, \
-                        lease_left, taken_over \
+                "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6, $7)",
                 table.quoted("_claim")
             ),
@@ -308,13 +316,13 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
         // then in new statements (new snapshots, READ COMMITTED) the re-read
         // and the leases of what is missing and not leased by a live holder.
         // A key leased by another is marked as awaited, so its publish
-        // notifies. Answers each key: 'h' fresh value, 'n' fresh negative
-        // entry, 'l' leased by this claim, 'b' leased by a live holder.
+        // notifies. Answers each key, in the order of `p_keys`: 'f' a fresh
+        // row (the fill re-reads it), 'l' leased by this claim, 'b' leased
+        // by a live holder (with how long for).
         format!(
             "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
                  p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
-             RETURNS TABLE (key text, state text, value jsonb, version bigint, fetched_at float8, \
-                            expires_at float8, token bigint, lease_left float8, taken_over bigint) \
+             RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
              LANGUAGE plpgsql VOLATILE AS $$ \
              #variable_conflict use_column \
              DECLARE \
@@ -348,15 +356,12 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
                  generation = gen \
                WHERE NOT {fresh}; \
                RETURN QUERY \
-               SELECT k.k, \
-                      CASE WHEN {fresh} THEN (CASE WHEN c.value IS NULL THEN 'n' ELSE 'h' END) \
-                           WHEN c.lease_token = tok THEN 'l' ELSE 'b' END, \
-                      CASE WHEN {fresh} THEN c.value END, \
-                      c.version, date_part('epoch', c.fetched_at), date_part('epoch', c.expires_at), \
+               SELECT CASE WHEN {fresh} THEN 'f' WHEN c.lease_token = tok THEN 'l' ELSE 'b' END, \
                       tok, date_part('epoch', c.lease_expires_at - now_ts), stolen \
-               FROM unnest(p_keys) AS k(k) \
+               FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
                LEFT JOIN LATERAL (SELECT * FROM {t} c \
-                 WHERE c.namespace = p_ns AND c.key = k.k LIMIT 1) c ON true; \
+                 WHERE c.namespace = p_ns AND c.key = k.k LIMIT 1) c ON true \
+               ORDER BY k.i; \
              END $$",
             claim = table.quoted("_claim"),
             locks = bounded_locks(

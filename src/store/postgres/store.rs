@@ -338,7 +338,8 @@ impl<F: BatchFetch> Store<F> for PgStore {
         grace: Duration,
     ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        self.read(namespace, &displayed, grace).await
+        let texts: Vec<&str> = displayed.iter().map(String::as_str).collect();
+        self.read(namespace, &texts, grace).await
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
@@ -347,7 +348,7 @@ impl<F: BatchFetch> Store<F> for PgStore {
             FillMode::HeldTransaction => self.fill_held(&fill, false).await?,
         };
         answers.ok_or_else(|| Error::Store {
-            message: "a fill gave up without trying only".into(),
+            message: "a fill gave up, which only a refresh may do".into(),
             source: None,
         })
     }

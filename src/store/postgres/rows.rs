@@ -1,0 +1,87 @@
+//! What a fill writes: the provider's answers as rows (JSON text, or none
+//! for a negative entry), and the entries the written rows became.
+//!
+//! Shared by both fill protocols: the held-transaction upsert and the
+//! lease publish write the same rows and return the same columns (`key`,
+//! then `version, fetched_at, expires_at`).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use super::read::row_meta;
+use crate::store::Filled;
+use crate::{Entry, Error};
+
+/// The rows of one fill's answers, sorted by key and deduplicated (one
+/// statement may not touch a row twice, and concurrent writers take row
+/// locks in one order), with each key's fetched value kept to settle it.
+pub(super) struct Encoded<'t, V> {
+    /// The keys' texts, sorted, deduplicated.
+    pub(super) keys: Vec<&'t str>,
+    /// Aligned with `keys`: the value's JSON, `None` for a negative entry.
+    pub(super) values: Vec<Option<String>>,
+    /// Per key: its index into the fill's keys and what the provider gave.
+    fetched: HashMap<&'t str, (usize, Option<V>)>,
+}
+
+impl<'t, V: serde::Serialize> Encoded<'t, V> {
+    /// The answers for the fill's keys at `indices` (into `texts`, the
+    /// keys' texts; `keys` the same keys, aligned with `indices`). A key
+    /// absent from `answered` is not found.
+    pub(super) fn new<K: Eq + Hash>(
+        texts: &'t [String],
+        indices: &[usize],
+        keys: &[K],
+        mut answered: HashMap<K, V>,
+    ) -> Result<Self, Error> {
+        let mut rows: Vec<(&'t str, Option<String>)> = Vec::with_capacity(indices.len());
+        let mut fetched = HashMap::with_capacity(indices.len());
+        for (&i, key) in indices.iter().zip(keys) {
+            let text = texts[i].as_str();
+            let value = answered.remove(key);
+            let json = value
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| Error::store(format!("value of key {text:?} is not JSON"), e))?;
+            rows.push((text, json));
+            fetched.insert(text, (i, value));
+        }
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        let (keys, values) = rows.into_iter().unzip();
+        Ok(Encoded {
+            keys,
+            values,
+            fetched,
+        })
+    }
+
+    /// Answers each key the statement wrote (`written`: `key, version,
+    /// fetched_at, expires_at`) with the entry it became; returns the
+    /// indices of the keys it did not write, in ascending order.
+    pub(super) fn settle(
+        mut self,
+        written: Vec<PgRow>,
+        answers: &mut [Option<Filled<V>>],
+    ) -> Vec<usize> {
+        for row in written {
+            let Ok(key) = row.try_get::<&str, _>(0) else {
+                continue;
+            };
+            if let Some((i, value)) = self.fetched.remove(key) {
+                let (version, fetched_at, expires_at) = row_meta(&row, 1);
+                answers[i] =
+                    Some(Filled::Fetched(value.map(|value| {
+                        Entry::new(value, version, fetched_at, expires_at)
+                    })));
+            }
+        }
+        let mut lost: Vec<usize> = self.fetched.into_values().map(|(i, _)| i).collect();
+        lost.sort_unstable();
+        lost
+    }
+}
