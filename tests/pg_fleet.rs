@@ -222,8 +222,22 @@ const CHILD_ENV: &str = "LOADLOCK_FLEET_CHILD";
 /// the shared provider log says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_across_processes() {
+    across_processes("exactly_once_across_processes", FillMode::Lease).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_processes_held_transactions() {
+    across_processes(
+        "exactly_once_across_processes_held_transactions",
+        FillMode::HeldTransaction,
+    )
+    .await;
+}
+
+/// Runs the processes test `test` (this function, in every child too).
+async fn across_processes(test: &str, fill: FillMode) {
     if let Ok(role) = std::env::var(CHILD_ENV) {
-        return child(role.parse().unwrap()).await;
+        return child(role.parse().unwrap(), fill).await;
     }
     let db = TestDb::new("processes").await;
     db.store(LockMode::PerKey).await; // migrate once up front
@@ -234,7 +248,7 @@ async fn exactly_once_across_processes() {
     let children: Vec<_> = (0..PROCESSES)
         .map(|i| {
             std::process::Command::new(&exe)
-                .args(["--exact", "exactly_once_across_processes", "--nocapture"])
+                .args(["--exact", test, "--nocapture"])
                 .env(CHILD_ENV, i.to_string())
                 .env("LOADLOCK_FLEET_URL", &db.url)
                 .env("LOADLOCK_FLEET_TABLE", db.table())
@@ -293,7 +307,7 @@ async fn exactly_once_across_processes() {
     db.cleanup().await;
 }
 
-async fn child(index: usize) {
+async fn child(index: usize, fill: FillMode) {
     let url = std::env::var("LOADLOCK_FLEET_URL").unwrap();
     let table = std::env::var("LOADLOCK_FLEET_TABLE").unwrap();
     let dir = PathBuf::from(std::env::var("LOADLOCK_FLEET_DIR").unwrap());
@@ -302,7 +316,11 @@ async fn child(index: usize) {
         .connect(&url)
         .await
         .unwrap();
-    let store = PgStore::builder(pool).table(table).build().unwrap();
+    let store = PgStore::builder(pool)
+        .table(table)
+        .fill_mode(fill)
+        .build()
+        .unwrap();
     let log = OpenOptions::new()
         .create(true)
         .append(true)

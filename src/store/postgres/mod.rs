@@ -36,7 +36,11 @@
 //!    (`pg_notify`) if any. A key whose lease was revoked (an
 //!    invalidation, a write, a compare-and-set, a new namespace generation)
 //!    writes nothing, and what was fetched for it is delivered to nobody:
-//!    it is claimed again. A failed fetch releases its leases at once.
+//!    it is claimed again. A failed fetch releases its leases at once: the
+//!    fills waiting for them on other instances wake, claim the keys and
+//!    call the provider themselves (under their own rate limits and
+//!    retries). They do not share the failure: another instance's provider
+//!    error cannot cross the database as the typed error it is.
 //! 5. **Wait** — a busy key is awaited: the fill wakes on the holder's
 //!    notification (or a bounded poll), then re-reads it. A lease past its
 //!    expiry belongs to a holder that died or hung and is taken over by the
