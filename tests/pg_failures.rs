@@ -1,0 +1,268 @@
+//! The fleet when parts of it fail mid-fill, on real Postgres: a lease
+//! holder killed with SIGKILL (a separate OS process), and an instance whose
+//! connections are terminated by the server. Nobody hangs; every wait here
+//! is bounded by a guard far above what the protocol needs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use loadlock::{BatchFetch, Cache, Error, FillMode, LockMode, PgStore, RetryPolicy};
+use sqlx::{Connection, PgConnection};
+use support::pg::TestDb;
+use support::{value_of, Fake};
+use tokio::sync::Semaphore;
+
+const CHILD_ENV: &str = "LOADLOCK_KILLED_HOLDER";
+const NAMESPACE: &str = "failures/killed";
+const KEYS: u64 = 20;
+
+/// Logs every key it is asked for to a file shared by the processes, then
+/// answers, or (in the holder that will be killed) hangs.
+struct Logging {
+    log: Mutex<std::fs::File>,
+    /// Written once the call started, for the parent to kill the holder.
+    calling: Option<PathBuf>,
+}
+
+#[async_trait::async_trait]
+impl BatchFetch for Logging {
+    type Key = u64;
+    type Value = String;
+    type Error = std::io::Error;
+
+    fn namespace(&self) -> &str {
+        NAMESPACE
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, String>, std::io::Error> {
+        let lines: String = keys.iter().map(|k| format!("{k}\n")).collect();
+        {
+            let mut log = self.log.lock().unwrap();
+            log.write_all(lines.as_bytes())?;
+            log.flush()?;
+        }
+        if let Some(calling) = &self.calling {
+            std::fs::write(calling, b"")?;
+            // Killed long before this ends.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        Ok(keys.iter().map(|k| (*k, value_of(k))).collect())
+    }
+}
+
+fn logging(dir: &Path, calling: Option<PathBuf>) -> Logging {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("fetched"))
+        .unwrap();
+    Logging {
+        log: Mutex::new(log),
+        calling,
+    }
+}
+
+/// A cache whose leases are short: a provider call may take 2 s, once, so
+/// a lease lasts 2 s plus its margin.
+async fn short_lease_cache(url: &str, table: &str, provider: Logging) -> Cache<Logging> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap();
+    let store = PgStore::builder(pool).table(table).build().unwrap();
+    Cache::builder(provider)
+        .store(store)
+        .provider_timeout(Duration::from_secs(2))
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap()
+}
+
+/// A child process claims the keys and is killed with SIGKILL during its
+/// provider call, leases held. Another instance waits for the leases, takes
+/// them over once they expire, and loads every key; each key is fetched at
+/// most twice (once by the dead holder), and nobody hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_lease_holder_is_taken_over() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return killed_holder().await;
+    }
+    let db = TestDb::new("killed").await;
+    db.store(LockMode::PerKey).await; // migrate once up front
+    let dir = std::env::temp_dir().join(format!("loadlock-killed-{}", db.schema));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_lease_holder_is_taken_over",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, "1")
+        .env("LOADLOCK_KILLED_URL", &db.url)
+        .env("LOADLOCK_KILLED_TABLE", db.table())
+        .env("LOADLOCK_KILLED_DIR", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the holder");
+    wait_for_file(&dir.join("calling")).await;
+    let leased: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE lease_token IS NOT NULL",
+        db.table()
+    ))
+    .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(leased, KEYS as i64, "the holder leased every key");
+    holder.kill().expect("SIGKILL the holder");
+    holder.wait().unwrap();
+
+    let cache = short_lease_cache(&db.url, &db.table(), logging(&dir, None)).await;
+    let started = Instant::now();
+    let loaded = tokio::time::timeout(Duration::from_secs(60), cache.loader().load_many(0..KEYS))
+        .await
+        .expect("a load behind a dead holder's leases must not hang")
+        .unwrap();
+    eprintln!(
+        "loaded {} keys {:?} after the holder was killed",
+        loaded.len(),
+        started.elapsed()
+    );
+    assert_eq!(loaded.len(), KEYS as usize);
+    assert_eq!(loaded[&7], value_of(&7));
+    let stats = cache.stats();
+    assert_eq!(stats.lease_takeovers, KEYS);
+    assert!(stats.lease_waits >= KEYS, "{stats:?}");
+
+    let mut fetches: HashMap<u64, usize> = HashMap::new();
+    for line in std::fs::read_to_string(dir.join("fetched"))
+        .unwrap()
+        .lines()
+    {
+        *fetches.entry(line.parse().unwrap()).or_default() += 1;
+    }
+    assert_eq!(fetches.len(), KEYS as usize);
+    assert!(
+        fetches.values().all(|&n| n == 2),
+        "each key fetched by the dead holder and once more: {fetches:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    db.cleanup().await;
+}
+
+/// The holder: claims every key, tells the parent it is at the provider,
+/// and hangs there until killed.
+async fn killed_holder() {
+    let url = std::env::var("LOADLOCK_KILLED_URL").unwrap();
+    let table = std::env::var("LOADLOCK_KILLED_TABLE").unwrap();
+    let dir = PathBuf::from(std::env::var("LOADLOCK_KILLED_DIR").unwrap());
+    let provider = logging(&dir, Some(dir.join("calling")));
+    let cache = short_lease_cache(&url, &table, provider).await;
+    let _ = cache.loader().load_many(0..KEYS).await;
+}
+
+async fn wait_for_file(path: &Path) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{path:?} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Terminates every session whose last statement named `schema` (the
+/// test's stores' pooled connections), except the caller's.
+async fn terminate_sessions_of(db: &TestDb) -> i64 {
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(&db.schema)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// An instance's connections are terminated by the server while its fill
+/// is at the provider: nobody hangs, the other instance is served, and the
+/// instance works again without being rebuilt. With leases the fill holds
+/// no connection then, so it completes; with held transactions its
+/// transaction dies with the connection, and the load fails with a store
+/// error instead of hanging.
+async fn terminated_mid_fill(fill: FillMode, tag: &str) {
+    let db = TestDb::new(tag).await;
+    let namespace = format!("failures/{tag}");
+    let gate = Arc::new(Semaphore::new(0));
+    let first = Fake::<u64>::builder(namespace.as_str())
+        .gate(gate.clone())
+        .build();
+    let a = Cache::builder(first.clone())
+        .store(db.store_with(LockMode::PerKey, fill).await)
+        .build()
+        .unwrap();
+    let b = Cache::builder(Fake::<u64>::new(namespace.as_str()))
+        .store(db.store_with(LockMode::PerKey, fill).await)
+        .build()
+        .unwrap();
+    b.loader().load(1_000).await.unwrap(); // B has a pooled connection
+
+    let a_load = tokio::spawn({
+        let a = a.clone();
+        async move { a.loader().load_many(0..10).await }
+    });
+    let started = Instant::now();
+    while first.call_count() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "A never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let terminated = terminate_sessions_of(&db).await;
+    assert!(terminated > 0, "no session was terminated");
+
+    // The other instance is served meanwhile.
+    let guard = Duration::from_secs(60);
+    let other = tokio::time::timeout(guard, b.loader().load_many(100..110))
+        .await
+        .expect("B must not hang");
+    assert_eq!(other.unwrap().len(), 10);
+
+    gate.add_permits(1);
+    let outcome = tokio::time::timeout(guard, a_load)
+        .await
+        .expect("A's load must not hang")
+        .unwrap();
+    match fill {
+        FillMode::Lease => assert_eq!(outcome.unwrap().len(), 10),
+        _ => assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}"),
+    }
+
+    // A works again, the same Cache.
+    gate.add_permits(100);
+    let again = tokio::time::timeout(guard, a.loader().load_many(200..210))
+        .await
+        .expect("A must not hang afterwards");
+    assert_eq!(again.unwrap().len(), 10);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_connections_mid_fill_with_leases() {
+    terminated_mid_fill(FillMode::Lease, "terminated_lease").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_connections_mid_fill_with_held_transactions() {
+    terminated_mid_fill(FillMode::HeldTransaction, "terminated_held").await;
+}
