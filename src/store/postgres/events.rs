@@ -187,6 +187,11 @@ pub(super) fn spawn_listener(
                 .connect_lazy_with(options);
             let listening = async {
                 let mut listener = PgListener::connect_with(&pool).await?;
+                // A lost connection is reported at once (and `Missed` sent);
+                // this loop reconnects. Reconnecting inside `try_recv` would
+                // hold the report back for the pool's whole acquire timeout
+                // while the server is down.
+                listener.eager_reconnect(false);
                 listener.listen(&channel).await?;
                 Ok::<_, sqlx::Error>(listener)
             };
