@@ -1,6 +1,6 @@
 //! The fleet when parts of it fail mid-fill, on real Postgres: a lease
-//! holder killed with SIGKILL (a separate OS process), and an instance whose
-//! connections are terminated by the server. Nobody hangs; every wait here
+//! holder killed with SIGKILL (a separate OS process), an instance whose
+//! connections are terminated by the server, and a server restart. Nobody hangs; every wait here
 //! is bounded by a guard far above what the protocol needs.
 
 mod support;
@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use loadlock::{BatchFetch, Cache, Error, FillMode, LockMode, PgStore, RetryPolicy};
+use loadlock::{BatchFetch, Cache, Error, FillMode, Invalidation, LockMode, PgStore, RetryPolicy};
 use sqlx::{Connection, PgConnection};
-use support::pg::TestDb;
+use support::pg::{PrivateCluster, TestDb};
 use support::{value_of, Fake};
 use tokio::sync::Semaphore;
 
@@ -265,4 +265,126 @@ async fn terminated_connections_mid_fill_with_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_connections_mid_fill_with_held_transactions() {
     terminated_mid_fill(FillMode::HeldTransaction, "terminated_held").await;
+}
+
+/// The server restarts mid-run: meanwhile loads fail fast with an error
+/// (never hang); afterwards the same `Cache` works again, and
+/// `invalidations()` reports `Missed` and then delivers events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_restarts_mid_run() {
+    let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&cluster.url())
+        .await
+        .unwrap();
+    let store = PgStore::builder(pool)
+        .query_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let cache = Cache::builder(Fake::<u64>::new("failures/restart"))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let mut events = Box::pin(cache.invalidations());
+    cache.loader().load_many(0..5).await.unwrap();
+    // Listening: an invalidation comes back as an event.
+    cache.invalidate([1]).await.unwrap();
+    let guard = Duration::from_secs(30);
+    expect_event(
+        &mut events,
+        guard,
+        |e| matches!(e, Invalidation::Keys(k) if k == &["1".to_string()]),
+    )
+    .await;
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop();
+        cluster
+    })
+    .await
+    .unwrap();
+    let asked = Instant::now();
+    let down = tokio::time::timeout(guard, cache.loader().load(10))
+        .await
+        .expect("a load while the server is down must fail, not hang");
+    eprintln!(
+        "while the server was down, a load failed in {:?}: {down:?}",
+        asked.elapsed()
+    );
+    assert!(matches!(down, Err(Error::Store { .. })), "{down:?}");
+    // Reported as soon as the listener's connection is lost: well within
+    // the pool's acquire timeout (30 s), which a listener reconnecting
+    // before reporting would wait out.
+    let asked = Instant::now();
+    expect_event(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, Invalidation::Missed)
+    })
+    .await;
+    eprintln!("`Missed` came {:?} after the failed load", asked.elapsed());
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start_again();
+        cluster
+    })
+    .await
+    .unwrap();
+    // The same Cache works again once the pool has reconnected.
+    let started = Instant::now();
+    let value = loop {
+        match cache.loader().load(10).await {
+            Ok(value) => break value,
+            Err(err) => {
+                assert!(started.elapsed() < guard, "no recovery: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(value, Some(value_of(&10)));
+    // Events flow again (the listener reconnects and reports `Missed` once
+    // listening; an invalidation then arrives as an event).
+    let started = Instant::now();
+    loop {
+        cache.invalidate([2]).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match futures::StreamExt::next(&mut events).await {
+                    Some(Invalidation::Keys(keys)) if keys == ["2".to_string()] => return true,
+                    Some(_) => {}
+                    None => return false,
+                }
+            }
+        })
+        .await;
+        if next == Ok(true) {
+            break;
+        }
+        assert!(started.elapsed() < guard, "events never flowed again");
+    }
+    drop(cache);
+    drop(store);
+    drop(cluster);
+}
+
+async fn expect_event(
+    events: &mut (impl futures::Stream<Item = Invalidation> + Unpin),
+    guard: Duration,
+    wanted: impl Fn(&Invalidation) -> bool,
+) {
+    tokio::time::timeout(guard, async {
+        loop {
+            let event = futures::StreamExt::next(events)
+                .await
+                .expect("the event stream ended");
+            if wanted(&event) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the expected event never came");
 }

@@ -166,6 +166,81 @@ impl TestDb {
     }
 }
 
+/// A cluster of one test's own, which the test may stop and start again
+/// (the shared one serves every other test meanwhile). Needs the server
+/// binaries. Stopped and deleted on drop; a watchdog does the same if the
+/// test process dies (no heartbeat for 15 s).
+pub struct PrivateCluster {
+    bin: PathBuf,
+    base: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PrivateCluster {
+    pub fn start() -> PrivateCluster {
+        let bin = throwaway::server_binaries().unwrap_or_else(|| {
+            panic!("this test restarts a server of its own and needs the PostgreSQL server binaries: {FIX}")
+        });
+        let as_postgres = throwaway::is_root();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let base = std::env::temp_dir().join(format!(
+            "loadlock-private-pg-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        throwaway::init(&bin, &base, as_postgres);
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        {
+            let (alive, heartbeat) = (alive.clone(), base.join("heartbeat"));
+            std::thread::spawn(move || {
+                while alive.load(Ordering::Relaxed) {
+                    let _ = std::fs::write(&heartbeat, b"");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+        let port = throwaway::free_port();
+        throwaway::pg_ctl_start(&bin, &base, port, as_postgres);
+        throwaway::spawn_watchdog(&bin, &base, as_postgres);
+        PrivateCluster {
+            bin,
+            base,
+            port,
+            as_postgres,
+            alive,
+        }
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (`fast`: every session is ended).
+    pub fn stop(&self) {
+        throwaway::pg_ctl_stop(&self.bin, &self.base, "fast", self.as_postgres);
+    }
+
+    /// Starts the stopped server again, on the same port, with its data.
+    pub fn start_again(&self) {
+        throwaway::pg_ctl_start(&self.bin, &self.base, self.port, self.as_postgres);
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Relaxed);
+        let _ = throwaway::pg_command(&self.bin, "pg_ctl", self.as_postgres)
+            .arg("-D")
+            .arg(self.base.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
 mod throwaway {
     use super::*;
 
@@ -202,13 +277,23 @@ mod throwaway {
     fn start(base: &Path) -> u16 {
         let bin = server_binaries().unwrap_or_else(|| panic!("no PostgreSQL server found: {FIX}"));
         let as_postgres = is_root();
+        init(&bin, base, as_postgres);
+        let port = free_port();
+        pg_ctl_start(&bin, base, port, as_postgres);
+        std::fs::write(base.join("port"), port.to_string()).expect("port file");
+        spawn_watchdog(&bin, base, as_postgres);
+        port
+    }
+
+    /// A new cluster in `base/data`.
+    pub(super) fn init(bin: &Path, base: &Path, as_postgres: bool) {
         let _ = std::fs::remove_dir_all(base.join("data"));
         std::fs::create_dir_all(base).expect("cluster directory");
         if as_postgres {
             run(Command::new("chown").arg("-R").arg("postgres:").arg(base));
         }
         let data = base.join("data");
-        run(pg_command(&bin, "initdb", as_postgres)
+        run(pg_command(bin, "initdb", as_postgres)
             .arg("-D")
             .arg(&data)
             .args([
@@ -220,16 +305,19 @@ mod throwaway {
                 "--locale=C",
                 "--no-sync",
             ]));
+    }
 
-        let port = free_port();
+    /// Starts the cluster in `base/data` on `port` and waits until it
+    /// accepts connections.
+    pub(super) fn pg_ctl_start(bin: &Path, base: &Path, port: u16, as_postgres: bool) {
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             base.display()
         );
-        run(pg_command(&bin, "pg_ctl", as_postgres)
+        run(pg_command(bin, "pg_ctl", as_postgres)
             .arg("-D")
-            .arg(&data)
+            .arg(base.join("data"))
             .arg("-l")
             .arg(base.join("log"))
             .args(["-w", "-t", "60", "-o", &options, "start"]));
@@ -239,14 +327,19 @@ mod throwaway {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        std::fs::write(base.join("port"), port.to_string()).expect("port file");
-        spawn_watchdog(&bin, base, as_postgres);
-        port
+    }
+
+    /// Stops the cluster in `base/data` (`mode`: `fast` or `immediate`).
+    pub(super) fn pg_ctl_stop(bin: &Path, base: &Path, mode: &str, as_postgres: bool) {
+        run(pg_command(bin, "pg_ctl", as_postgres)
+            .arg("-D")
+            .arg(base.join("data"))
+            .args(["-w", "-m", mode, "stop"]));
     }
 
     /// Stops and deletes the cluster once no test process has touched the
     /// heartbeat for 15 s.
-    fn spawn_watchdog(bin: &Path, base: &Path, as_postgres: bool) {
+    pub(super) fn spawn_watchdog(bin: &Path, base: &Path, as_postgres: bool) {
         let stop = format!(
             "{} {}/pg_ctl -D {}/data -m immediate stop",
             if as_postgres {
@@ -292,7 +385,7 @@ mod throwaway {
         });
     }
 
-    fn server_binaries() -> Option<PathBuf> {
+    pub(super) fn server_binaries() -> Option<PathBuf> {
         if let Some(path) = std::env::var_os("PATH") {
             for dir in std::env::split_paths(&path) {
                 if dir.join("pg_ctl").is_file() && dir.join("initdb").is_file() {
@@ -313,7 +406,7 @@ mod throwaway {
         found.pop().map(|(_, bin)| bin)
     }
 
-    fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
+    pub(super) fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
         let mut command = if as_postgres {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
@@ -340,7 +433,7 @@ mod throwaway {
         );
     }
 
-    fn is_root() -> bool {
+    pub(super) fn is_root() -> bool {
         Command::new("id")
             .arg("-u")
             .output()
@@ -348,7 +441,7 @@ mod throwaway {
             .unwrap_or(false)
     }
 
-    fn free_port() -> u16 {
+    pub(super) fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
