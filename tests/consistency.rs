@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, Store};
+use std::num::NonZeroU32;
+
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, Quota, RetryPolicy, Store};
 use rand::{Rng, SeedableRng};
 use support::pg::TestDb;
 use tokio::sync::Semaphore;
@@ -46,6 +48,7 @@ struct SlowReader {
     /// fill mid-fetch with it.
     gate: Option<Arc<Semaphore>>,
     read_done: Arc<Semaphore>,
+    max_batch: usize,
 }
 
 impl SlowReader {
@@ -56,6 +59,7 @@ impl SlowReader {
             seed: Arc::new(AtomicU64::new(1)),
             gate: None,
             read_done: Arc::new(Semaphore::new(0)),
+            max_batch: 100,
         }
     }
 }
@@ -68,6 +72,10 @@ impl BatchFetch for SlowReader {
 
     fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    fn max_batch_size(&self) -> usize {
+        self.max_batch
     }
 
     async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
@@ -229,12 +237,22 @@ struct Invalidated {
 /// source writes each followed by `invalidate`, from random instances, all
 /// concurrent. The checker fails on any load that started after an
 /// invalidation of its key returned and still saw a version older than the
-/// write before that invalidation. Returns (loads checked, invalidations).
+/// write before that invalidation. Returns (loads checked, invalidations,
+/// leases taken over).
+///
+/// With `stall`, one more instance stalls past its leases: its provider
+/// takes one key per call and its own budget allows one call per 2.5 s, so
+/// a fill of two keys fetches the first, then waits for the budget longer
+/// than its lease (a 100 ms provider timeout makes it 2.2 s) while the
+/// other instances take the keys over, fetch, publish, invalidate; then it
+/// tries to publish the value it fetched first. The history runs long
+/// enough for it (a few seconds).
 async fn history<S: Store<SlowReader> + Clone>(
     stores: Vec<S>,
     tag: &str,
     seed: u64,
-) -> (usize, usize) {
+    stall: bool,
+) -> (usize, usize, u64) {
     const KEYS: u64 = 4;
     const WORKERS: usize = 16;
     const OPS_PER_WORKER: usize = 40;
@@ -250,6 +268,77 @@ async fn history<S: Store<SlowReader> + Clone>(
         .collect();
     let reads = Arc::new(Mutex::new(Vec::new()));
     let invalidations = Arc::new(Mutex::new(Vec::new()));
+    // With a stalling holder: slower workers that keep going until it is
+    // done, and rarer invalidations, so that its leases expire (and are
+    // taken over) before an invalidation revokes them.
+    let pause = if stall { 50..150 } else { 0..4 };
+    let invalidating = if stall { 0.01 } else { 0.25 };
+    let staller_done = Arc::new(std::sync::atomic::AtomicBool::new(!stall));
+    let staller = stall.then(|| {
+        let mut provider = SlowReader::new(&source, &format!("consistency/{tag}"));
+        provider.max_batch = 1;
+        let cache = Cache::builder(provider)
+            .store(stores[0].clone())
+            .provider_timeout(Duration::from_millis(100))
+            .retry(RetryPolicy::none())
+            .rate_limit_calls(
+                Quota::per_period(NonZeroU32::MIN, Duration::from_millis(2500)).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let (reads, invalidations, done) =
+            (reads.clone(), invalidations.clone(), staller_done.clone());
+        let (source, other) = (source.clone(), caches[1].clone());
+        tokio::spawn(async move {
+            let invalidate = move |key: u64| {
+                let (source, other, invalidations) =
+                    (source.clone(), other.clone(), invalidations.clone());
+                async move {
+                    let version = source.write(key);
+                    other.invalidate([key]).await.unwrap();
+                    invalidations.lock().unwrap().push(Invalidated {
+                        key,
+                        version,
+                        returned: Instant::now(),
+                    });
+                }
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + 999);
+            for _ in 0..4 {
+                let first = rng.gen_range(0..KEYS);
+                let pair = [first, (first + 1) % KEYS];
+                // Misses, so that the staller fills them.
+                invalidate(pair[0]).await;
+                invalidate(pair[1]).await;
+                // Once its leases have expired and been taken over, and
+                // before it publishes what it fetched first, the source
+                // changes again.
+                let later = tokio::spawn({
+                    let invalidate = invalidate.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(2350)).await;
+                        invalidate(pair[0]).await;
+                    }
+                });
+                let started = Instant::now();
+                // Revoked every time it fetched: it gives up, having
+                // delivered nothing stale.
+                let loaded = cache.loader().load_many(pair).await;
+                later.await.unwrap();
+                let Ok(loaded) = loaded else {
+                    continue;
+                };
+                for (key, version) in loaded {
+                    reads.lock().unwrap().push(Read {
+                        key,
+                        started,
+                        version,
+                    });
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+        })
+    });
     let workers = (0..WORKERS).map(|w| {
         let (caches, source, reads, invalidations) = (
             caches.clone(),
@@ -257,12 +346,16 @@ async fn history<S: Store<SlowReader> + Clone>(
             reads.clone(),
             invalidations.clone(),
         );
+        let (pause, staller_done) = (pause.clone(), staller_done.clone());
         tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + w as u64);
-            for _ in 0..OPS_PER_WORKER {
+            for op in 0.. {
+                if op >= OPS_PER_WORKER && staller_done.load(Ordering::Relaxed) {
+                    break;
+                }
                 let cache = &caches[rng.gen_range(0..caches.len())];
                 let key = rng.gen_range(0..KEYS);
-                if rng.gen_bool(0.25) {
+                if rng.gen_bool(invalidating) {
                     let version = source.write(key);
                     cache.invalidate([key]).await.unwrap();
                     invalidations.lock().unwrap().push(Invalidated {
@@ -279,13 +372,17 @@ async fn history<S: Store<SlowReader> + Clone>(
                         version,
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..4))).await;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(pause.clone()))).await;
             }
         })
     });
     for worker in join_all(workers).await {
         worker.unwrap();
     }
+    if let Some(staller) = staller {
+        staller.await.unwrap();
+    }
+    let takeovers = caches.iter().map(|c| c.stats().lease_takeovers).sum();
 
     let reads = reads.lock().unwrap();
     let invalidations = invalidations.lock().unwrap();
@@ -306,7 +403,7 @@ async fn history<S: Store<SlowReader> + Clone>(
         "{} stale reads after an invalidation returned (key, seen, required): {stale:?}",
         stale.len()
     );
-    (reads.len(), invalidations.len())
+    (reads.len(), invalidations.len(), takeovers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -314,7 +411,7 @@ async fn randomized_history_memory_store() {
     let store = MemoryStore::new();
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed).await;
+        let (l, i, _) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed, false).await;
         loads += l;
         invalidations += i;
     }
@@ -330,11 +427,39 @@ async fn randomized_history_postgres() {
     }
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i) = history(stores.clone(), &format!("pg{seed}"), seed).await;
+        let (l, i, _) = history(stores.clone(), &format!("pg{seed}"), seed, false).await;
         loads += l;
         invalidations += i;
     }
     eprintln!("postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
+    db.cleanup().await;
+}
+
+/// The history with a holder that stalls past its leases after fetching
+/// (see `history`): its leases are taken over, and what it fetched before
+/// is never written or delivered after an invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_postgres_with_lease_takeovers() {
+    let db = TestDb::new("takeover").await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(db.store(LockMode::PerKey).await);
+    }
+    let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
+    for seed in 0..2 {
+        let (l, i, t) = history(stores.clone(), &format!("stall{seed}"), seed, true).await;
+        loads += l;
+        invalidations += i;
+        takeovers += t;
+    }
+    eprintln!(
+        "postgres with a stalling holder: {loads} loads checked against {invalidations} \
+         invalidations, {takeovers} leases taken over"
+    );
+    assert!(
+        takeovers > 0,
+        "no lease was taken over: the scenario did not happen"
+    );
     db.cleanup().await;
 }
 
