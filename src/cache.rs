@@ -728,23 +728,6 @@ impl<F: BatchFetch> CacheBuilder<F> {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store<F>>);
-        if let Some(bound) = store.fill_time_limit() {
-            // Every attempt may time out, and every retry may wait.
-            let worst = self
-                .provider_timeout
-                .checked_mul(self.retry.max_attempts().get())
-                .and_then(|calls| calls.checked_add(self.retry.worst_case_waits()))
-                .unwrap_or(Duration::MAX);
-            if worst >= bound {
-                return Err(Error::config(format!(
-                    "a provider call with its retries may take {worst:?} (provider_timeout {:?} x {} \
-                     attempts, plus waits), not shorter than the store's bound on a fill ({bound:?}): \
-                     lower the provider timeout or attempts, or raise the store's bound",
-                    self.provider_timeout,
-                    self.retry.max_attempts()
-                )));
-            }
-        }
         let limiter = Limiter::new(
             self.calls_quota,
             self.keys_quota,
@@ -761,6 +744,19 @@ impl<F: BatchFetch> CacheBuilder<F> {
                 chunk_concurrency: self.chunk_concurrency,
             },
         );
+        if let Some(bound) = store.fill_time_limit() {
+            // One call: every attempt may time out, and every retry may wait.
+            let worst = provider.worst_case(max_batch_size);
+            if worst >= bound {
+                return Err(Error::config(format!(
+                    "a provider call with its retries may take {worst:?} (provider_timeout {:?} x {} \
+                     attempts, plus waits), not shorter than the store's bound on a fill ({bound:?}): \
+                     lower the provider timeout or attempts, or raise the store's bound",
+                    self.provider_timeout,
+                    self.retry.max_attempts()
+                )));
+            }
+        }
         let local = match self.local_tier {
             None => None,
             Some((capacity, ttl)) => {
