@@ -50,7 +50,7 @@ pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
             fetched = Empty,
             duration_ms = Empty,
         );
-        run(cache, batch).instrument(span).await;
+        crate::handoff::scope(run(cache, batch).instrument(span)).await;
     });
 }
 
@@ -185,12 +185,17 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
     }
     tally.coalesced = joins.len();
     Counters::add(&cache.counters.coalesced, tally.coalesced);
+    if lease.keys().is_empty() {
+        // No fill follows: a connection the read offered for one goes back.
+        crate::handoff::clear();
+    }
 
     let lead = async {
         if !lease.keys().is_empty() {
             let mut filled = Tally::default();
             let leave = |indices: &[usize]| lease.leave(indices);
             let outcome = cache.fill(lease.keys(), &leave, &mut filled).await;
+            crate::handoff::clear();
             filled.record(&cache.counters);
             if let (Some(local), Ok(values)) = (local, &outcome) {
                 for (key, value) in lease.keys().iter().zip(values) {
@@ -204,6 +209,7 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
             if let Err(err) = &outcome {
                 if stale_if_error_applies(err) && !fallbacks.is_empty() {
                     serve_stale_on_error(cache, &lease, std::mem::take(&mut fallbacks)).await;
+                    crate::handoff::clear();
                 }
             }
             lease.settle(outcome);

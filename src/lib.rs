@@ -108,6 +108,7 @@ mod entry;
 mod error;
 mod events;
 mod fetch;
+mod handoff;
 #[cfg(feature = "http")]
 mod http;
 mod inflight;

@@ -98,6 +98,7 @@ async fn concurrent_migrate_applies_once() {
             (1, "cache table".to_string()),
             (2, "entry versions".to_string()),
             (3, "leases and namespace generations".to_string()),
+            (4, "lease functions".to_string()),
         ]
     );
     let persistence: String = sqlx::query_scalar(

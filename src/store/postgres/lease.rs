@@ -340,6 +340,7 @@ impl PgStore {
             "claiming keys",
             budget,
             Some((namespace, keys.len())),
+            true,
             |conn| sqlx::query(&inner.sql.claim)
                 .bind(namespace)
                 .bind(keys)
@@ -363,7 +364,9 @@ impl PgStore {
             let read = |e| self.error("reading a claim", e);
             let state: &str = row.try_get(0).map_err(read)?;
             token = row.try_get(1).map_err(read)?;
-            taken_over = usize::try_from(row.try_get::<i64, _>(3).map_err(read)?).unwrap_or(0);
+            if row.try_get::<i64, _>(3).map_err(read)? != 0 {
+                taken_over += 1;
+            }
             claimed.push(match state {
                 "l" => Claimed::Leased,
                 "f" => Claimed::Found,
@@ -392,6 +395,7 @@ impl PgStore {
             "publishing fetched values",
             inner.lock_timeout,
             None,
+            true,
             |conn| sqlx::query(&inner.sql.publish)
                 .bind(fill.namespace())
                 .bind(&rows.keys)
@@ -410,15 +414,22 @@ impl PgStore {
     async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
-        on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
-            sqlx::query(&inner.sql.release)
-                .bind(namespace)
-                .bind(keys)
-                .bind(token)
-                .bind(&inner.channel)
-                .bind(pg_millis(inner.lock_timeout))
-                .execute(conn)
-        })?;
+        on_conn!(
+            self,
+            "releasing leases",
+            inner.lock_timeout,
+            None,
+            true,
+            |conn| {
+                sqlx::query(&inner.sql.release)
+                    .bind(namespace)
+                    .bind(keys)
+                    .bind(token)
+                    .bind(&inner.channel)
+                    .bind(pg_millis(inner.lock_timeout))
+                    .execute(conn)
+            }
+        )?;
         self.inner
             .waiters
             .wake_keys(namespace, keys.iter().map(String::as_str));

@@ -113,22 +113,33 @@
 
 /// Runs `$work` (a future returning `Result<T, Error>` that uses `$conn`, a
 /// pooled connection) within the query timeout plus `$extra`, the wait for
-/// the connection included. A connection whose work timed out is discarded,
-/// never returned to the pool: it may be half-open, or still busy on the
-/// server.
+/// the connection included; an `urgent` statement (one other fills wait
+/// for) takes the next connection this store is done with, ahead of the
+/// pool's queue. A connection whose work timed out is discarded, never
+/// returned to the pool: it may be half-open, or still busy on the server.
 macro_rules! in_conn {
-    ($store:expr, $doing:expr, $extra:expr, |$conn:ident| $work:expr) => {{
+    ($store:expr, $doing:expr, $extra:expr, |$conn:ident| $work:expr) => {
+        in_conn!($store, $doing, $extra, false, |$conn| $work)
+    };
+    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let limit = store.inner.query_timeout.saturating_add($extra);
         let deadline = tokio::time::Instant::now() + limit;
-        let mut pooled = store.acquire(doing, deadline, limit).await?;
+        let mut pooled = store.acquire(doing, deadline, limit, $urgent).await?;
         let outcome = {
             let $conn: &mut sqlx::PgConnection = &mut pooled;
             tokio::time::timeout_at(deadline, $work).await
         };
         match outcome {
-            Ok(result) => result,
+            Ok(result) => {
+                // A failed statement's connection goes back to the pool,
+                // which settles whatever it left unfinished.
+                if result.is_ok() {
+                    store.recycle(pooled);
+                }
+                result
+            }
             Err(_) => {
                 drop(pooled.detach());
                 Err(store.timed_out(doing, limit))
@@ -141,11 +152,14 @@ macro_rules! in_conn {
 /// lock timeout becomes [`Error::LockTimeout`](crate::Error::LockTimeout)
 /// when `$locks` names what was being locked.
 macro_rules! on_conn {
-    ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {{
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {
+        on_conn!($store, $doing, $extra, $locks, false, |$conn| $work)
+    };
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let locks = $locks;
-        in_conn!(store, doing, $extra, |$conn| async {
+        in_conn!(store, doing, $extra, $urgent, |$conn| async {
             $work.await.map_err(|e| store.db_error(doing, locks, e))
         })
     }};

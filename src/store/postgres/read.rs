@@ -15,7 +15,8 @@ use crate::{Entry, Error};
 
 impl PgStore {
     /// Reads `keys` (deduplicated) of `namespace` on a pooled connection;
-    /// aligned with `keys`. Bounded by the query timeout.
+    /// aligned with `keys`. Bounded by the query timeout. A fill's re-read:
+    /// urgent (its joiners wait for it).
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
@@ -25,10 +26,55 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let rows = on_conn!(self, "reading cache rows", Duration::ZERO, None, |conn| {
-            self.select_rows(conn, namespace, keys, grace)
-        })?;
+        let rows = on_conn!(
+            self,
+            "reading cache rows",
+            Duration::ZERO,
+            None,
+            true,
+            |conn| { self.select_rows(conn, namespace, keys, grace) }
+        )?;
         Ok(self.lookups(rows, namespace, keys))
+    }
+
+    /// The optimistic read of a batch: [`read`](Self::read), and when it
+    /// missed a key, its connection is offered to the claim that follows
+    /// (which would otherwise queue for the pool again; see `handoff`).
+    pub(super) async fn read_optimistic<V>(
+        &self,
+        namespace: &str,
+        keys: &[&str],
+        grace: Duration,
+    ) -> Result<Vec<Lookup<V>>, Error>
+    where
+        V: serde::de::DeserializeOwned + Clone,
+    {
+        let doing = "reading cache rows";
+        let limit = self.inner.query_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pooled = self.acquire(doing, deadline, limit, false).await?;
+        let rows = tokio::time::timeout_at(
+            deadline,
+            self.select_rows(&mut *pooled, namespace, keys, grace),
+        )
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows.map_err(|e| self.db_error(doing, None, e))?,
+            Err(_) => {
+                drop(pooled.detach());
+                return Err(self.timed_out(doing, limit));
+            }
+        };
+        let lookups = self.lookups(rows, namespace, keys);
+        if lookups
+            .iter()
+            .any(|lookup| !matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit))
+        {
+            crate::handoff::offer(self.id(), pooled);
+        } else {
+            self.recycle(pooled);
+        }
+        Ok(lookups)
     }
 
     /// The read statement on `executor` (a connection, or a transaction

@@ -64,13 +64,20 @@ pub(crate) struct Statements {
 /// the namespace's (shared) first, each waiting at most until `deadline`:
 /// `lock_timeout` is read when a wait begins, so setting it to the time
 /// left right before each lock (in the lock function's argument, which is
-/// evaluated first) bounds the statement as a whole. Output expressions are
-/// evaluated after the sort, so the outer `ORDER BY` fixes the order.
+/// evaluated first) bounds the statement as a whole. A lock that is free is
+/// taken by a try first, which skips that setting (the common case: locks
+/// are only ever held for a short statement). Each lock is taken (tried,
+/// or waited for) before the next is looked at, so the order holds for
+/// waits. Output expressions are evaluated after the sort, so the outer
+/// `ORDER BY` fixes the order.
 fn bounded_locks(ids: &str, namespace_id: &str, deadline: &str) -> String {
     let id = bounded("s.id", deadline);
     format!(
-        "SELECT CASE WHEN s.shared THEN pg_advisory_xact_lock_shared({id})::text \
-                ELSE pg_advisory_xact_lock({id})::text END \
+        "SELECT CASE WHEN s.shared THEN \
+                  CASE WHEN pg_try_advisory_xact_lock_shared(s.id) THEN '' \
+                  ELSE pg_advisory_xact_lock_shared({id})::text END \
+                ELSE CASE WHEN pg_try_advisory_xact_lock(s.id) THEN '' \
+                  ELSE pg_advisory_xact_lock({id})::text END END \
          FROM (SELECT {namespace_id}::bigint AS id, true AS shared \
                UNION ALL SELECT DISTINCT unnest({ids}::bigint[]), false) s \
          ORDER BY s.shared DESC, s.id"
@@ -258,18 +265,57 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "leases and namespace generations",
         statements: leases,
     },
+    Migration {
+        version: 4,
+        description: "lease functions",
+        statements: lease_functions,
+    },
 ];
 
-/// Migration 3: lease columns, namespace generations, and the functions of
-/// the lease protocol (each one round trip).
+/// Migration 3: lease columns and namespace generations.
 fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
     let t = table.quoted("");
     let namespaces = table.quoted("_namespaces");
-    let next_version = format!("nextval('{}')", table.quoted("_version"));
     let lease_seq = table.quoted("_lease");
     let unlogged = if unlogged { "UNLOGGED " } else { "" };
+    vec![
+        // `lease_waiters` means something only while `lease_token` is set:
+        // the lease was awaited or taken over, so its end is announced.
+        format!(
+            "ALTER TABLE {t} \
+               ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0, \
+               ADD COLUMN IF NOT EXISTS lease_token bigint, \
+               ADD COLUMN IF NOT EXISTS lease_holder text, \
+               ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz, \
+               ADD COLUMN IF NOT EXISTS lease_waiters boolean NOT NULL DEFAULT false"
+        ),
+        format!(
+            "CREATE {unlogged}TABLE IF NOT EXISTS {namespaces} ( \
+               namespace text PRIMARY KEY, \
+               generation bigint NOT NULL)"
+        ),
+        format!("CREATE SEQUENCE IF NOT EXISTS {lease_seq}"),
+    ]
+}
+
+/// Migration 4: the functions of the lease protocol, each one round trip.
+///
+/// Claims, publishes and releases commit asynchronously
+/// (`synchronous_commit = off`, local to their transaction): what a crash
+/// of the server may lose is the last few milliseconds of them, which only
+/// costs a fetch again (a lease lost with its holder still fetching lets
+/// another claim the key: a second call, never a wrong value). Everything
+/// that must not be lost commits synchronously: tombstones, writes,
+/// compare-and-sets and new generations; and their commit flushes every
+/// commit before them, so what survives a crash is always a prefix of the
+/// history, never a publish without the invalidation that came after it.
+fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
+    let t = table.quoted("");
+    let next_version = format!("nextval('{}')", table.quoted("_version"));
+    let lease_seq = table.quoted("_lease");
     let generation = generation_of(table, "p_ns");
-    // A live lease of the row `c`, at `now_ts`, in generation `gen`.
+    let asynchronous = "PERFORM set_config('synchronous_commit', 'off', true);";
+    // A row `c` leased at `now_ts` in generation `gen` by a live holder.
     let live = "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
     let fresh = "(c.generation = gen AND c.expires_at > now_ts)";
     // Wakes the waiters of `keys` (a filled or released lease) when the
@@ -298,27 +344,16 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
            LIMIT 1 FOR UPDATE) x;"
     );
     vec![
-        format!(
-            "ALTER TABLE {t} \
-               ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0, \
-               ADD COLUMN IF NOT EXISTS lease_token bigint, \
-               ADD COLUMN IF NOT EXISTS lease_holder text, \
-               ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz, \
-               ADD COLUMN IF NOT EXISTS lease_waiters boolean NOT NULL DEFAULT false"
-        ),
-        format!(
-            "CREATE {unlogged}TABLE IF NOT EXISTS {namespaces} ( \
-               namespace text PRIMARY KEY, \
-               generation bigint NOT NULL)"
-        ),
-        format!("CREATE SEQUENCE IF NOT EXISTS {lease_seq}"),
         // The claim, run as one statement (its own transaction): the locks,
-        // then in new statements (new snapshots, READ COMMITTED) the re-read
-        // and the leases of what is missing and not leased by a live holder.
-        // A key leased by another is marked as awaited, so its publish
-        // notifies. Answers each key, in the order of `p_keys`: 'f' a fresh
-        // row (the fill re-reads it), 'l' leased by this claim, 'b' leased
-        // by a live holder (with how long for).
+        // then in a new statement (a new snapshot, READ COMMITTED; and
+        // `ON CONFLICT` sees the newest committed row anyway) the leases of
+        // what is missing and not leased by a live holder. A key leased by
+        // another is marked as awaited, so its publish notifies; so is a
+        // lease taken over (its old holder's waiters are told too). Rows
+        // the upsert skips are fresh. Answers each key, in the order of
+        // `p_keys`: 'f' a fresh row (the fill re-reads it), 'l' leased by
+        // this claim, 'b' leased by a live holder (with how long for), and
+        // whether this claim took the key's lease over.
         format!(
             "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
                  p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
@@ -326,41 +361,41 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
              LANGUAGE plpgsql VOLATILE AS $$ \
              #variable_conflict use_column \
              DECLARE \
-               gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; stolen bigint; \
+               gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; \
              BEGIN \
+               {asynchronous} \
                PERFORM * FROM ({locks}) l; \
                now_ts := clock_timestamp(); \
                lease_until := now_ts + make_interval(secs => p_lease_secs); \
                gen := {generation}; \
                tok := nextval('{lease_seq}'); \
-               SELECT count(*) INTO stolen FROM unnest(p_keys) AS k(k) \
-               CROSS JOIN LATERAL (SELECT 1 FROM {t} c \
-                 WHERE c.namespace = p_ns AND c.key = k.k AND c.generation = gen \
-                   AND c.lease_token IS NOT NULL AND c.lease_expires_at <= now_ts \
-                   AND c.expires_at <= now_ts LIMIT 1) x; \
-               INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
-                                     generation, lease_token, lease_holder, lease_expires_at) \
-               SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
-                      lease_until \
-               FROM unnest(p_keys) AS k ORDER BY k \
-               ON CONFLICT (namespace, key) DO UPDATE SET \
-                 lease_waiters = {live}, \
-                 lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
-                 lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
-                 lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at ELSE lease_until END, \
-                 value = CASE WHEN c.generation = gen THEN c.value END, \
-                 fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
-                 expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
-                                   ELSE '-infinity' END, \
-                 version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
-                 generation = gen \
-               WHERE NOT {fresh}; \
                RETURN QUERY \
-               SELECT CASE WHEN {fresh} THEN 'f' WHEN c.lease_token = tok THEN 'l' ELSE 'b' END, \
-                      tok, date_part('epoch', c.lease_expires_at - now_ts), stolen \
+               WITH up AS ( \
+                 INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                       generation, lease_token, lease_holder, lease_expires_at) \
+                 SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
+                        lease_until \
+                 FROM unnest(p_keys) AS k ORDER BY k \
+                 ON CONFLICT (namespace, key) DO UPDATE SET \
+                   lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
+                   lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
+                   lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
+                   lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
+                                           ELSE lease_until END, \
+                   value = CASE WHEN c.generation = gen THEN c.value END, \
+                   fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
+                   expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
+                                     ELSE '-infinity' END, \
+                   version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
+                   generation = gen \
+                 WHERE NOT {fresh} \
+                 RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
+               SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok THEN 'l' \
+                           ELSE 'b' END, \
+                      tok, date_part('epoch', up.lease_expires_at - now_ts), \
+                      coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
                FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
-               LEFT JOIN LATERAL (SELECT * FROM {t} c \
-                 WHERE c.namespace = p_ns AND c.key = k.k LIMIT 1) c ON true \
+               LEFT JOIN up ON up.key = k.k \
                ORDER BY k.i; \
              END $$",
             claim = table.quoted("_claim"),
@@ -383,6 +418,7 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
              #variable_conflict use_column \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
              BEGIN \
+               {asynchronous} \
                PERFORM set_config('lock_timeout', p_lock_timeout, true); \
                gen := {generation}; \
                {lock_mine} \
@@ -409,6 +445,7 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
              RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; released bigint; \
              BEGIN \
+               {asynchronous} \
                PERFORM set_config('lock_timeout', p_lock_timeout, true); \
                gen := {generation}; \
                {lock_mine} \

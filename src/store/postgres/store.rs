@@ -2,13 +2,15 @@
 //! (every round trip bounded, a timed-out connection discarded), and the
 //! [`Store`] implementation that hands each operation to its room.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
+use tokio::sync::oneshot;
 
 use super::events;
 use super::sql::Statements;
@@ -113,6 +115,9 @@ pub(super) struct Inner {
     pub(super) waiters: Arc<Waiters>,
     /// Dropped with the store, which stops the listener.
     closing: tokio::sync::watch::Sender<()>,
+    /// Claims, publishes and re-reads of fills waiting for a connection:
+    /// one this store is done with goes to them before the pool's queue.
+    urgent: Mutex<VecDeque<oneshot::Sender<PoolConnection<Postgres>>>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -236,12 +241,54 @@ impl PgStore {
         doing: &str,
         deadline: tokio::time::Instant,
         limit: Duration,
+        urgent: bool,
     ) -> Result<PoolConnection<Postgres>, Error> {
-        match tokio::time::timeout_at(deadline, self.inner.pool.acquire()).await {
+        if let Some(conn) = crate::handoff::take(self.id()) {
+            return Ok(conn);
+        }
+        let acquired = async {
+            if !urgent {
+                return self.inner.pool.acquire().await;
+            }
+            let (offer, offered) = oneshot::channel();
+            self.inner
+                .urgent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(offer);
+            tokio::select! {
+                biased;
+                Ok(conn) = offered => Ok(conn),
+                conn = self.inner.pool.acquire() => conn,
+            }
+        };
+        match tokio::time::timeout_at(deadline, acquired).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(self.error(doing, err)),
             Err(_) => Err(self.timed_out(doing, limit)),
         }
+    }
+
+    /// Returns a connection this store is done with: to a waiting urgent
+    /// statement of this store (a claim, a publish, a release or a fill's
+    /// re-read: other fills wait for them), else to the pool.
+    pub(super) fn recycle(&self, conn: PoolConnection<Postgres>) {
+        let mut conn = conn;
+        let mut waiting = self.inner.urgent.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(offer) = waiting.pop_front() {
+            match offer.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
+        drop(waiting);
+        drop(conn);
+    }
+
+    /// This store's identity, for connections it hands from a read to the
+    /// fill that follows (see `handoff`).
+    pub(super) fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     pub(super) fn timed_out(&self, doing: &str, limit: Duration) -> Error {
@@ -339,13 +386,18 @@ impl<F: BatchFetch> Store<F> for PgStore {
     ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
         let texts: Vec<&str> = displayed.iter().map(String::as_str).collect();
-        self.read(namespace, &texts, grace).await
+        self.read_optimistic(namespace, &texts, grace).await
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
         let answers = match self.fill_mode() {
             FillMode::Lease => self.fill_leased(&fill, false).await?,
-            FillMode::HeldTransaction => self.fill_held(&fill, false).await?,
+            FillMode::HeldTransaction => {
+                // It may wait for rate-limit budget before its first
+                // statement: nothing is held meanwhile.
+                crate::handoff::clear();
+                self.fill_held(&fill, false).await?
+            }
         };
         answers.ok_or_else(|| Error::Store {
             message: "a fill gave up, which only a refresh may do".into(),
@@ -623,6 +675,7 @@ impl PgStoreBuilder {
                 events: OnceLock::new(),
                 waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
+                urgent: Mutex::new(VecDeque::new()),
             }),
         })
     }
