@@ -18,10 +18,13 @@
 //!       `SELECT pg_advisory_xact_lock(bounded(id)) FROM (SELECT $ns AS
 //!       id, true AS shared UNION ALL SELECT DISTINCT unnest($ids), false) s
 //!       ORDER BY shared DESC, id` (the outer `ORDER BY` fixes the order:
-//!       output expressions are evaluated after the sort); `bounded(id)`,
-//!       the lock function's argument, first sets `lock_timeout` to the time
-//!       left, so the statement as a whole waits at most the lock timeout
-//!       (shared locks use `pg_advisory_xact_lock_shared` the same way);
+//!       output expressions are evaluated after the sort); a free lock is
+//!       taken by `pg_try_advisory_xact_lock(id)` first, and only a busy one
+//!       is waited for with `pg_advisory_xact_lock(bounded(id))`, whose
+//!       argument first sets `lock_timeout` to the time left, so the
+//!       statement as a whole waits at most the lock timeout (each lock is
+//!       taken before the next is looked at; shared locks use the `_shared`
+//!       functions the same way);
 //!    2. the **re-read**, in new statements (new snapshots, taken after the
 //!       locks): a key with a fresh row is found; a key with a live lease of
 //!       another holder is *busy* (and marked as awaited); every other key
@@ -49,6 +52,20 @@
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
 //! them).
+//!
+//! Connections: when a batch's read missed, its connection goes straight
+//! to the claim that follows (the batch does nothing that may wait in
+//! between), instead of back to the pool's queue. A connection the store
+//! is done with goes first to its own claims, publishes, releases and
+//! re-reads waiting for one (other fills wait for those), then to the pool.
+//! No connection is held across a provider call or any other wait.
+//!
+//! Durability: claims, publishes and releases commit with
+//! `synchronous_commit = off` (local to their transaction). A crash of the
+//! server loses at most their last few milliseconds, which costs a fetch
+//! again, never a wrong value: tombstones, writes, compare-and-sets and
+//! namespace generations commit synchronously, and their commit flushes
+//! every commit before them, so what survives is a prefix of the history.
 //!
 //! A lease lasts as long as its fetch may take — every chunk of the group,
 //! each attempt at the provider timeout, each retry or `Retry-After` wait —
