@@ -46,7 +46,7 @@ const MAX_ROUNDS: u32 = 64;
 /// How many times one fill accepts losing its leases (revoked by
 /// invalidations while it fetched) before it fails with
 /// [`Error::Contended`].
-const MAX_REVOKED: u32 = 4;
+const MAX_REVOKED: u32 = 8;
 
 /// A fill that ended with a key unanswered: a bug, reported, never a panic.
 pub(super) fn unsettled() -> Error {
