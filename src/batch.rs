@@ -195,7 +195,6 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
             let mut filled = Tally::default();
             let leave = |indices: &[usize]| lease.leave(indices);
             let outcome = cache.fill(lease.keys(), &leave, &mut filled).await;
-            crate::handoff::clear();
             filled.record(&cache.counters);
             if let (Some(local), Ok(values)) = (local, &outcome) {
                 for (key, value) in lease.keys().iter().zip(values) {
@@ -209,9 +208,10 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
             if let Err(err) = &outcome {
                 if stale_if_error_applies(err) && !fallbacks.is_empty() {
                     serve_stale_on_error(cache, &lease, std::mem::take(&mut fallbacks)).await;
-                    crate::handoff::clear();
                 }
             }
+            // Whatever a read of this fill offered and nothing took.
+            crate::handoff::clear();
             lease.settle(outcome);
             filled
         } else {

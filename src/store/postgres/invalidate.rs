@@ -31,11 +31,7 @@ impl PgStore {
                 .map_or(Duration::ZERO, |_| self.inner.idle_in_transaction_timeout);
         in_conn!(self, "invalidating keys", extra, |conn| async {
             let mut tx = self
-                .lock(
-                    conn,
-                    namespace,
-                    self.locks_for(namespace, keys.iter().map(String::as_str)),
-                )
+                .lock_keys(conn, namespace, keys.iter().map(String::as_str))
                 .await?;
             if let Some(work) = work {
                 work.await;
@@ -85,11 +81,7 @@ impl PgStore {
             self.inner.lock_timeout,
             |conn| async {
                 let mut tx = self
-                    .lock(
-                        conn,
-                        namespace,
-                        self.locks_for(namespace, keys.iter().map(String::as_str)),
-                    )
+                    .lock_keys(conn, namespace, keys.iter().map(String::as_str))
                     .await?;
                 self.count_round_trips(1);
                 let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)

@@ -126,6 +126,17 @@ impl PgStore {
             })
     }
 
+    /// [`lock`](Self::lock) of what this store's lock mode locks for `keys`.
+    pub(super) async fn lock_keys<'c, 'k>(
+        &self,
+        conn: &'c mut PgConnection,
+        namespace: &str,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Result<Transaction<'c, Postgres>, Error> {
+        let locks = self.locks_for(namespace, keys);
+        self.lock(conn, namespace, locks).await
+    }
+
     pub(super) async fn commit(
         &self,
         tx: Transaction<'_, Postgres>,

@@ -132,13 +132,18 @@
 /// pooled connection) within the query timeout plus `$extra`, the wait for
 /// the connection included; an `urgent` statement (one other fills wait
 /// for) takes the next connection this store is done with, ahead of the
-/// pool's queue. A connection whose work timed out is discarded, never
+/// pool's queue. A connection whose work finished in time goes to `$then`
+/// (`fn(&PgStore, PoolConnection, &Result<T, Error>)`, by default
+/// [`PgStore::done_with`]); one whose work timed out is discarded, never
 /// returned to the pool: it may be half-open, or still busy on the server.
 macro_rules! in_conn {
     ($store:expr, $doing:expr, $extra:expr, |$conn:ident| $work:expr) => {
         in_conn!($store, $doing, $extra, false, |$conn| $work)
     };
-    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, |$conn:ident| $work:expr) => {{
+    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, |$conn:ident| $work:expr) => {
+        in_conn!($store, $doing, $extra, $urgent, then $crate::store::postgres::PgStore::done_with, |$conn| $work)
+    };
+    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, then $then:expr, |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let limit = store.inner.query_timeout.saturating_add($extra);
@@ -150,11 +155,7 @@ macro_rules! in_conn {
         };
         match outcome {
             Ok(result) => {
-                // A failed statement's connection goes back to the pool,
-                // which settles whatever it left unfinished.
-                if result.is_ok() {
-                    store.recycle(pooled);
-                }
+                $then(store, pooled, &result);
                 result
             }
             Err(_) => {
@@ -172,11 +173,16 @@ macro_rules! on_conn {
     ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {
         on_conn!($store, $doing, $extra, $locks, false, |$conn| $work)
     };
-    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, |$conn:ident| $work:expr) => {{
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, |$conn:ident| $work:expr) => {
+        on_conn!($store, $doing, $extra, $locks, $urgent,
+            then $crate::store::postgres::PgStore::done_with, |$conn| $work)
+    };
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, then $then:expr,
+     |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let locks = $locks;
-        in_conn!(store, doing, $extra, $urgent, |$conn| async {
+        in_conn!(store, doing, $extra, $urgent, then $then, |$conn| async {
             $work.await.map_err(|e| store.db_error(doing, locks, e))
         })
     }};

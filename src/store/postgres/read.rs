@@ -14,9 +14,9 @@ use crate::store::Lookup;
 use crate::{Entry, Error};
 
 impl PgStore {
-    /// Reads `keys` (deduplicated) of `namespace` on a pooled connection;
-    /// aligned with `keys`. Bounded by the query timeout. A fill's re-read:
-    /// urgent (its joiners wait for it).
+    /// A fill's re-read of `keys` (deduplicated) of `namespace`; aligned
+    /// with `keys`, bounded by the query timeout. Urgent: the fill's joiners
+    /// wait for it.
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
@@ -26,20 +26,13 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let rows = on_conn!(
-            self,
-            "reading cache rows",
-            Duration::ZERO,
-            None,
-            true,
-            |conn| { self.select_rows(conn, namespace, keys, grace) }
-        )?;
-        Ok(self.lookups(rows, namespace, keys))
+        self.read_keys(namespace, keys, grace, false).await
     }
 
-    /// The optimistic read of a batch: [`read`](Self::read), and when it
-    /// missed a key, its connection is offered to the claim that follows
-    /// (which would otherwise queue for the pool again; see `handoff`).
+    /// The optimistic read of a batch: [`read`](Self::read), not urgent, and
+    /// when it missed a key its connection is offered to the claim that
+    /// follows (which would otherwise queue for the pool again; see
+    /// `handoff`).
     pub(super) async fn read_optimistic<V>(
         &self,
         namespace: &str,
@@ -49,32 +42,42 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let doing = "reading cache rows";
-        let limit = self.inner.query_timeout;
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut pooled = self.acquire(doing, deadline, limit, false).await?;
-        let rows = tokio::time::timeout_at(
-            deadline,
-            self.select_rows(&mut *pooled, namespace, keys, grace),
-        )
-        .await;
-        let rows = match rows {
-            Ok(rows) => rows.map_err(|e| self.db_error(doing, None, e))?,
-            Err(_) => {
-                drop(pooled.detach());
-                return Err(self.timed_out(doing, limit));
+        self.read_keys(namespace, keys, grace, true).await
+    }
+
+    async fn read_keys<V>(
+        &self,
+        namespace: &str,
+        keys: &[&str],
+        grace: Duration,
+        batch: bool,
+    ) -> Result<Vec<Lookup<V>>, Error>
+    where
+        V: serde::de::DeserializeOwned + Clone,
+    {
+        let then = |store: &PgStore, conn, looked: &Result<Vec<Lookup<V>>, Error>| match looked {
+            Ok(looked)
+                if batch
+                    && looked
+                        .iter()
+                        .any(|lookup| !matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit)) =>
+            {
+                crate::handoff::offer(store.id(), conn);
             }
+            _ => store.done_with(conn, looked),
         };
-        let lookups = self.lookups(rows, namespace, keys);
-        if lookups
-            .iter()
-            .any(|lookup| !matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit))
-        {
-            crate::handoff::offer(self.id(), pooled);
-        } else {
-            self.recycle(pooled);
-        }
-        Ok(lookups)
+        on_conn!(
+            self,
+            "reading cache rows",
+            Duration::ZERO,
+            None,
+            !batch,
+            then then,
+            |conn| async {
+                let rows = self.select_rows(conn, namespace, keys, grace).await?;
+                Ok(self.lookups(rows, namespace, keys))
+            }
+        )
     }
 
     /// The read statement on `executor` (a connection, or a transaction

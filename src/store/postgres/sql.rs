@@ -328,14 +328,19 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
                     END IF; \
                     PERFORM pg_notify(p_channel, payload); \
                   END IF;";
-    // Locks the rows of `p_keys` (sorted by the caller) still leased by
-    // `p_token`, one primary-key probe after another in that order (so two
-    // writers never wait on each other's rows in a cycle: claims also write
-    // rows in key order), and tells whether anyone waits for them. A row
-    // changed meanwhile is re-checked once its lock is granted (READ
-    // COMMITTED's `FOR UPDATE`).
-    let lock_mine = format!(
-        "SELECT coalesce(bool_or(x.lease_waiters), false), array_agg(x.tid) \
+    // How a publish or a release begins: an asynchronous commit, its lock
+    // timeout, the namespace's generation, then the rows of `p_keys`
+    // (sorted by the caller) still leased by `p_token` locked, one
+    // primary-key probe after another in that order (so two writers never
+    // wait on each other's rows in a cycle: claims also write rows in key
+    // order), telling whether anyone waits for them. A row changed
+    // meanwhile is re-checked once its lock is granted (READ COMMITTED's
+    // `FOR UPDATE`).
+    let take_mine = format!(
+        "{asynchronous} \
+         PERFORM set_config('lock_timeout', p_lock_timeout, true); \
+         gen := {generation}; \
+         SELECT coalesce(bool_or(x.lease_waiters), false), array_agg(x.tid) \
          INTO waited, tids \
          FROM unnest(p_keys) AS k(k) \
          CROSS JOIN LATERAL (SELECT c.lease_waiters, c.ctid AS tid FROM {t} c \
@@ -418,10 +423,7 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
              #variable_conflict use_column \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
              BEGIN \
-               {asynchronous} \
-               PERFORM set_config('lock_timeout', p_lock_timeout, true); \
-               gen := {generation}; \
-               {lock_mine} \
+               {take_mine} \
                now_ts := clock_timestamp(); \
                RETURN QUERY \
                UPDATE {t} AS c SET value = u.value::jsonb, fetched_at = now_ts, \
@@ -445,10 +447,7 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
              RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; released bigint; \
              BEGIN \
-               {asynchronous} \
-               PERFORM set_config('lock_timeout', p_lock_timeout, true); \
-               gen := {generation}; \
-               {lock_mine} \
+               {take_mine} \
                UPDATE {t} AS c SET lease_token = NULL, lease_holder = NULL, \
                  lease_expires_at = NULL, lease_waiters = false \
                WHERE c.ctid = ANY(tids); \

@@ -285,6 +285,15 @@ impl PgStore {
         drop(conn);
     }
 
+    /// What a round trip leaves of its connection when it finished in time:
+    /// after success, [`recycle`](Self::recycle)d; after a failure, back to
+    /// the pool, which settles whatever the statement left unfinished.
+    pub(super) fn done_with<T>(&self, conn: PoolConnection<Postgres>, result: &Result<T, Error>) {
+        if result.is_ok() {
+            self.recycle(conn);
+        }
+    }
+
     /// This store's identity, for connections it hands from a read to the
     /// fill that follows (see `handoff`).
     pub(super) fn id(&self) -> usize {
