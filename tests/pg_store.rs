@@ -99,6 +99,7 @@ async fn concurrent_migrate_applies_once() {
             (2, "entry versions".to_string()),
             (3, "leases and namespace generations".to_string()),
             (4, "lease functions".to_string()),
+            (5, "combined claims and publishes".to_string()),
         ]
     );
     let persistence: String = sqlx::query_scalar(

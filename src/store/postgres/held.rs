@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::rows::Encoded;
+use super::rows::{Encoded, Written};
 use super::{LockMode, PgStore};
 use crate::store::{Fill, Filled, Lookup};
 use crate::{BatchFetch, Error};
@@ -118,6 +118,10 @@ impl PgStore {
                 .map_err(|e| self.error("writing cache rows", e))?;
             // The upsert writes every row; a key it did not return is left
             // unanswered and reported as such.
+            let written = written
+                .iter()
+                .filter_map(|row| Written::from_row(row, 1))
+                .collect();
             rows.settle(written, answers);
             fill.about_to_commit(group);
             self.commit(tx, "committing a fill").await?;

@@ -18,12 +18,15 @@
 //!   trip by the query timeout, a wait for another holder by its lease (a
 //!   lease past its expiry is taken over), and the number of rounds.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgRow;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgRow, Postgres};
 use sqlx::Row;
 
-use super::rows::Encoded;
+use super::combine::{self, Member};
+use super::rows::{Encoded, Written};
 use super::store::pg_millis;
 use super::PgStore;
 use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup};
@@ -70,14 +73,40 @@ pub(super) fn longest_covered_fetch(max_lease: Duration) -> Duration {
 
 /// What a claim answered for one key.
 #[derive(Clone, Copy)]
-enum Claimed {
+pub(super) enum Claimed {
     /// A fresh row (a value or a negative entry): re-read by the fill.
     Found,
     /// Leased by this claim.
     Leased,
     /// Leased by a live holder, for this long still.
     Busy(Duration),
+    /// Not looked at: its lock was busy (a combined claim only tries
+    /// locks); the fill claims it again, waiting for the lock.
+    LockBusy,
 }
+
+/// What a claim answers: the lease token, how many leases it took over,
+/// and each key's state.
+pub(super) type ClaimAnswer = (i64, usize, Vec<Claimed>);
+
+/// One fill's part of a combined claim: its keys (distinct) and the
+/// length of their lease, in seconds.
+pub(super) struct ClaimRequest {
+    keys: Vec<String>,
+    lease: f64,
+}
+
+/// One fill's part of a combined publish: its keys (sorted, distinct),
+/// their values (`None`: a negative entry) and its lease token.
+pub(super) struct PublishRequest {
+    keys: Vec<String>,
+    values: Vec<Option<String>>,
+    token: i64,
+}
+
+/// What the fills of a combined publish share: the namespace and the
+/// times to live.
+pub(super) type PublishGroup = (String, Duration, Duration);
 
 /// The leases of one claim, on keys sorted as rows are locked; dropping it
 /// before [`settled`](Held::settled) (a cancelled fill) releases them in
@@ -148,6 +177,9 @@ impl PgStore {
         let mut pending: Vec<usize> = (0..texts.len()).collect();
         let mut revoked_rounds = 0;
         let mut poll = POLL;
+        // Keys whose locks a combined claim found busy: claimed next,
+        // waiting for the locks.
+        let mut locks_busy: HashSet<usize> = HashSet::new();
         // Listening from the first fill on, so that a wait for another
         // holder is woken by its publish rather than by the poll.
         let _ = self.events();
@@ -172,8 +204,11 @@ impl PgStore {
                 let group_texts: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
                 let lease = lease_for(fill.fetch_bound(group.len()));
                 let started = Instant::now();
-                let (token, taken_over, claimed) =
-                    self.claim(namespace, &group_texts, lease).await?;
+                let (token, taken_over, claimed) = if group.iter().any(|i| locks_busy.contains(i)) {
+                    self.claim(namespace, &group_texts, lease).await?
+                } else {
+                    self.claim_tried(namespace, &group_texts, lease).await?
+                };
                 fill.record_lock_wait(started.elapsed());
                 fill.record_takeovers(taken_over);
                 let mut leased = Vec::new();
@@ -185,6 +220,10 @@ impl PgStore {
                             busy_for = Some(busy_for.map_or(left, |b| b.min(left)));
                             busy.push(i);
                             recheck.push(i);
+                        }
+                        Claimed::LockBusy => {
+                            locks_busy.insert(i);
+                            next.push(i);
                         }
                     }
                 }
@@ -309,10 +348,17 @@ impl PgStore {
                 return Err(err);
             }
         };
-        let rows = Encoded::new(texts, leased, &keys, fetched)?;
+        let mut rows = Encoded::new(texts, leased, &keys, fetched)?;
         // Joiners from now on read the store: the publish is what they see.
         fill.about_to_commit(leased);
-        let written = self.publish(fill, &rows, held.token).await;
+        let published: Vec<String> = rows.keys.iter().map(|&key| key.to_owned()).collect();
+        let request = PublishRequest {
+            keys: published,
+            values: std::mem::take(&mut rows.values),
+            token: held.token,
+        };
+        let group = (namespace.to_owned(), fill.ttl(), fill.negative_ttl());
+        let written = self.publish(group, request).await;
         held.settled();
         // Fills of this process waiting for these keys need no notification
         // from the server.
@@ -320,6 +366,167 @@ impl PgStore {
             .waiters
             .wake_keys(namespace, rows.keys.iter().copied());
         Ok(rows.settle(written?, answers))
+    }
+
+    /// A claim that only tries the keys' locks (a key whose lock is busy is
+    /// [`Claimed::LockBusy`]), combined with the claims of this store's
+    /// other fills of the namespace that queue with it; answers as
+    /// [`claim`](Self::claim).
+    async fn claim_tried(
+        &self,
+        namespace: &str,
+        keys: &[&str],
+        lease: Duration,
+    ) -> Result<ClaimAnswer, Error> {
+        let request = ClaimRequest {
+            keys: keys.iter().map(|&key| key.to_owned()).collect(),
+            lease: lease.as_secs_f64(),
+        };
+        if !combine::storable(keys.iter().copied()) {
+            let (member, answer) = combine::member(request);
+            self.run_claims(namespace.to_owned(), vec![member]).await;
+            return combine::answered(answer).await;
+        }
+        let namespace = namespace.to_owned();
+        let joined = self.inner.claims.join(&namespace, request);
+        // The connection this batch's read left for its claim: the runner's,
+        // or (when this claim joined a group) the next waiting statement's.
+        let handed = crate::handoff::take::<PoolConnection<Postgres>>(self.id());
+        if joined.leads {
+            let store = self.clone();
+            tokio::spawn(crate::handoff::scope(async move {
+                if let Some(conn) = handed {
+                    crate::handoff::offer(store.id(), conn);
+                }
+                store.run_claims(namespace, Vec::new()).await;
+            }));
+        } else if let Some(conn) = handed {
+            self.recycle(conn);
+        }
+        combine::answered(joined.answer).await
+    }
+
+    /// Runs the claims of `members` (or, when none are given, of the group
+    /// open for `namespace` once a connection is at hand) as one statement
+    /// and answers each.
+    async fn run_claims(&self, namespace: String, members: Vec<Member<ClaimRequest, ClaimAnswer>>) {
+        let inner = &*self.inner;
+        let mut members = members;
+        let combined = members.is_empty();
+        // Each key once, with the lease of the first fill asking for it.
+        let mut keys: Vec<String> = Vec::new();
+        let outcome = async {
+            on_conn!(self, "claiming keys", Duration::ZERO, None, true, |conn| {
+                if combined {
+                    members = inner.claims.close(&namespace);
+                }
+                let mut seen = HashSet::new();
+                let mut secs = Vec::new();
+                for member in &members {
+                    for key in &member.request.keys {
+                        if seen.insert(key.as_str()) {
+                            keys.push(key.clone());
+                            secs.push(member.request.lease);
+                        }
+                    }
+                }
+                let ids: Vec<i64> = keys.iter().map(|key| lock_id(&namespace, key)).collect();
+                self.count_round_trips(1);
+                let (keys, namespace) = (&keys, &namespace);
+                async move {
+                    sqlx::query(&inner.sql.claim_tried)
+                        .bind(namespace)
+                        .bind(keys)
+                        .bind(ids)
+                        .bind(namespace_lock_id(namespace))
+                        .bind(&inner.holder)
+                        .bind(secs)
+                        .fetch_all(conn)
+                        .await
+                }
+            })
+        }
+        .await;
+        if combined && members.is_empty() {
+            members = inner.claims.close(&namespace);
+        }
+        let answered = outcome.and_then(|rows| self.claim_rows(keys.len(), rows));
+        let (token, states) = match answered {
+            Ok(answered) => answered,
+            Err(err) => {
+                for member in members {
+                    member.answer(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let position: HashMap<&str, usize> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (key.as_str(), i))
+            .collect();
+        // A key two fills asked for is leased to the first only; the other
+        // waits for its publish as for any other holder's.
+        let mut answered_once = vec![false; keys.len()];
+        for member in members {
+            let mut taken_over = 0;
+            let mut claimed = Vec::with_capacity(member.request.keys.len());
+            for key in &member.request.keys {
+                let Some(&i) = position.get(key.as_str()) else {
+                    claimed.push(Claimed::LockBusy);
+                    continue;
+                };
+                let (state, took_over) = states[i];
+                let first = !std::mem::replace(&mut answered_once[i], true);
+                claimed.push(match state {
+                    Claimed::Leased if !first => {
+                        Claimed::Busy(Duration::from_secs_f64(member.request.lease))
+                    }
+                    state => {
+                        taken_over += usize::from(first && took_over);
+                        state
+                    }
+                });
+            }
+            member.answer(Ok((token, taken_over, claimed)));
+        }
+    }
+
+    /// Reads the rows of a claim of `expected` keys: the token, and per key
+    /// its state and whether its lease was taken over.
+    fn claim_rows(
+        &self,
+        expected: usize,
+        rows: Vec<PgRow>,
+    ) -> Result<(i64, Vec<(Claimed, bool)>), Error> {
+        if rows.len() != expected {
+            return Err(Error::Store {
+                message: format!("a claim of {expected} keys answered {}", rows.len()).into(),
+                source: None,
+            });
+        }
+        let mut token = 0;
+        let mut states = Vec::with_capacity(rows.len());
+        for row in rows {
+            let read = |e| self.error("reading a claim", e);
+            let state: &str = row.try_get(0).map_err(read)?;
+            token = row.try_get(1).map_err(read)?;
+            let taken_over = row.try_get::<i64, _>(3).map_err(read)? != 0;
+            states.push((
+                match state {
+                    "l" => Claimed::Leased,
+                    "f" => Claimed::Found,
+                    "u" => Claimed::LockBusy,
+                    _ => {
+                        let left = row.try_get::<Option<f64>, _>(2).map_err(read)?;
+                        let left = Duration::try_from_secs_f64(left.unwrap_or(0.0).max(0.0));
+                        Claimed::Busy(left.unwrap_or_default())
+                    }
+                },
+                taken_over,
+            ));
+        }
+        Ok((token, states))
     }
 
     /// One claim: the keys' locks, the re-read and the leases, in one round
@@ -351,62 +558,128 @@ impl PgStore {
                 .bind(budget.as_secs_f64())
                 .fetch_all(conn)
         )?;
-        if rows.len() != keys.len() {
-            return Err(Error::Store {
-                message: format!("a claim of {} keys answered {}", keys.len(), rows.len()).into(),
-                source: None,
-            });
-        }
-        let mut token = 0;
-        let mut taken_over = 0;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let read = |e| self.error("reading a claim", e);
-            let state: &str = row.try_get(0).map_err(read)?;
-            token = row.try_get(1).map_err(read)?;
-            if row.try_get::<i64, _>(3).map_err(read)? != 0 {
-                taken_over += 1;
-            }
-            claimed.push(match state {
-                "l" => Claimed::Leased,
-                "f" => Claimed::Found,
-                _ => {
-                    let left = row.try_get::<Option<f64>, _>(2).map_err(read)?;
-                    let left = Duration::try_from_secs_f64(left.unwrap_or(0.0).max(0.0));
-                    Claimed::Busy(left.unwrap_or_default())
-                }
-            });
-        }
-        Ok((token, taken_over, claimed))
+        let (token, states) = self.claim_rows(keys.len(), rows)?;
+        let taken_over = states.iter().filter(|(_, took_over)| *took_over).count();
+        Ok((
+            token,
+            taken_over,
+            states.into_iter().map(|(state, _)| state).collect(),
+        ))
     }
 
-    /// Writes `rows` where the lease is still `token`'s; returns the rows
-    /// written.
-    async fn publish<F: BatchFetch>(
+    /// A fill's publish, with the publishes of this store's other fills of
+    /// the namespace (and times to live) that queue with it; returns the
+    /// rows written for it: its keys whose lease was still its token's.
+    async fn publish(
         &self,
-        fill: &Fill<'_, F>,
-        rows: &Encoded<'_, F::Value>,
-        token: i64,
-    ) -> Result<Vec<PgRow>, Error> {
+        group: PublishGroup,
+        request: PublishRequest,
+    ) -> Result<Vec<Written>, Error> {
+        let alone = !combine::storable(request.keys.iter().map(String::as_str))
+            || !combine::storable(request.values.iter().flatten().map(String::as_str));
+        if alone {
+            let (member, answer) = combine::member(request);
+            self.run_publishes(group, vec![member]).await;
+            return combine::answered(answer).await;
+        }
+        let joined = self.inner.publishes.join(&group, request);
+        if joined.leads {
+            let store = self.clone();
+            tokio::spawn(async move { store.run_publishes(group, Vec::new()).await });
+        }
+        combine::answered(joined.answer).await
+    }
+
+    /// Runs the publishes of `members` (more join while the connection is
+    /// awaited, unless they came alone) as one statement and answers each.
+    async fn run_publishes(
+        &self,
+        group: PublishGroup,
+        members: Vec<Member<PublishRequest, Vec<Written>>>,
+    ) {
         let inner = &*self.inner;
-        self.count_round_trips(1);
-        on_conn!(
-            self,
-            "publishing fetched values",
-            inner.lock_timeout,
-            None,
-            true,
-            |conn| sqlx::query(&inner.sql.publish)
-                .bind(fill.namespace())
-                .bind(&rows.keys)
-                .bind(&rows.values)
-                .bind(token)
-                .bind(fill.ttl().as_secs_f64())
-                .bind(fill.negative_ttl().as_secs_f64())
-                .bind(&inner.channel)
-                .bind(pg_millis(inner.lock_timeout))
-                .fetch_all(conn)
-        )
+        let mut members = members;
+        let combined = members.is_empty();
+        let (namespace, ttl, negative_ttl) = &group;
+        let outcome = async {
+            on_conn!(
+                self,
+                "publishing fetched values",
+                inner.lock_timeout,
+                None,
+                true,
+                |conn| {
+                    if combined {
+                        members = inner.publishes.close(&group);
+                    }
+                    let mut rows: Vec<(&str, Option<&str>, i64)> = members
+                        .iter()
+                        .flat_map(|m| {
+                            let r = &m.request;
+                            r.keys
+                                .iter()
+                                .zip(&r.values)
+                                .map(|(k, v)| (k.as_str(), v.as_deref(), r.token))
+                        })
+                        .collect();
+                    rows.sort_unstable_by(|a, b| (a.0, a.2).cmp(&(b.0, b.2)));
+                    let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
+                    let values: Vec<Option<&str>> = rows.iter().map(|r| r.1).collect();
+                    let tokens: Vec<i64> = rows.iter().map(|r| r.2).collect();
+                    self.count_round_trips(1);
+                    async move {
+                        sqlx::query(&inner.sql.publish_many)
+                            .bind(namespace)
+                            .bind(keys)
+                            .bind(values)
+                            .bind(tokens)
+                            .bind(ttl.as_secs_f64())
+                            .bind(negative_ttl.as_secs_f64())
+                            .bind(&inner.channel)
+                            .bind(pg_millis(inner.lock_timeout))
+                            .fetch_all(conn)
+                            .await
+                    }
+                }
+            )
+        }
+        .await;
+        if combined && members.is_empty() {
+            // The connection never came: whoever joined meanwhile shares
+            // the error.
+            members = inner.publishes.close(&group);
+        }
+        let rows = match outcome {
+            Ok(rows) => rows,
+            Err(err) => {
+                for member in members {
+                    member.answer(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let mut by_token: HashMap<i64, Vec<Written>> = HashMap::new();
+        for row in &rows {
+            let (Some(written), Ok(token)) = (Written::from_row(row, 2), row.try_get::<i64, _>(1))
+            else {
+                continue;
+            };
+            by_token.entry(token).or_default().push(written);
+        }
+        for member in members {
+            let mine: HashSet<&str> = member.request.keys.iter().map(String::as_str).collect();
+            let written = by_token
+                .get_mut(&member.request.token)
+                .map(|rows| {
+                    let (taken, kept): (Vec<Written>, Vec<Written>) = std::mem::take(rows)
+                        .into_iter()
+                        .partition(|w| mine.contains(w.key.as_str()));
+                    *rows = kept;
+                    taken
+                })
+                .unwrap_or_default();
+            member.answer(Ok(written));
+        }
     }
 
     /// Gives up the leases `token` holds on `keys` (sorted: rows are locked

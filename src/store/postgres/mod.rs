@@ -188,6 +188,7 @@ macro_rules! on_conn {
     }};
 }
 
+mod combine;
 mod events;
 mod held;
 mod invalidate;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::time::SystemTime;
 
 use sqlx::postgres::PgRow;
 use sqlx::Row;
@@ -60,20 +61,21 @@ impl<'t, V: serde::Serialize> Encoded<'t, V> {
         })
     }
 
-    /// Answers each key the statement wrote (`written`: `key, version,
-    /// fetched_at, expires_at`) with the entry it became; returns the
-    /// indices of the keys it did not write, in ascending order.
+    /// Answers each key the statement wrote with the entry it became;
+    /// returns the indices of the keys it did not write, in ascending order.
     pub(super) fn settle(
         mut self,
-        written: Vec<PgRow>,
+        written: Vec<Written>,
         answers: &mut [Option<Filled<V>>],
     ) -> Vec<usize> {
-        for row in written {
-            let Ok(key) = row.try_get::<&str, _>(0) else {
-                continue;
-            };
-            if let Some((i, value)) = self.fetched.remove(key) {
-                let (version, fetched_at, expires_at) = row_meta(&row, 1);
+        for Written {
+            key,
+            version,
+            fetched_at,
+            expires_at,
+        } in written
+        {
+            if let Some((i, value)) = self.fetched.remove(key.as_str()) {
                 answers[i] =
                     Some(Filled::Fetched(value.map(|value| {
                         Entry::new(value, version, fetched_at, expires_at)
@@ -83,5 +85,29 @@ impl<'t, V: serde::Serialize> Encoded<'t, V> {
         let mut lost: Vec<usize> = self.fetched.into_values().map(|(i, _)| i).collect();
         lost.sort_unstable();
         lost
+    }
+}
+
+/// A row a fill wrote: its key, and the version and times it was written
+/// with.
+pub(super) struct Written {
+    pub(super) key: String,
+    pub(super) version: u64,
+    pub(super) fetched_at: SystemTime,
+    pub(super) expires_at: SystemTime,
+}
+
+impl Written {
+    /// From a row `key, …, version, fetched_at, expires_at`, the version at
+    /// column `meta`; `None` when the key does not read.
+    pub(super) fn from_row(row: &PgRow, meta: usize) -> Option<Self> {
+        let key = row.try_get::<String, _>(0).ok()?;
+        let (version, fetched_at, expires_at) = row_meta(row, meta);
+        Some(Written {
+            key,
+            version,
+            fetched_at,
+            expires_at,
+        })
     }
 }

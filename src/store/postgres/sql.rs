@@ -54,10 +54,12 @@ pub(crate) struct Statements {
     pub(crate) version_of: String,
     /// The lease claim, one round trip; see the `_claim` function.
     pub(crate) claim: String,
-    /// The lease publish, one round trip; see the `_publish` function.
-    pub(crate) publish: String,
     /// The lease release, one round trip; see the `_release` function.
     pub(crate) release: String,
+    /// The claim of several fills, only trying locks; see `_claim_tried`.
+    pub(crate) claim_tried: String,
+    /// The publish of several fills; see `_publish_many`.
+    pub(crate) publish_many: String,
 }
 
 /// The locks of the rows `s(id, shared)`, in one statement, ascending,
@@ -203,12 +205,17 @@ impl Statements {
                  FROM {}($1, $2, $3, $4, $5, $6, $7)",
                 table.quoted("_claim")
             ),
-            publish: format!(
-                "SELECT key, version, fetched_at, expires_at \
-                 FROM {}($1, $2, $3, $4, $5, $6, $7, $8)",
-                table.quoted("_publish")
-            ),
             release: format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release")),
+            claim_tried: format!(
+                "SELECT state, token, lease_left, taken_over \
+                 FROM {}($1, $2, $3, $4, $5, $6)",
+                table.quoted("_claim_tried")
+            ),
+            publish_many: format!(
+                "SELECT key, token, version, fetched_at, expires_at \
+                 FROM {}($1, $2, $3, $4, $5, $6, $7, $8)",
+                table.quoted("_publish_many")
+            ),
         }
     }
 }
@@ -270,6 +277,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "lease functions",
         statements: lease_functions,
     },
+    Migration {
+        version: 5,
+        description: "combined claims and publishes",
+        statements: combined_functions,
+    },
 ];
 
 /// Migration 3: lease columns and namespace generations.
@@ -310,6 +322,145 @@ fn leases(table: &TableName, unlogged: bool) -> Vec<String> {
 /// commit before them, so what survives a crash is always a prefix of the
 /// history, never a publish without the invalidation that came after it.
 fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
+    lease_functions_planned(table, "")
+}
+
+/// Every plan of a protocol function generic, made once per session: the
+/// plans do not depend on the arguments (primary-key probes, whatever the
+/// number of keys), and the planner's default would plan each call anew
+/// (it prefers custom plans when the array sizes vary).
+const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
+
+/// Migration 5: the lease functions planned once per session, and the
+/// combined claim and publish of several fills.
+fn combined_functions(table: &TableName, unlogged: bool) -> Vec<String> {
+    let mut statements = lease_functions_planned(table, GENERIC_PLANS);
+    statements.extend(combined(table, unlogged));
+    statements
+}
+
+/// The claim and the publish of several fills in one statement each (see
+/// `combine.rs`).
+fn combined(table: &TableName, _: bool) -> Vec<String> {
+    let t = table.quoted("");
+    let next_version = format!("nextval('{}')", table.quoted("_version"));
+    let lease_seq = table.quoted("_lease");
+    let generation = generation_of(table, "p_ns");
+    let live = "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
+    let fresh = "(c.generation = gen AND c.expires_at > now_ts)";
+    vec![
+        // The claim of keys (distinct) of several fills, never waiting for a
+        // lock: the namespace's lock shared and each key's lock are only
+        // tried (each key's in ascending id order, in one statement), and a
+        // key whose lock is busy is answered 'u' and left alone (its fill
+        // claims it again with `_claim`, which waits). For the keys locked,
+        // in a new statement, the lease as `_claim` takes it, each key for
+        // its own length. Answers each key in the order of `p_keys`: 'f',
+        // 'l', 'b' as `_claim`, or 'u'.
+        format!(
+            "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
+                 p_ns_id bigint, p_holder text, p_lease_secs float8[]) \
+             RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
+             LANGUAGE plpgsql VOLATILE {GENERIC_PLANS} AS $$ \
+             #variable_conflict use_column \
+             DECLARE gen bigint; tok bigint; now_ts timestamptz; got bigint[]; \
+             BEGIN \
+               PERFORM set_config('synchronous_commit', 'off', true); \
+               IF NOT pg_try_advisory_xact_lock_shared(p_ns_id) THEN \
+                 RETURN QUERY SELECT 'u'::text, 0::bigint, NULL::float8, 0::bigint \
+                   FROM unnest(p_keys); \
+                 RETURN; \
+               END IF; \
+               SELECT coalesce(array_agg(l.id) FILTER (WHERE l.taken), '{{}}') INTO got \
+               FROM (SELECT s.id, pg_try_advisory_xact_lock(s.id) AS taken \
+                     FROM (SELECT DISTINCT unnest(p_ids) AS id) s ORDER BY s.id) l; \
+               now_ts := clock_timestamp(); \
+               gen := {generation}; \
+               tok := nextval('{lease_seq}'); \
+               RETURN QUERY \
+               WITH up AS ( \
+                 INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                       generation, lease_token, lease_holder, lease_expires_at) \
+                 SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
+                        now_ts + make_interval(secs => u.secs) \
+                 FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
+                 WHERE u.id = ANY(got) ORDER BY u.k \
+                 ON CONFLICT (namespace, key) DO UPDATE SET \
+                   lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
+                   lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
+                   lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
+                   lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
+                                           ELSE EXCLUDED.lease_expires_at END, \
+                   value = CASE WHEN c.generation = gen THEN c.value END, \
+                   fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
+                   expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
+                                     ELSE '-infinity' END, \
+                   version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
+                   generation = gen \
+                 WHERE NOT {fresh} \
+                 RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
+               SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
+                           WHEN up.lease_token = tok THEN 'l' ELSE 'b' END, \
+                      tok, date_part('epoch', up.lease_expires_at - now_ts), \
+                      coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
+               FROM unnest(p_keys, p_ids) WITH ORDINALITY AS u(k, id, i) \
+               LEFT JOIN up ON up.key = u.k \
+               ORDER BY u.i; \
+             END $$",
+            claim = table.quoted("_claim_tried"),
+        ),
+        // The publish of several fills: `_publish` with a token per key
+        // (`p_keys` sorted by key, then token; a key may come twice, with
+        // two tokens, of which at most one still holds the row). Returns
+        // the keys written with the token they were written under.
+        format!(
+            "CREATE OR REPLACE FUNCTION {publish}(p_ns text, p_keys text[], p_values text[], \
+                 p_tokens bigint[], p_ttl float8, p_negative_ttl float8, p_channel text, \
+                 p_lock_timeout text) \
+             RETURNS TABLE (key text, token bigint, version bigint, fetched_at float8, \
+                            expires_at float8) \
+             LANGUAGE plpgsql VOLATILE {GENERIC_PLANS} AS $$ \
+             #variable_conflict use_column \
+             DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
+             BEGIN \
+               PERFORM set_config('synchronous_commit', 'off', true), \
+                       set_config('lock_timeout', p_lock_timeout, true); \
+               gen := {generation}; \
+               SELECT coalesce(bool_or(x.lease_waiters), false), array_agg(x.tid) \
+               INTO waited, tids \
+               FROM unnest(p_keys, p_tokens) AS k(k, tok) \
+               CROSS JOIN LATERAL (SELECT c.lease_waiters, c.ctid AS tid FROM {t} c \
+                 WHERE c.namespace = p_ns AND c.key = k.k AND c.lease_token = k.tok \
+                   AND c.generation = gen \
+                 LIMIT 1 FOR UPDATE) x; \
+               now_ts := clock_timestamp(); \
+               RETURN QUERY \
+               UPDATE {t} AS c SET value = u.value::jsonb, fetched_at = now_ts, \
+                 expires_at = now_ts + make_interval(secs => \
+                   CASE WHEN u.value IS NULL THEN p_negative_ttl ELSE p_ttl END), \
+                 version = {next_version}, lease_token = NULL, lease_holder = NULL, \
+                 lease_expires_at = NULL, lease_waiters = false \
+               FROM unnest(p_keys, p_values, p_tokens) AS u(key, value, token) \
+               WHERE c.ctid = ANY(tids) AND c.key = u.key AND c.lease_token = u.token \
+               RETURNING c.key, u.token, c.version, date_part('epoch', c.fetched_at), \
+                         date_part('epoch', c.expires_at); \
+               IF waited THEN \
+                 payload := json_build_object('id', p_tokens[1], 'ns', p_ns, \
+                                              'filled', to_json(p_keys))::text; \
+                 IF octet_length(payload) > 7500 THEN \
+                   payload := json_build_object('id', p_tokens[1], 'ns', p_ns, \
+                                                'filled_all', true)::text; \
+                 END IF; \
+                 PERFORM pg_notify(p_channel, payload); \
+               END IF; \
+             END $$",
+            publish = table.quoted("_publish_many"),
+        ),
+    ]
+}
+
+/// The lease functions, with `plan` (a `SET` clause, or nothing) on each.
+fn lease_functions_planned(table: &TableName, plan: &str) -> Vec<String> {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
     let lease_seq = table.quoted("_lease");
@@ -363,7 +514,7 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
             "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
                  p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
              RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
-             LANGUAGE plpgsql VOLATILE AS $$ \
+             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
              #variable_conflict use_column \
              DECLARE \
                gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; \
@@ -419,7 +570,7 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
                  p_token bigint, p_ttl float8, p_negative_ttl float8, p_channel text, \
                  p_lock_timeout text) \
              RETURNS TABLE (key text, version bigint, fetched_at float8, expires_at float8) \
-             LANGUAGE plpgsql VOLATILE AS $$ \
+             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
              #variable_conflict use_column \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
              BEGIN \
@@ -444,7 +595,7 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
         format!(
             "CREATE OR REPLACE FUNCTION {release}(p_ns text, p_keys text[], p_token bigint, \
                  p_channel text, p_lock_timeout text) \
-             RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ \
+             RETURNS bigint LANGUAGE plpgsql VOLATILE {plan} AS $$ \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; released bigint; \
              BEGIN \
                {take_mine} \

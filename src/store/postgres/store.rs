@@ -12,7 +12,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
 use tokio::sync::oneshot;
 
+use super::combine::Groups;
 use super::events;
+use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
+use super::rows::Written;
 use super::sql::Statements;
 use super::table::TableName;
 use super::waiters::Waiters;
@@ -118,6 +121,10 @@ pub(super) struct Inner {
     /// Claims, publishes and re-reads of fills waiting for a connection:
     /// one this store is done with goes to them before the pool's queue.
     urgent: Mutex<VecDeque<oneshot::Sender<PoolConnection<Postgres>>>>,
+    /// Claims of fills queueing together, by namespace (see `combine`).
+    pub(super) claims: Groups<String, ClaimRequest, ClaimAnswer>,
+    /// Publishes of fills queueing together.
+    pub(super) publishes: Groups<PublishGroup, PublishRequest, Vec<Written>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -685,6 +692,8 @@ impl PgStoreBuilder {
                 waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
                 urgent: Mutex::new(VecDeque::new()),
+                claims: Groups::new(),
+                publishes: Groups::new(),
             }),
         })
     }

@@ -1,0 +1,158 @@
+//! Claims and publishes of concurrent fills, combined into one statement.
+//!
+//! Most of what a claim or a publish costs is fixed: a round trip, a
+//! function call, the executor's start-up; each key adds little. Under load
+//! fills queue for connections anyway, so the fills of a namespace that
+//! queue together go as one statement: the first to ask opens a group and
+//! starts its runner; whoever asks while the runner waits for a connection
+//! joins the group; once the runner has its connection it closes the group
+//! and runs it. Alone, a fill's statement runs at once, as before.
+//!
+//! What it guarantees:
+//!
+//! * **Every member is answered**, with its own keys' answers or with the
+//!   statement's error; a runner that cannot get a connection fails its
+//!   members with that error, and a runner dropped with its runtime drops
+//!   their answers, which they see as [`Error::Closed`].
+//! * **A combined statement never waits for another's lock** in a way one
+//!   member alone would not: a combined claim only *tries* locks (a key
+//!   whose lock is busy is left to its fill's own, waiting claim), and a
+//!   combined publish locks only rows its members' leases hold, in key
+//!   order.
+//! * **Failures stay where they belong**: a request with a key or value the
+//!   database cannot store (a NUL character) never joins a group; it runs
+//!   alone and fails alone.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use crate::Error;
+
+/// One request of a group, and where its answer goes.
+pub(super) struct Member<R, A> {
+    pub(super) request: R,
+    answer: oneshot::Sender<Result<A, Error>>,
+}
+
+impl<R, A> Member<R, A> {
+    /// Answers this member (a member that stopped waiting is skipped).
+    pub(super) fn answer(self, answer: Result<A, Error>) {
+        let _ = self.answer.send(answer);
+    }
+}
+
+/// The open groups of one kind of statement, by `K` (what a statement has
+/// in common: the namespace, and for a publish its times to live).
+pub(super) struct Groups<K, R, A> {
+    open: Mutex<HashMap<K, Vec<Member<R, A>>>>,
+}
+
+/// What joining a group asks of the caller.
+pub(super) struct Joined<A> {
+    /// The caller opened the group: it must start the group's runner.
+    pub(super) leads: bool,
+    /// The caller's answer.
+    pub(super) answer: oneshot::Receiver<Result<A, Error>>,
+}
+
+impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
+    pub(super) fn new() -> Self {
+        Groups {
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds `request` to the open group of `key`, opening one when there is
+    /// none.
+    pub(super) fn join(&self, key: &K, request: R) -> Joined<A> {
+        let (answer, receiver) = oneshot::channel();
+        let member = Member { request, answer };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let leads = match open.get_mut(key) {
+            Some(members) => {
+                members.push(member);
+                false
+            }
+            None => {
+                open.insert(key.clone(), vec![member]);
+                true
+            }
+        };
+        Joined {
+            leads,
+            answer: receiver,
+        }
+    }
+
+    /// Closes the open group of `key`: whoever asks from now on opens the
+    /// next one.
+    pub(super) fn close(&self, key: &K) -> Vec<Member<R, A>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .unwrap_or_default()
+    }
+}
+
+/// A member of a group of its own (a request that runs alone), and its
+/// answer.
+pub(super) fn member<R, A>(request: R) -> (Member<R, A>, oneshot::Receiver<Result<A, Error>>) {
+    let (answer, receiver) = oneshot::channel();
+    (Member { request, answer }, receiver)
+}
+
+/// Waits for a member's answer; a runner that went away (its runtime shut
+/// down) is [`Error::Closed`].
+pub(super) async fn answered<A>(answer: oneshot::Receiver<Result<A, Error>>) -> Result<A, Error> {
+    answer.await.unwrap_or(Err(Error::Closed))
+}
+
+/// Whether texts can travel in a statement with others: the database's
+/// `text` holds no NUL character, so one would fail the whole statement.
+pub(super) fn storable<'a>(texts: impl IntoIterator<Item = &'a str>) -> bool {
+    texts.into_iter().all(|text| !text.contains('\0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_to_ask_leads_and_closing_opens_the_next_group() {
+        let groups: Groups<&str, u32, u32> = Groups::new();
+        let first = groups.join(&"ns", 1);
+        let second = groups.join(&"ns", 2);
+        let other = groups.join(&"other", 3);
+        assert!(first.leads && !second.leads && other.leads);
+        let members = groups.close(&"ns");
+        assert_eq!(
+            members.iter().map(|m| m.request).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(groups.join(&"ns", 4).leads, "a closed group takes no one");
+        for member in members {
+            let request = member.request;
+            member.answer(Ok(request * 10));
+        }
+        let mut first = first.answer;
+        assert_eq!(first.try_recv().unwrap().unwrap(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_member_whose_runner_went_away_is_closed() {
+        let groups: Groups<&str, u32, u32> = Groups::new();
+        let joined = groups.join(&"ns", 1);
+        drop(groups.close(&"ns"));
+        assert!(matches!(answered(joined.answer).await, Err(Error::Closed)));
+    }
+
+    #[test]
+    fn nul_characters_are_not_storable() {
+        assert!(storable(["a", "b c"]));
+        assert!(!storable(["a", "b\0"]));
+    }
+}
