@@ -608,3 +608,119 @@ async fn a_hit_never_waits_for_slow_fills() {
     }
     db.cleanup().await;
 }
+
+/// Waits (bounded) until `fake` has been called `calls` times.
+async fn wait_for_calls(fake: &Fake<u64>, calls: usize) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while fake.call_count() < calls {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the provider was called in time");
+}
+
+/// A store on a pool of one connection, and a cache on it whose provider
+/// answers only as `gate` lets it.
+async fn one_connection(
+    db: &TestDb,
+    gate: &Arc<Semaphore>,
+) -> (sqlx::PgPool, PgStore, Fake<u64>, Cache<Fake<u64>>) {
+    let pool = db.pool(1).await;
+    let store = PgStore::builder(pool.clone())
+        .table(db.table())
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let fake = Fake::<u64>::builder("pg/combined")
+        .gate(gate.clone())
+        .not_found([7])
+        .build();
+    let cache = Cache::builder(fake.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    (pool, store, fake, cache)
+}
+
+/// Fills that queue for a connection together publish in one statement,
+/// and each gets exactly its own keys' answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fills_that_queue_together_publish_in_one_statement() {
+    let db = TestDb::new("combined").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
+    let loads: Vec<_> = (0..16_u64)
+        .map(|key| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.loader().load(key).await })
+        })
+        .collect();
+    // Every fill has claimed its key and is in the provider.
+    wait_for_calls(&fake, 16).await;
+    // The only connection is taken while the provider answers them all, so
+    // their publishes queue together.
+    let held = pool.acquire().await.unwrap();
+    let before = store.round_trips();
+    gate.add_permits(16);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    for (key, load) in (0..16_u64).zip(join_all(loads).await) {
+        let expected = (key != 7).then(|| value_of(&key));
+        assert_eq!(load.unwrap().unwrap(), expected, "key {key}");
+    }
+    let publishes = store.round_trips() - before;
+    assert!(
+        publishes <= 2,
+        "16 queued publishes took {publishes} statements"
+    );
+    assert_eq!(fake.keys_fetched(), 16, "each key fetched once");
+    // What they published is what the next loads read.
+    let again = cache.loader().load_many(0..16_u64).await.unwrap();
+    assert_eq!(again.len(), 15);
+    assert_eq!(fake.keys_fetched(), 16);
+    db.cleanup().await;
+}
+
+/// A combined publish settles each fill on its own: a fill whose lease was
+/// revoked meanwhile writes nothing and fetches again, while the fill it
+/// was combined with publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_combined_publish_settles_each_fill_on_its_own() {
+    let db = TestDb::new("combined_revoked").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
+    let other = Cache::builder(Fake::<u64>::new("pg/combined"))
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let loads: Vec<_> = [1_u64, 2]
+        .into_iter()
+        .map(|key| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.loader().load(key).await })
+        })
+        .collect();
+    wait_for_calls(&fake, 2).await;
+    let held = pool.acquire().await.unwrap();
+    // Another instance invalidates key 1 while it is being fetched.
+    other.invalidate([1_u64]).await.unwrap();
+    let before = store.round_trips();
+    gate.add_permits(3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    for (key, load) in [1_u64, 2].into_iter().zip(join_all(loads).await) {
+        assert_eq!(load.unwrap().unwrap(), Some(value_of(&key)), "key {key}");
+    }
+    let per_key = fake.fetches_per_key();
+    assert_eq!(
+        per_key[&1], 2,
+        "key 1 fetched again after its lease was revoked"
+    );
+    assert_eq!(per_key[&2], 1);
+    assert_eq!(cache.stats().leases_revoked, 1);
+    // One publish for both, then key 1's claim, its publish.
+    let statements = store.round_trips() - before;
+    assert_eq!(statements, 3, "statements after the provider answered");
+    db.cleanup().await;
+}
