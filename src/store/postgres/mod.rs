@@ -53,6 +53,21 @@
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
 //! them).
 //!
+//! Claims and publishes of fills that queue together share a statement
+//! (`combine`): most of a claim's or a publish's cost is fixed (the round
+//! trip, the function call, the executor's start-up), so this store's
+//! fills of a namespace that wait for a connection at the same time go as
+//! one. A combined claim only *tries* the locks (`_claim_tried`): a key
+//! whose lock is busy is not looked at, and its fill claims it again with
+//! the waiting claim above, so no fill waits for a lock because another
+//! fill's key was busy. A combined publish (`_publish_many`) carries each
+//! key's own lease token and answers each fill with its own keys; a fill
+//! whose lease was revoked writes nothing while the others publish. A
+//! request with a NUL character in a key or value (which the database
+//! cannot store) always goes alone, so it fails alone. The protocol's
+//! functions use generic plans (`plan_cache_mode = force_generic_plan`),
+//! planned once per session instead of at every call.
+//!
 //! Connections: when a batch's read missed, its connection goes straight
 //! to the claim that follows (the batch does nothing that may wait in
 //! between), instead of back to the pool's queue. A connection the store
