@@ -44,16 +44,24 @@ impl<R, A> Member<R, A> {
     }
 }
 
+/// An open group: its number and its members.
+type Open<R, A> = (u64, Vec<Member<R, A>>);
+
 /// The open groups of one kind of statement, by `K` (what a statement has
 /// in common: the namespace, and for a publish its times to live).
 pub(super) struct Groups<K, R, A> {
-    open: Mutex<HashMap<K, Vec<Member<R, A>>>>,
+    /// Per key, the open group: its number and its members.
+    open: Mutex<HashMap<K, Open<R, A>>>,
+    /// The number of the next group opened.
+    next: std::sync::atomic::AtomicU64,
 }
 
 /// What joining a group asks of the caller.
 pub(super) struct Joined<A> {
-    /// The caller opened the group: it must start the group's runner.
-    pub(super) leads: bool,
+    /// The caller opened the group (this one): it must start the group's
+    /// runner, and [`abandon`](Groups::abandon) it if the runner never
+    /// runs.
+    pub(super) leads: Option<u64>,
     /// The caller's answer.
     pub(super) answer: oneshot::Receiver<Result<A, Error>>,
 }
@@ -62,6 +70,7 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
     pub(super) fn new() -> Self {
         Groups {
             open: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -72,13 +81,14 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
         let member = Member { request, answer };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let leads = match open.get_mut(key) {
-            Some(members) => {
+            Some((_, members)) => {
                 members.push(member);
-                false
+                None
             }
             None => {
-                open.insert(key.clone(), vec![member]);
-                true
+                let group = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                open.insert(key.clone(), (group, vec![member]));
+                Some(group)
             }
         };
         Joined {
@@ -94,7 +104,47 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key)
+            .map(|(_, members)| members)
             .unwrap_or_default()
+    }
+
+    /// Fails the members of group `group` of `key` with [`Error::Closed`] if
+    /// it is still open: its runner was dropped (its runtime shut down)
+    /// before it took the group, and nobody else would answer them.
+    pub(super) fn abandon(&self, key: &K, group: u64) {
+        let members = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            match open.get(key) {
+                Some((open_group, _)) if *open_group == group => open.remove(key),
+                _ => None,
+            }
+        };
+        for member in members.map(|(_, members)| members).unwrap_or_default() {
+            member.answer(Err(Error::Closed));
+        }
+    }
+}
+
+/// Calls `abandon` when dropped before [`defuse`](OnDrop::defuse): a
+/// group's runner task holds one, so a task dropped before it ran still
+/// answers the group.
+pub(super) struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    pub(super) fn new(abandon: F) -> Self {
+        OnDrop(Some(abandon))
+    }
+
+    pub(super) fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(abandon) = self.0.take() {
+            abandon();
+        }
     }
 }
 
@@ -127,13 +177,16 @@ mod tests {
         let first = groups.join(&"ns", 1);
         let second = groups.join(&"ns", 2);
         let other = groups.join(&"other", 3);
-        assert!(first.leads && !second.leads && other.leads);
+        assert!(first.leads.is_some() && second.leads.is_none() && other.leads.is_some());
         let members = groups.close(&"ns");
         assert_eq!(
             members.iter().map(|m| m.request).collect::<Vec<_>>(),
             [1, 2]
         );
-        assert!(groups.join(&"ns", 4).leads, "a closed group takes no one");
+        assert!(
+            groups.join(&"ns", 4).leads.is_some(),
+            "a closed group takes no one"
+        );
         for member in members {
             let request = member.request;
             member.answer(Ok(request * 10));
@@ -148,6 +201,21 @@ mod tests {
         let joined = groups.join(&"ns", 1);
         drop(groups.close(&"ns"));
         assert!(matches!(answered(joined.answer).await, Err(Error::Closed)));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_group_is_answered_and_only_that_group() {
+        let groups: Groups<&str, u32, u32> = Groups::new();
+        let first = groups.join(&"ns", 1);
+        let group = first.leads.unwrap();
+        let guard = OnDrop::new(|| groups.abandon(&"ns", group));
+        drop(guard);
+        assert!(matches!(answered(first.answer).await, Err(Error::Closed)));
+        // A group opened after its runner took its own is not touched.
+        let second = groups.join(&"ns", 2);
+        groups.abandon(&"ns", group);
+        let members = groups.close(&"ns");
+        assert_eq!(members.len(), 1, "{:?}", second.leads);
     }
 
     #[test]

@@ -392,13 +392,18 @@ impl PgStore {
         // The connection this batch's read left for its claim: the runner's,
         // or (when this claim joined a group) the next waiting statement's.
         let handed = crate::handoff::take::<PoolConnection<Postgres>>(self.id());
-        if joined.leads {
+        if let Some(group) = joined.leads {
             let store = self.clone();
+            let abandon = {
+                let (store, namespace) = (self.clone(), namespace.clone());
+                combine::OnDrop::new(move || store.inner.claims.abandon(&namespace, group))
+            };
             tokio::spawn(crate::handoff::scope(async move {
                 if let Some(conn) = handed {
                     crate::handoff::offer(store.id(), conn);
                 }
                 store.run_claims(namespace, Vec::new()).await;
+                abandon.defuse();
             }));
         } else if let Some(conn) = handed {
             self.recycle(conn);
@@ -583,9 +588,16 @@ impl PgStore {
             return combine::answered(answer).await;
         }
         let joined = self.inner.publishes.join(&group, request);
-        if joined.leads {
+        if let Some(number) = joined.leads {
             let store = self.clone();
-            tokio::spawn(async move { store.run_publishes(group, Vec::new()).await });
+            let abandon = {
+                let (store, group) = (self.clone(), group.clone());
+                combine::OnDrop::new(move || store.inner.publishes.abandon(&group, number))
+            };
+            tokio::spawn(async move {
+                store.run_publishes(group, Vec::new()).await;
+                abandon.defuse();
+            });
         }
         combine::answered(joined.answer).await
     }
