@@ -339,6 +339,28 @@ fn combined_functions(table: &TableName, unlogged: bool) -> Vec<String> {
     statements
 }
 
+/// The `ON CONFLICT` clause of a claim's upsert into `c`: a row without a
+/// fresh value and without a live lease is leased (`tok`, `p_holder`, until
+/// `until`); a row leased by a live holder is marked as awaited; a row of
+/// an older generation is reset to a miss. Fresh rows are left alone.
+fn lease_on_conflict(live: &str, fresh: &str, next_version: &str, until: &str) -> String {
+    format!(
+        "ON CONFLICT (namespace, key) DO UPDATE SET \
+           lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
+           lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
+           lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
+           lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
+                                   ELSE {until} END, \
+           value = CASE WHEN c.generation = gen THEN c.value END, \
+           fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
+           expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
+                             ELSE '-infinity' END, \
+           version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
+           generation = gen \
+         WHERE NOT {fresh}"
+    )
+}
+
 /// The claim and the publish of several fills in one statement each (see
 /// `combine.rs`).
 fn combined(table: &TableName, _: bool) -> Vec<String> {
@@ -385,19 +407,7 @@ fn combined(table: &TableName, _: bool) -> Vec<String> {
                         now_ts + make_interval(secs => u.secs) \
                  FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
                  WHERE u.id = ANY(got) ORDER BY u.k \
-                 ON CONFLICT (namespace, key) DO UPDATE SET \
-                   lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
-                   lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
-                   lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
-                   lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
-                                           ELSE EXCLUDED.lease_expires_at END, \
-                   value = CASE WHEN c.generation = gen THEN c.value END, \
-                   fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
-                   expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
-                                     ELSE '-infinity' END, \
-                   version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
-                   generation = gen \
-                 WHERE NOT {fresh} \
+                 {on_conflict} \
                  RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
                SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
                            WHEN up.lease_token = tok THEN 'l' ELSE 'b' END, \
@@ -408,6 +418,8 @@ fn combined(table: &TableName, _: bool) -> Vec<String> {
                ORDER BY u.i; \
              END $$",
             claim = table.quoted("_claim_tried"),
+            on_conflict =
+                lease_on_conflict(live, fresh, &next_version, "EXCLUDED.lease_expires_at"),
         ),
         // The publish of several fills: `_publish` with a token per key
         // (`p_keys` sorted by key, then token; a key may come twice, with
@@ -532,19 +544,7 @@ fn lease_functions_planned(table: &TableName, plan: &str) -> Vec<String> {
                  SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
                         lease_until \
                  FROM unnest(p_keys) AS k ORDER BY k \
-                 ON CONFLICT (namespace, key) DO UPDATE SET \
-                   lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
-                   lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
-                   lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
-                   lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
-                                           ELSE lease_until END, \
-                   value = CASE WHEN c.generation = gen THEN c.value END, \
-                   fetched_at = CASE WHEN c.generation = gen THEN c.fetched_at ELSE now_ts END, \
-                   expires_at = CASE WHEN c.generation = gen THEN c.expires_at \
-                                     ELSE '-infinity' END, \
-                   version = CASE WHEN c.generation = gen THEN c.version ELSE {next_version} END, \
-                   generation = gen \
-                 WHERE NOT {fresh} \
+                 {on_conflict} \
                  RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
                SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok THEN 'l' \
                            ELSE 'b' END, \
@@ -555,6 +555,7 @@ fn lease_functions_planned(table: &TableName, plan: &str) -> Vec<String> {
                ORDER BY k.i; \
              END $$",
             claim = table.quoted("_claim"),
+            on_conflict = lease_on_conflict(live, fresh, &next_version, "lease_until"),
             locks = bounded_locks(
                 "p_ids",
                 "p_ns_id",
