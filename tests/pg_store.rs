@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -722,5 +723,56 @@ async fn a_combined_publish_settles_each_fill_on_its_own() {
     // One publish for both, then key 1's claim, its publish.
     let statements = store.round_trips() - before;
     assert_eq!(statements, 3, "statements after the provider answered");
+    db.cleanup().await;
+}
+
+/// Batches that queue for a connection together read in one statement,
+/// each receiving exactly its own keys; the claims of those that missed
+/// follow on that statement's connection, together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_that_queue_together_read_and_claim_in_one_statement_each() {
+    let db = TestDb::new("combined_reads").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
+    // Keys 100..108 are in the table already.
+    gate.add_permits(1);
+    cache.loader().load_many(100..108_u64).await.unwrap();
+    assert_eq!(fake.call_count(), 1);
+
+    // The only connection is taken, so the batches queue for it: each asks
+    // for a key in the table and a key of its own that is not.
+    let held = pool.acquire().await.unwrap();
+    let loads: Vec<_> = (0..16_u64)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.loader().load_many([100 + i % 8, i]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = store.round_trips();
+    drop(held);
+    // Every batch has read and claimed its missing key and is at the
+    // provider.
+    wait_for_calls(&fake, 17).await;
+    let statements = store.round_trips() - before;
+    assert!(
+        statements <= 3,
+        "16 queued batches took {statements} statements to read and claim"
+    );
+    gate.add_permits(16);
+    for (i, load) in (0..16_u64).zip(join_all(loads).await) {
+        let got = load.unwrap().unwrap();
+        let mut expected = HashMap::from([(100 + i % 8, value_of(&(100 + i % 8)))]);
+        if i != 7 {
+            expected.insert(i, value_of(&i));
+        }
+        assert_eq!(got, expected, "batch {i}");
+    }
+    assert_eq!(fake.keys_fetched(), 8 + 16, "each key fetched once");
+    assert_eq!(
+        cache.stats().store_hits,
+        16,
+        "the keys in the table were hits of the combined read"
+    );
     db.cleanup().await;
 }

@@ -1,9 +1,10 @@
-//! Claims and publishes of concurrent fills, combined into one statement.
+//! Reads, claims and publishes of concurrent batches and fills, combined
+//! into one statement.
 //!
-//! Most of what a claim or a publish costs is fixed: a round trip, a
-//! function call, the executor's start-up; each key adds little. Under load
-//! fills queue for connections anyway, so the fills of a namespace that
-//! queue together go as one statement: the first to ask opens a group and
+//! Most of what a statement costs is fixed: a round trip, a function call,
+//! the executor's start-up; each key adds little. Under load batches and
+//! fills queue for connections anyway, so those of a namespace that queue
+//! together go as one statement: the first to ask opens a group and
 //! starts its runner; whoever asks while the runner waits for a connection
 //! joins the group; once the runner has its connection it closes the group
 //! and runs it. Alone, a fill's statement runs at once, as before.
@@ -22,6 +23,9 @@
 //! * **Failures stay where they belong**: a request with a key or value the
 //!   database cannot store (a NUL character) never joins a group; it runs
 //!   alone and fails alone.
+//! * **A combined read changes nothing a member sees**: it is one statement
+//!   without locks, as each member's own read would have been, begun after
+//!   every member asked.
 
 use std::collections::HashMap;
 use std::hash::Hash;

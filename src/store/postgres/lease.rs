@@ -26,6 +26,7 @@ use sqlx::postgres::{PgRow, Postgres};
 use sqlx::Row;
 
 use super::combine::{self, Member};
+use super::read::Ticket;
 use super::rows::{Encoded, Written};
 use super::store::pg_millis;
 use super::PgStore;
@@ -389,9 +390,11 @@ impl PgStore {
         }
         let namespace = namespace.to_owned();
         let joined = self.inner.claims.join(&namespace, request);
-        // The connection this batch's read left for its claim: the runner's,
-        // or (when this claim joined a group) the next waiting statement's.
+        // The connection this batch's read left for its claim (or its ticket
+        // to the connection of a combined read): the runner's, or (when this
+        // claim joined a group) the next waiting statement's.
         let handed = crate::handoff::take::<PoolConnection<Postgres>>(self.id());
+        let ticket = crate::handoff::take::<Ticket>(self.id());
         if let Some(group) = joined.leads {
             let store = self.clone();
             let abandon = {
@@ -399,14 +402,21 @@ impl PgStore {
                 combine::OnDrop::new(move || store.inner.claims.abandon(&namespace, group))
             };
             tokio::spawn(crate::handoff::scope(async move {
-                if let Some(conn) = handed {
+                let conn = match (handed, ticket) {
+                    (Some(conn), _) => Some(conn),
+                    // The others of the read join this claim meanwhile.
+                    (None, Some(ticket)) => ticket.redeem().await,
+                    (None, None) => None,
+                };
+                if let Some(conn) = conn {
                     crate::handoff::offer(store.id(), conn);
                 }
                 store.run_claims(namespace, Vec::new()).await;
                 abandon.defuse();
             }));
-        } else if let Some(conn) = handed {
-            self.recycle(conn);
+        } else {
+            // Back to the pool (a ticket: once the others let go too).
+            drop((ticket, handed));
         }
         combine::answered(joined.answer).await
     }
@@ -421,7 +431,7 @@ impl PgStore {
         // Each key once, with the lease of the first fill asking for it.
         let mut keys: Vec<String> = Vec::new();
         let outcome = async {
-            on_conn!(self, "claiming keys", Duration::ZERO, None, true, |conn| {
+            on_conn!(self, "claiming keys", Duration::ZERO, None, |conn| {
                 if combined {
                     members = inner.claims.close(&namespace);
                 }
@@ -552,7 +562,6 @@ impl PgStore {
             "claiming keys",
             budget,
             Some((namespace, keys.len())),
-            true,
             |conn| sqlx::query(&inner.sql.claim)
                 .bind(namespace)
                 .bind(keys)
@@ -619,7 +628,6 @@ impl PgStore {
                 "publishing fetched values",
                 inner.lock_timeout,
                 None,
-                true,
                 |conn| {
                     if combined {
                         members = inner.publishes.close(&group);
@@ -699,22 +707,15 @@ impl PgStore {
     async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
-        on_conn!(
-            self,
-            "releasing leases",
-            inner.lock_timeout,
-            None,
-            true,
-            |conn| {
-                sqlx::query(&inner.sql.release)
-                    .bind(namespace)
-                    .bind(keys)
-                    .bind(token)
-                    .bind(&inner.channel)
-                    .bind(pg_millis(inner.lock_timeout))
-                    .execute(conn)
-            }
-        )?;
+        on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
+            sqlx::query(&inner.sql.release)
+                .bind(namespace)
+                .bind(keys)
+                .bind(token)
+                .bind(&inner.channel)
+                .bind(pg_millis(inner.lock_timeout))
+                .execute(conn)
+        })?;
         self.inner
             .waiters
             .wake_keys(namespace, keys.iter().map(String::as_str));

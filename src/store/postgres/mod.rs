@@ -53,11 +53,12 @@
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
 //! them).
 //!
-//! Claims and publishes of fills that queue together share a statement
-//! (`combine`): most of a claim's or a publish's cost is fixed (the round
-//! trip, the function call, the executor's start-up), so this store's
+//! Reads, claims and publishes that queue together share a statement
+//! (`combine`): most of a statement's cost is fixed (the round trip, the
+//! function call, the executor's start-up), so this store's batches and
 //! fills of a namespace that wait for a connection at the same time go as
-//! one. A combined claim only *tries* the locks (`_claim_tried`): a key
+//! one. Each member of a combined read receives exactly its own keys' rows,
+//! as that one statement read them. A combined claim only *tries* the locks (`_claim_tried`): a key
 //! whose lock is busy is not looked at, and its fill claims it again with
 //! the waiting claim above, so no fill waits for a lock because another
 //! fill's key was busy. A combined publish (`_publish_many`) carries each
@@ -68,12 +69,15 @@
 //! functions use generic plans (`plan_cache_mode = force_generic_plan`),
 //! planned once per session instead of at every call.
 //!
-//! Connections: when a batch's read missed, its connection goes straight
-//! to the claim that follows (the batch does nothing that may wait in
-//! between), instead of back to the pool's queue. A connection the store
-//! is done with goes first to its own claims, publishes, releases and
-//! re-reads waiting for one (other fills wait for those), then to the pool.
-//! No connection is held across a provider call or any other wait.
+//! Connections: when a read missed keys, its connection goes straight to
+//! the claims that follow (the batches do nothing that may wait in
+//! between), instead of back to the pool's queue: the batches of a combined
+//! read that missed share it, and their claims run together on it (the
+//! first waits at most 2 ms for the others to join). Every other
+//! connection goes back to the pool, and waiting for one is never raced
+//! against anything but its deadline (a cancelled acquire may drop a
+//! connection the pool was opening). No connection is held across a
+//! provider call or any other wait.
 //!
 //! Durability: claims, publishes and releases commit with
 //! `synchronous_commit = off` (local to their transaction). A crash of the
@@ -145,25 +149,20 @@
 
 /// Runs `$work` (a future returning `Result<T, Error>` that uses `$conn`, a
 /// pooled connection) within the query timeout plus `$extra`, the wait for
-/// the connection included; an `urgent` statement (one other fills wait
-/// for) takes the next connection this store is done with, ahead of the
-/// pool's queue. A connection whose work finished in time goes to `$then`
-/// (`fn(&PgStore, PoolConnection, &Result<T, Error>)`, by default
+/// the connection included. A connection whose work finished in time goes
+/// to `$then` (`fn(&PgStore, PoolConnection, &Result<T, Error>)`, by default
 /// [`PgStore::done_with`]); one whose work timed out is discarded, never
 /// returned to the pool: it may be half-open, or still busy on the server.
 macro_rules! in_conn {
     ($store:expr, $doing:expr, $extra:expr, |$conn:ident| $work:expr) => {
-        in_conn!($store, $doing, $extra, false, |$conn| $work)
+        in_conn!($store, $doing, $extra, then $crate::store::postgres::PgStore::done_with, |$conn| $work)
     };
-    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, |$conn:ident| $work:expr) => {
-        in_conn!($store, $doing, $extra, $urgent, then $crate::store::postgres::PgStore::done_with, |$conn| $work)
-    };
-    ($store:expr, $doing:expr, $extra:expr, $urgent:expr, then $then:expr, |$conn:ident| $work:expr) => {{
+    ($store:expr, $doing:expr, $extra:expr, then $then:expr, |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let limit = store.inner.query_timeout.saturating_add($extra);
         let deadline = tokio::time::Instant::now() + limit;
-        let mut pooled = store.acquire(doing, deadline, limit, $urgent).await?;
+        let mut pooled = store.acquire(doing, deadline, limit).await?;
         let outcome = {
             let $conn: &mut sqlx::PgConnection = &mut pooled;
             tokio::time::timeout_at(deadline, $work).await
@@ -186,18 +185,15 @@ macro_rules! in_conn {
 /// when `$locks` names what was being locked.
 macro_rules! on_conn {
     ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {
-        on_conn!($store, $doing, $extra, $locks, false, |$conn| $work)
-    };
-    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, |$conn:ident| $work:expr) => {
-        on_conn!($store, $doing, $extra, $locks, $urgent,
+        on_conn!($store, $doing, $extra, $locks,
             then $crate::store::postgres::PgStore::done_with, |$conn| $work)
     };
-    ($store:expr, $doing:expr, $extra:expr, $locks:expr, $urgent:expr, then $then:expr,
+    ($store:expr, $doing:expr, $extra:expr, $locks:expr, then $then:expr,
      |$conn:ident| $work:expr) => {{
         let store = $store;
         let doing = $doing;
         let locks = $locks;
-        in_conn!(store, doing, $extra, $urgent, then $then, |$conn| async {
+        in_conn!(store, doing, $extra, then $then, |$conn| async {
             $work.await.map_err(|e| store.db_error(doing, locks, e))
         })
     }};

@@ -1,22 +1,125 @@
 //! The optimistic read: one statement, no transaction, no lock. It never
 //! waits for a fill (fills hold no row a read needs), so a hit costs one
 //! round trip whatever else is going on.
+//!
+//! Reads of batches that queue for a connection together go as one
+//! statement (see `combine`): the first opens a group and starts its
+//! runner, the others join until the runner has its connection. Every
+//! member receives the rows of its own keys, as read by that one statement.
+//! When a member missed keys, it also receives a [`Ticket`] to the
+//! statement's connection, so that the claims following the read take that
+//! connection instead of queueing for the pool again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgRow, Postgres};
 use sqlx::types::Json;
 use sqlx::{Executor, Row};
 
-use super::PgStore;
+use super::combine;
+use super::{FillMode, PgStore};
 use crate::store::Lookup;
 use crate::{Entry, Error};
 
+/// How long the claim holding a [`Ticket`] waits for the other members of
+/// its read to join it before it runs without them.
+const TICKET_WAIT: Duration = Duration::from_millis(2);
+
+/// What the reads of one statement share: the namespace and the grace.
+pub(super) type ReadGroup = (String, Duration);
+
+/// One batch's part of a combined read: its keys.
+pub(super) struct ReadRequest {
+    keys: Vec<String>,
+}
+
+/// What a combined read answers a member: the statement's rows, and a
+/// ticket to its connection when the member missed a key.
+pub(super) type ReadAnswer = (Arc<ReadRows>, Option<Ticket>);
+
+/// The rows of one read statement, by key.
+pub(super) struct ReadRows {
+    rows: Vec<PgRow>,
+    by_key: HashMap<String, usize>,
+}
+
+impl ReadRows {
+    fn new(rows: Vec<PgRow>) -> Self {
+        let by_key = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, row)| Some((row.try_get::<String, _>(0).ok()?, i)))
+            .collect();
+        ReadRows { rows, by_key }
+    }
+
+    /// Whether `key` has a fresh row (a value or a negative entry).
+    fn fresh(&self, key: &str) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|&i| self.rows[i].try_get::<bool, _>(2).unwrap_or(false))
+    }
+
+    /// The lookups of `keys`, aligned with them.
+    fn lookups<V>(&self, namespace: &str, keys: &[&str]) -> Vec<Lookup<V>>
+    where
+        V: serde::de::DeserializeOwned + Clone,
+    {
+        keys.iter()
+            .map(|&key| match self.by_key.get(key) {
+                Some(&i) => decode_value(&self.rows[i], namespace, key),
+                None => Lookup::Miss,
+            })
+            .collect()
+    }
+}
+
+/// A share in the connection of a combined read, handed to the claims of
+/// the members that missed keys. The first of them to lead a claim
+/// [`redeem`](Ticket::redeem)s it: it waits (briefly) until every other
+/// holder joined its claim or let go, and takes the connection. When the
+/// last share goes unredeemed, the connection goes back to the pool.
+pub(super) struct Ticket(Arc<Shares>);
+
+struct Shares {
+    conn: Mutex<Option<PoolConnection<Postgres>>>,
+    /// Shares not dropped yet.
+    outstanding: tokio::sync::watch::Sender<usize>,
+}
+
+impl Ticket {
+    fn issue(conn: PoolConnection<Postgres>, n: usize) -> Vec<Ticket> {
+        let shares = Arc::new(Shares {
+            conn: Mutex::new(Some(conn)),
+            outstanding: tokio::sync::watch::channel(n).0,
+        });
+        (0..n).map(|_| Ticket(Arc::clone(&shares))).collect()
+    }
+
+    /// The connection, once every other share was dropped (or after
+    /// [`TICKET_WAIT`]); `None` when another holder took it.
+    pub(super) async fn redeem(self) -> Option<PoolConnection<Postgres>> {
+        let mut others = self.0.outstanding.subscribe();
+        let _ = tokio::time::timeout(TICKET_WAIT, others.wait_for(|&n| n <= 1)).await;
+        let conn = self.0.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        conn
+    }
+}
+
+impl Drop for Ticket {
+    /// One share fewer; the last one's drop drops an unredeemed connection,
+    /// which goes back to the pool.
+    fn drop(&mut self) {
+        self.0.outstanding.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 impl PgStore {
     /// A fill's re-read of `keys` (deduplicated) of `namespace`; aligned
-    /// with `keys`, bounded by the query timeout. Urgent: the fill's joiners
-    /// wait for it.
+    /// with `keys`, bounded by the query timeout.
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
@@ -29,10 +132,10 @@ impl PgStore {
         self.read_keys(namespace, keys, grace, false).await
     }
 
-    /// The optimistic read of a batch: [`read`](Self::read), not urgent, and
-    /// when it missed a key its connection is offered to the claim that
-    /// follows (which would otherwise queue for the pool again; see
-    /// `handoff`).
+    /// The optimistic read of a batch, combined with the reads
+    /// of other batches that queue with it, and when it missed a key a
+    /// [`Ticket`] to its connection is offered to the claim that follows
+    /// (which would otherwise queue for the pool again; see `handoff`).
     pub(super) async fn read_optimistic<V>(
         &self,
         namespace: &str,
@@ -42,7 +145,94 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        self.read_keys(namespace, keys, grace, true).await
+        if !combine::storable(keys.iter().copied()) {
+            // Fails alone, never a group.
+            return self.read_keys(namespace, keys, grace, true).await;
+        }
+        let group = (namespace.to_owned(), grace);
+        let request = ReadRequest {
+            keys: keys.iter().map(|&key| key.to_owned()).collect(),
+        };
+        let joined = self.inner.reads.join(&group, request);
+        if let Some(number) = joined.leads {
+            let store = self.clone();
+            let abandon = {
+                let (store, group) = (self.clone(), group.clone());
+                combine::OnDrop::new(move || store.inner.reads.abandon(&group, number))
+            };
+            tokio::spawn(async move {
+                store.run_reads(group).await;
+                abandon.defuse();
+            });
+        }
+        let (rows, ticket) = combine::answered(joined.answer).await?;
+        if let Some(ticket) = ticket {
+            crate::handoff::offer(self.id(), ticket);
+        }
+        Ok(rows.lookups(namespace, keys))
+    }
+
+    /// Runs the reads of the group open for `group` as one statement, once a
+    /// connection is at hand, and answers each member.
+    async fn run_reads(&self, group: ReadGroup) {
+        let inner = &*self.inner;
+        let mut members = Vec::new();
+        let mut kept = None;
+        let mut keep = |_: &PgStore, conn, read: &Result<Vec<PgRow>, Error>| {
+            if read.is_ok() {
+                kept = Some(conn);
+            }
+        };
+        let outcome = async {
+            on_conn!(
+                self,
+                "reading cache rows",
+                Duration::ZERO,
+                None,
+                then keep,
+                |conn| {
+                    members = inner.reads.close(&group);
+                    let mut seen = HashSet::new();
+                    let keys: Vec<&str> = members
+                        .iter()
+                        .flat_map(|member| member.request.keys.iter())
+                        .map(String::as_str)
+                        .filter(|key| seen.insert(*key))
+                        .collect();
+                    let (namespace, grace) = (&group.0, group.1);
+                    async move { self.select_rows(conn, namespace, &keys, grace).await }
+                }
+            )
+        }
+        .await;
+        if members.is_empty() {
+            members = inner.reads.close(&group);
+        }
+        let rows = match outcome {
+            Ok(rows) => Arc::new(ReadRows::new(rows)),
+            Err(err) => {
+                for member in members {
+                    member.answer(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let missed: Vec<bool> = members
+            .iter()
+            .map(|member| member.request.keys.iter().any(|key| !rows.fresh(key)))
+            .collect();
+        let claiming = missed.iter().filter(|&&missed| missed).count();
+        let mut tickets = match kept {
+            Some(conn) if claiming > 0 && self.fill_mode() == FillMode::Lease => {
+                Ticket::issue(conn, claiming)
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
+        for (member, missed) in members.into_iter().zip(missed) {
+            let ticket = if missed { tickets.next() } else { None };
+            member.answer(Ok((Arc::clone(&rows), ticket)));
+        }
     }
 
     async fn read_keys<V>(
@@ -71,7 +261,6 @@ impl PgStore {
             "reading cache rows",
             Duration::ZERO,
             None,
-            !batch,
             then then,
             |conn| async {
                 let rows = self.select_rows(conn, namespace, keys, grace).await?;

@@ -2,19 +2,18 @@
 //! (every round trip bounded, a timed-out connection discarded), and the
 //! [`Store`] implementation that hands each operation to its room.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
-use tokio::sync::oneshot;
 
 use super::combine::Groups;
 use super::events;
 use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
+use super::read::{ReadAnswer, ReadGroup, ReadRequest};
 use super::rows::Written;
 use super::sql::Statements;
 use super::table::TableName;
@@ -118,10 +117,9 @@ pub(super) struct Inner {
     pub(super) waiters: Arc<Waiters>,
     /// Dropped with the store, which stops the listener.
     closing: tokio::sync::watch::Sender<()>,
-    /// Claims, publishes and re-reads of fills waiting for a connection:
-    /// one this store is done with goes to them before the pool's queue.
-    urgent: Mutex<VecDeque<oneshot::Sender<PoolConnection<Postgres>>>>,
-    /// Claims of fills queueing together, by namespace (see `combine`).
+    /// Optimistic reads of batches queueing together (see `combine`).
+    pub(super) reads: Groups<ReadGroup, ReadRequest, ReadAnswer>,
+    /// Claims of fills queueing together, by namespace.
     pub(super) claims: Groups<String, ClaimRequest, ClaimAnswer>,
     /// Publishes of fills queueing together.
     pub(super) publishes: Groups<PublishGroup, PublishRequest, Vec<Written>>,
@@ -242,63 +240,31 @@ impl PgStore {
         self.inner.round_trips.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// A pooled connection, waiting until `deadline` at most.
+    /// A pooled connection (the one this batch's read handed on, if any),
+    /// waiting until `deadline` at most.
     pub(super) async fn acquire(
         &self,
         doing: &str,
         deadline: tokio::time::Instant,
         limit: Duration,
-        urgent: bool,
     ) -> Result<PoolConnection<Postgres>, Error> {
         if let Some(conn) = crate::handoff::take(self.id()) {
             return Ok(conn);
         }
-        let acquired = async {
-            if !urgent {
-                return self.inner.pool.acquire().await;
-            }
-            let (offer, offered) = oneshot::channel();
-            self.inner
-                .urgent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(offer);
-            tokio::select! {
-                biased;
-                Ok(conn) = offered => Ok(conn),
-                conn = self.inner.pool.acquire() => conn,
-            }
-        };
-        match tokio::time::timeout_at(deadline, acquired).await {
+        // Never raced against anything but the deadline: a cancelled acquire
+        // may drop a connection it was opening, and the pool opens another.
+        match tokio::time::timeout_at(deadline, self.inner.pool.acquire()).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(self.error(doing, err)),
             Err(_) => Err(self.timed_out(doing, limit)),
         }
     }
 
-    /// Returns a connection this store is done with: to a waiting urgent
-    /// statement of this store (a claim, a publish, a release or a fill's
-    /// re-read: other fills wait for them), else to the pool.
-    pub(super) fn recycle(&self, conn: PoolConnection<Postgres>) {
-        let mut conn = conn;
-        let mut waiting = self.inner.urgent.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(offer) = waiting.pop_front() {
-            match offer.send(conn) {
-                Ok(()) => return,
-                Err(back) => conn = back,
-            }
-        }
-        drop(waiting);
-        drop(conn);
-    }
-
     /// What a round trip leaves of its connection when it finished in time:
-    /// after success, [`recycle`](Self::recycle)d; after a failure, back to
-    /// the pool, which settles whatever the statement left unfinished.
-    pub(super) fn done_with<T>(&self, conn: PoolConnection<Postgres>, result: &Result<T, Error>) {
-        if result.is_ok() {
-            self.recycle(conn);
-        }
+    /// back to the pool (which, after a failure, settles whatever the
+    /// statement left unfinished).
+    pub(super) fn done_with<T>(&self, conn: PoolConnection<Postgres>, _: &Result<T, Error>) {
+        drop(conn);
     }
 
     /// This store's identity, for connections it hands from a read to the
@@ -691,7 +657,7 @@ impl PgStoreBuilder {
                 events: OnceLock::new(),
                 waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
-                urgent: Mutex::new(VecDeque::new()),
+                reads: Groups::new(),
                 claims: Groups::new(),
                 publishes: Groups::new(),
             }),
