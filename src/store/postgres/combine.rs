@@ -17,7 +17,8 @@
 //!   their answers, which they see as [`Error::Closed`].
 //! * **A combined statement never waits for another's lock** in a way one
 //!   member alone would not: a combined claim only *tries* locks (a key
-//!   whose lock is busy is left to its fill's own, waiting claim), and a
+//!   whose lock is busy is left to its fill, which tries again and in the
+//!   end waits for it with a claim of its own), and a
 //!   combined publish locks only rows its members' leases hold, in key
 //!   order.
 //! * **Failures stay where they belong**: a request with a key or value the

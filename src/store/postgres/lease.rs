@@ -43,6 +43,15 @@ const LEASE_MARGIN: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(50);
 const MAX_POLL: Duration = Duration::from_secs(1);
 
+/// How long a fill waits before it tries again the keys whose locks a
+/// combined claim found busy (the holder is most likely another claim,
+/// which holds them for one statement), unless a publish of them wakes it.
+const LOCK_BUSY_WAIT: Duration = Duration::from_millis(5);
+
+/// How many times a key's lock is tried before its fill waits for it
+/// (bounded by the lock timeout) with the waiting claim.
+const LOCK_TRIES: u32 = 3;
+
 /// Rounds of claims one fill makes before it gives up: a round ends when
 /// every key was fetched, found, or found leased by another and waited for.
 const MAX_ROUNDS: u32 = 64;
@@ -82,7 +91,8 @@ pub(super) enum Claimed {
     /// Leased by a live holder, for this long still.
     Busy(Duration),
     /// Not looked at: its lock was busy (a combined claim only tries
-    /// locks); the fill claims it again, waiting for the lock.
+    /// locks); the fill tries it again shortly, and after
+    /// [`LOCK_TRIES`] such answers claims it waiting for the lock.
     LockBusy,
 }
 
@@ -178,9 +188,9 @@ impl PgStore {
         let mut pending: Vec<usize> = (0..texts.len()).collect();
         let mut revoked_rounds = 0;
         let mut poll = POLL;
-        // Keys whose locks a combined claim found busy: claimed next,
-        // waiting for the locks.
-        let mut locks_busy: HashSet<usize> = HashSet::new();
+        // Keys whose locks a combined claim found busy, and how often: tried
+        // again after a short wait, then claimed waiting for the locks.
+        let mut locks_busy: HashMap<usize, u32> = HashMap::new();
         // Listening from the first fill on, so that a wait for another
         // holder is woken by its publish rather than by the poll.
         let _ = self.events();
@@ -200,12 +210,16 @@ impl PgStore {
             let mut recheck = Vec::new();
             let mut busy = Vec::new();
             let mut busy_for: Option<Duration> = None;
+            let mut tried_busy = Vec::new();
             let mut revoked = false;
             for group in pending.chunks(group_size) {
                 let group_texts: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
                 let lease = lease_for(fill.fetch_bound(group.len()));
                 let started = Instant::now();
-                let (token, taken_over, claimed) = if group.iter().any(|i| locks_busy.contains(i)) {
+                let wait_for_locks = group
+                    .iter()
+                    .any(|i| locks_busy.get(i).is_some_and(|&n| n >= LOCK_TRIES));
+                let (token, taken_over, claimed) = if wait_for_locks {
                     self.claim(namespace, &group_texts, lease).await?
                 } else {
                     self.claim_tried(namespace, &group_texts, lease).await?
@@ -223,7 +237,8 @@ impl PgStore {
                             recheck.push(i);
                         }
                         Claimed::LockBusy => {
-                            locks_busy.insert(i);
+                            *locks_busy.entry(i).or_default() += 1;
+                            tried_busy.push(i);
                             next.push(i);
                         }
                     }
@@ -261,19 +276,27 @@ impl PgStore {
                     });
                 }
             }
-            if let Some(left) = busy_for {
+            if busy_for.is_some() || !tried_busy.is_empty() {
                 fill.record_lease_wait(busy.len());
-                let registration =
-                    waiters.register(namespace, busy.iter().map(|&i| texts[i].as_str()));
+                let registration = waiters.register(
+                    namespace,
+                    busy.iter().chain(&tried_busy).map(|&i| texts[i].as_str()),
+                );
                 // Woken by the holder's publish, unless one may have come
                 // already; the poll covers a listener that is (re)connecting,
                 // the lease's expiry a holder that died.
                 if waiters.epoch() == epoch {
-                    tokio::select! {
-                        () = registration.woken() => {}
-                        () = tokio::time::sleep(poll.min(left + Duration::from_millis(5))) => {
-                            poll = (poll * 2).min(MAX_POLL);
-                        }
+                    match busy_for {
+                        Some(left) => tokio::select! {
+                            () = registration.woken() => {}
+                            () = tokio::time::sleep(poll.min(left + Duration::from_millis(5))) => {
+                                poll = (poll * 2).min(MAX_POLL);
+                            }
+                        },
+                        None => tokio::select! {
+                            () = registration.woken() => {}
+                            () = tokio::time::sleep(LOCK_BUSY_WAIT) => {}
+                        },
                     }
                 }
             }

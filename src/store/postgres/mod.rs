@@ -58,10 +58,13 @@
 //! function call, the executor's start-up), so this store's batches and
 //! fills of a namespace that wait for a connection at the same time go as
 //! one. Each member of a combined read receives exactly its own keys' rows,
-//! as that one statement read them. A combined claim only *tries* the locks (`_claim_tried`): a key
-//! whose lock is busy is not looked at, and its fill claims it again with
-//! the waiting claim above, so no fill waits for a lock because another
-//! fill's key was busy. A combined publish (`_publish_many`) carries each
+//! as that one statement read them. A fill's re-reads combine the same
+//! way. A combined claim only *tries* the locks (`_claim_tried`): a key
+//! whose lock is busy is not looked at; its fill tries it again after a
+//! short wait (5 ms, or until a publish of the key wakes it), and after
+//! three busy answers claims it with the waiting claim above. So no fill
+//! waits for a lock because another fill's key was busy, and fills do not
+//! queue behind each other's lock waits. A combined publish (`_publish_many`) carries each
 //! key's own lease token and answers each fill with its own keys; a fill
 //! whose lease was revoked writes nothing while the others publish. A
 //! request with a NUL character in a key or value (which the database

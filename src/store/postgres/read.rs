@@ -31,9 +31,13 @@ const TICKET_WAIT: Duration = Duration::from_millis(2);
 /// What the reads of one statement share: the namespace and the grace.
 pub(super) type ReadGroup = (String, Duration);
 
-/// One batch's part of a combined read: its keys.
+/// One batch's or fill's part of a combined read: its keys, and whether a
+/// [`Ticket`] goes with its misses (a batch's claim follows at once; a
+/// fill's re-read may be followed by a wait, across which no connection
+/// is held).
 pub(super) struct ReadRequest {
     keys: Vec<String>,
+    ticket: bool,
 }
 
 /// What a combined read answers a member: the statement's rows, and a
@@ -118,8 +122,9 @@ impl Drop for Ticket {
 }
 
 impl PgStore {
-    /// A fill's re-read of `keys` (deduplicated) of `namespace`; aligned
-    /// with `keys`, bounded by the query timeout.
+    /// A fill's re-read of `keys` (deduplicated) of `namespace`, combined
+    /// with the reads that queue with it; aligned with `keys`, bounded by
+    /// the query timeout.
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
@@ -129,13 +134,13 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        self.read_keys(namespace, keys, grace, false).await
+        self.read_combined(namespace, keys, grace, false).await
     }
 
-    /// The optimistic read of a batch, combined with the reads
-    /// of other batches that queue with it, and when it missed a key a
-    /// [`Ticket`] to its connection is offered to the claim that follows
-    /// (which would otherwise queue for the pool again; see `handoff`).
+    /// The optimistic read of a batch, combined with the reads that queue
+    /// with it; when it missed a key, a [`Ticket`] to its connection is
+    /// offered to the claim that follows (which would otherwise queue for
+    /// the pool again; see `handoff`).
     pub(super) async fn read_optimistic<V>(
         &self,
         namespace: &str,
@@ -145,13 +150,27 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
+        self.read_combined(namespace, keys, grace, true).await
+    }
+
+    async fn read_combined<V>(
+        &self,
+        namespace: &str,
+        keys: &[&str],
+        grace: Duration,
+        ticket: bool,
+    ) -> Result<Vec<Lookup<V>>, Error>
+    where
+        V: serde::de::DeserializeOwned + Clone,
+    {
         if !combine::storable(keys.iter().copied()) {
             // Fails alone, never a group.
-            return self.read_keys(namespace, keys, grace, true).await;
+            return self.read_keys(namespace, keys, grace, ticket).await;
         }
         let group = (namespace.to_owned(), grace);
         let request = ReadRequest {
             keys: keys.iter().map(|&key| key.to_owned()).collect(),
+            ticket,
         };
         let joined = self.inner.reads.join(&group, request);
         if let Some(number) = joined.leads {
@@ -219,7 +238,9 @@ impl PgStore {
         };
         let missed: Vec<bool> = members
             .iter()
-            .map(|member| member.request.keys.iter().any(|key| !rows.fresh(key)))
+            .map(|member| {
+                member.request.ticket && member.request.keys.iter().any(|key| !rows.fresh(key))
+            })
             .collect();
         let claiming = missed.iter().filter(|&&missed| missed).count();
         let mut tickets = match kept {
@@ -235,6 +256,9 @@ impl PgStore {
         }
     }
 
+    /// A read of its own (keys the database cannot store fail alone); with
+    /// `batch`, when it missed a key its connection is offered to the claim
+    /// that follows.
     async fn read_keys<V>(
         &self,
         namespace: &str,
