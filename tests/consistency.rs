@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use std::num::NonZeroU32;
-
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, Quota, RetryPolicy, Store};
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, RetryPolicy, Store};
 use rand::{Rng, SeedableRng};
 use support::pg::TestDb;
 use tokio::sync::Semaphore;
@@ -49,6 +47,10 @@ struct SlowReader {
     gate: Option<Arc<Semaphore>>,
     read_done: Arc<Semaphore>,
     max_batch: usize,
+    /// A key whose next call, after reading the source, blocks its thread
+    /// for the given time: on a runtime of one thread, the whole instance
+    /// hangs (its lease renewals too), as a stopped process would.
+    hang: Arc<Mutex<Option<(u64, Duration)>>>,
 }
 
 impl SlowReader {
@@ -60,6 +62,7 @@ impl SlowReader {
             gate: None,
             read_done: Arc::new(Semaphore::new(0)),
             max_batch: 100,
+            hang: Arc::new(Mutex::new(None)),
         }
     }
 }
@@ -87,6 +90,19 @@ impl BatchFetch for SlowReader {
         tokio::time::sleep(Duration::from_millis(before)).await;
         let values = keys.iter().map(|&k| (k, self.source.read(k))).collect();
         self.read_done.add_permits(1);
+        let hang = {
+            let mut hang = self.hang.lock().unwrap();
+            match *hang {
+                Some((key, time)) if keys.contains(&key) => {
+                    *hang = None;
+                    Some(time)
+                }
+                _ => None,
+            }
+        };
+        if let Some(time) = hang {
+            std::thread::sleep(time);
+        }
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate").forget();
         }
@@ -240,10 +256,11 @@ struct Invalidated {
 /// write before that invalidation. Returns (loads checked, invalidations,
 /// leases taken over).
 ///
-/// With `stall`, one more instance stalls past its leases: its provider
-/// takes one key per call and its own budget allows one call per 2.5 s, so
-/// a fill of two keys fetches the first, then waits for the budget longer
-/// than its lease (a 100 ms provider timeout makes it 2.2 s) while the
+/// With `stall`, one more instance stalls past its leases: it runs on a
+/// runtime of its own with one thread, its provider takes one key per call,
+/// and the call of a fill's first key, having read the source, blocks that
+/// thread for 2.5 s (the instance hangs, its lease renewals too), longer
+/// than its lease (a 100 ms provider timeout makes it 2.2 s), while the
 /// other instances take the keys over, fetch, publish, invalidate; then it
 /// tries to publish the value it fetched first. The history runs long
 /// enough for it (a few seconds).
@@ -277,67 +294,75 @@ async fn history<S: Store<SlowReader> + Clone>(
     let staller = stall.then(|| {
         let mut provider = SlowReader::new(&source, &format!("consistency/{tag}"));
         provider.max_batch = 1;
+        let hang = provider.hang.clone();
         let cache = Cache::builder(provider)
             .store(stores[0].clone())
             .provider_timeout(Duration::from_millis(100))
             .retry(RetryPolicy::none())
-            .rate_limit_calls(
-                Quota::per_period(NonZeroU32::MIN, Duration::from_millis(2500)).unwrap(),
-            )
             .build()
             .unwrap();
         let (reads, invalidations, done) =
             (reads.clone(), invalidations.clone(), staller_done.clone());
         let (source, other) = (source.clone(), caches[1].clone());
-        tokio::spawn(async move {
-            let invalidate = move |key: u64| {
-                let (source, other, invalidations) =
-                    (source.clone(), other.clone(), invalidations.clone());
-                async move {
-                    let version = source.write(key);
-                    other.invalidate([key]).await.unwrap();
-                    invalidations.lock().unwrap().push(Invalidated {
-                        key,
-                        version,
-                        returned: Instant::now(),
-                    });
-                }
-            };
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + 999);
-            for _ in 0..4 {
-                let first = rng.gen_range(0..KEYS);
-                let pair = [first, (first + 1) % KEYS];
-                // Misses, so that the staller fills them.
-                invalidate(pair[0]).await;
-                invalidate(pair[1]).await;
-                // Once its leases have expired and been taken over, and
-                // before it publishes what it fetched first, the source
-                // changes again.
-                let later = tokio::spawn({
-                    let invalidate = invalidate.clone();
+        // The other instances run on, on the test's runtime.
+        let fleet = tokio::runtime::Handle::current();
+        let instance = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let thread = std::thread::spawn(move || {
+            instance.block_on(async move {
+                let invalidate = move |key: u64| {
+                    let (source, other, invalidations) =
+                        (source.clone(), other.clone(), invalidations.clone());
                     async move {
-                        tokio::time::sleep(Duration::from_millis(2350)).await;
-                        invalidate(pair[0]).await;
+                        let version = source.write(key);
+                        other.invalidate([key]).await.unwrap();
+                        invalidations.lock().unwrap().push(Invalidated {
+                            key,
+                            version,
+                            returned: Instant::now(),
+                        });
                     }
-                });
-                let started = Instant::now();
-                // Revoked every time it fetched: it gives up, having
-                // delivered nothing stale.
-                let loaded = cache.loader().load_many(pair).await;
-                later.await.unwrap();
-                let Ok(loaded) = loaded else {
-                    continue;
                 };
-                for (key, version) in loaded {
-                    reads.lock().unwrap().push(Read {
-                        key,
-                        started,
-                        version,
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + 999);
+                for _ in 0..4 {
+                    let first = rng.gen_range(0..KEYS);
+                    let pair = [first, (first + 1) % KEYS];
+                    // Misses, so that the staller fills them.
+                    invalidate(pair[0]).await;
+                    invalidate(pair[1]).await;
+                    // Once its leases have expired and been taken over, and
+                    // before it publishes what it fetched first, the source
+                    // changes again.
+                    let later = fleet.spawn({
+                        let invalidate = invalidate.clone();
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(2350)).await;
+                            invalidate(pair[0]).await;
+                        }
                     });
+                    let started = Instant::now();
+                    *hang.lock().unwrap() = Some((pair[0], Duration::from_millis(2500)));
+                    // Revoked every time it fetched: it gives up, having
+                    // delivered nothing stale.
+                    let loaded = cache.loader().load_many(pair).await;
+                    later.await.unwrap();
+                    let Ok(loaded) = loaded else {
+                        continue;
+                    };
+                    for (key, version) in loaded {
+                        reads.lock().unwrap().push(Read {
+                            key,
+                            started,
+                            version,
+                        });
+                    }
                 }
-            }
-            done.store(true, Ordering::Relaxed);
-        })
+                done.store(true, Ordering::Relaxed);
+            })
+        });
+        tokio::task::spawn_blocking(move || thread.join().expect("the stalling instance"))
     });
     let workers = (0..WORKERS).map(|w| {
         let (caches, source, reads, invalidations) = (

@@ -4,12 +4,13 @@
 mod support;
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::lock_id;
-use loadlock::{Cache, Error, FillMode, LockMode, PgStore};
+use loadlock::{Cache, Error, FillMode, LockMode, PgStore, Quota, RetryPolicy};
 use sqlx::{Connection, PgConnection};
 use support::pg::TestDb;
 use support::{conformance, value_of, Fake};
@@ -774,5 +775,48 @@ async fn batches_that_queue_together_read_and_claim_in_one_statement_each() {
         16,
         "the keys in the table were hits of the combined read"
     );
+    db.cleanup().await;
+}
+
+/// A fetch that waits for rate-limit budget longer than its lease keeps
+/// the lease (it is renewed while the fetch runs): another instance waits
+/// for its publish instead of taking the key over, and the key is fetched
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_outlives_a_rate_limit_wait_longer_than_itself() {
+    let db = TestDb::new("lease_renewal").await;
+    let fake = Fake::<u64>::new("pg/renewal");
+    // One call per 4 s: the second call waits about 4 s for budget, while
+    // its lease covers a 100 ms fetch and the lease's margin (2 s).
+    let once_per_4s =
+        Quota::per_period(NonZeroU32::new(1).unwrap(), Duration::from_secs(4)).unwrap();
+    let slow = Cache::builder(fake.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .provider_timeout(Duration::from_millis(100))
+        .retry(RetryPolicy::none())
+        .rate_limit_calls(once_per_4s)
+        .build()
+        .unwrap();
+    let other = Cache::builder(fake.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    slow.loader().load(1).await.unwrap();
+    let waiting = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.loader().load(2).await }
+    });
+    // Past the lease the claim took (100 ms, a tenth more, and 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!waiting.is_finished(), "the fetch still waits for budget");
+    assert_eq!(other.loader().load(2).await.unwrap(), Some(value_of(&2)));
+    assert_eq!(waiting.await.unwrap().unwrap(), Some(value_of(&2)));
+    assert_eq!(
+        fake.fetches_per_key()[&2],
+        1,
+        "key 2 fetched once: its lease outlived the wait"
+    );
+    assert_eq!(other.stats().lease_takeovers, 0);
+    assert!(other.stats().lease_waits >= 1, "the other instance waited");
     db.cleanup().await;
 }

@@ -322,7 +322,8 @@ impl<F: BatchFetch> Fill<'_, F> {
     /// concurrency), each with every attempt at the provider timeout and
     /// every retry wait, `Retry-After` waits included. Waits for the rate
     /// limiter's budget are not included: they have no bound of their own.
-    /// A store that leases keys for a fetch leases them at least this long.
+    /// A store that leases keys for a fetch leases them at least this long,
+    /// and renews its leases while the fetch runs past that.
     pub fn fetch_bound(&self, keys: usize) -> Duration {
         self.provider.worst_case(keys)
     }

@@ -171,6 +171,15 @@ impl Drop for Held {
     }
 }
 
+/// Renews a fetch's leases in the background until dropped.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl PgStore {
     /// A fill under leases; with `try_only` (a background refresh), gives up
     /// (`None`, releasing what it leased) when any key is found or leased by
@@ -258,7 +267,7 @@ impl PgStore {
                     continue;
                 }
                 let lost = self
-                    .fetch_and_publish(fill, &texts, &leased, held, &mut answers)
+                    .fetch_and_publish(fill, &texts, &leased, held, lease, &mut answers)
                     .await?;
                 if !lost.is_empty() {
                     revoked = true;
@@ -356,11 +365,15 @@ impl PgStore {
         texts: &[String],
         leased: &[usize],
         held: Held,
+        lease: Duration,
         answers: &mut [Option<Filled<F::Value>>],
     ) -> Result<Vec<usize>, Error> {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let fetched = match fill.fetch(&keys).await {
+        let renewal = self.renew_while_fetching(&held, lease);
+        let fetched = fill.fetch(&keys).await;
+        drop(renewal);
+        let fetched = match fetched {
             Ok(fetched) => fetched,
             Err(err) => {
                 // At once, so waiters claim the keys themselves instead of
@@ -723,6 +736,52 @@ impl PgStore {
                 .unwrap_or_default();
             member.answer(Ok(written));
         }
+    }
+
+    /// Keeps the leases of `held` alive while their fetch runs (until the
+    /// returned guard is dropped): every half lease, the keys still leased
+    /// by its token are leased for a whole `lease` from then on. A fetch
+    /// may wait for rate-limit budget for longer than any lease, and the
+    /// lease must outlive it; a holder that died or hung stops renewing,
+    /// and its leases expire.
+    fn renew_while_fetching(&self, held: &Held, lease: Duration) -> Renewal {
+        let (store, namespace, keys, token) = (
+            self.clone(),
+            held.namespace.clone(),
+            held.keys.clone(),
+            held.token,
+        );
+        Renewal(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 2).await;
+                if let Err(err) = store.renew(&namespace, &keys, token, lease).await {
+                    tracing::warn!(namespace, error = %err,
+                        "could not renew the leases of a fetch; trying again");
+                }
+            }
+        }))
+    }
+
+    /// One renewal: the keys (sorted) still leased by `token`, leased for
+    /// `lease` from now on.
+    async fn renew(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        token: i64,
+        lease: Duration,
+    ) -> Result<(), Error> {
+        let inner = &*self.inner;
+        self.count_round_trips(1);
+        on_conn!(self, "renewing leases", inner.lock_timeout, None, |conn| {
+            sqlx::query(&inner.sql.renew)
+                .bind(namespace)
+                .bind(keys)
+                .bind(token)
+                .bind(lease.as_secs_f64())
+                .execute(conn)
+        })?;
+        Ok(())
     }
 
     /// Gives up the leases `token` holds on `keys` (sorted: rows are locked

@@ -33,7 +33,12 @@
 //!    3. the commit, which releases the locks.
 //! 3. **Fetch** — the provider, for the leased keys only, holding nothing:
 //!    rate limits (charged now, for keys actually leased), retries, chunks
-//!    and timeouts as configured.
+//!    and timeouts as configured. A lease covers the longest the fetch may
+//!    take without rate-limit waits (checked at `build()`); waits for
+//!    budget have no bound of their own, so while the fetch runs its
+//!    leases are renewed every half lease (one statement, the rows still
+//!    leased by the token, locked in key order). A holder that died or hung
+//!    stops renewing.
 //! 4. **Publish** — one statement: values and negative entries are written
 //!    only where the lease token is still this fill's; waiters are notified
 //!    (`pg_notify`) if any. A key whose lease was revoked (an

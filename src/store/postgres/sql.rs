@@ -56,6 +56,10 @@ pub(crate) struct Statements {
     pub(crate) claim: String,
     /// The lease release, one round trip; see the `_release` function.
     pub(crate) release: String,
+    /// `$1` namespace, `$2` keys, `$3` lease token, `$4` seconds: the rows
+    /// of `$2` still leased by `$3` leased for `$4` from now, locked in key
+    /// order (as claims and publishes lock rows).
+    pub(crate) renew: String,
     /// The claim of several fills, only trying locks; see `_claim_tried`.
     pub(crate) claim_tried: String,
     /// The publish of several fills; see `_publish_many`.
@@ -206,6 +210,14 @@ impl Statements {
                 table.quoted("_claim")
             ),
             release: format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release")),
+            renew: format!(
+                "UPDATE {t} c \
+                 SET lease_expires_at = clock_timestamp() + make_interval(secs => $4::float8) \
+                 FROM (SELECT r.ctid AS tid FROM {t} r \
+                       WHERE r.namespace = $1 AND r.key = ANY($2::text[]) AND r.lease_token = $3 \
+                       ORDER BY r.key FOR UPDATE) l \
+                 WHERE c.ctid = l.tid AND c.lease_token = $3"
+            ),
             claim_tried: format!(
                 "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6)",
