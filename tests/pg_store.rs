@@ -410,7 +410,11 @@ async fn round_trips_are_constant(fill: FillMode, per_group: u64, tag: &str) {
         .build()
         .unwrap();
     store.migrate().await.unwrap();
-    let provider = Fake::<u64>::builder("pg/roundtrips").max_batch(500).build();
+    // A namespace of its own: advisory locks are database-wide, and the
+    // two protocols run this test at the same time.
+    let provider = Fake::<u64>::builder(format!("pg/{tag}"))
+        .max_batch(500)
+        .build();
     let cache = Cache::builder(provider.clone())
         .store(store.clone())
         .build()
@@ -623,9 +627,11 @@ async fn wait_for_calls(fake: &Fake<u64>, calls: usize) {
 }
 
 /// A store on a pool of one connection, and a cache on it whose provider
-/// answers only as `gate` lets it.
+/// (of a namespace of its own: advisory locks are database-wide, and tests
+/// run at the same time) answers only as `gate` lets it.
 async fn one_connection(
     db: &TestDb,
+    namespace: &str,
     gate: &Arc<Semaphore>,
 ) -> (sqlx::PgPool, PgStore, Fake<u64>, Cache<Fake<u64>>) {
     let pool = db.pool(1).await;
@@ -634,7 +640,7 @@ async fn one_connection(
         .build()
         .unwrap();
     store.migrate().await.unwrap();
-    let fake = Fake::<u64>::builder("pg/combined")
+    let fake = Fake::<u64>::builder(namespace)
         .gate(gate.clone())
         .not_found([7])
         .build();
@@ -651,7 +657,7 @@ async fn one_connection(
 async fn fills_that_queue_together_publish_in_one_statement() {
     let db = TestDb::new("combined").await;
     let gate = Arc::new(Semaphore::new(0));
-    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
+    let (pool, store, fake, cache) = one_connection(&db, "pg/combined", &gate).await;
     let loads: Vec<_> = (0..16_u64)
         .map(|key| {
             let cache = cache.clone();
@@ -691,8 +697,8 @@ async fn fills_that_queue_together_publish_in_one_statement() {
 async fn a_combined_publish_settles_each_fill_on_its_own() {
     let db = TestDb::new("combined_revoked").await;
     let gate = Arc::new(Semaphore::new(0));
-    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
-    let other = Cache::builder(Fake::<u64>::new("pg/combined"))
+    let (pool, store, fake, cache) = one_connection(&db, "pg/combined_revoked", &gate).await;
+    let other = Cache::builder(Fake::<u64>::new("pg/combined_revoked"))
         .store(db.store(LockMode::PerKey).await)
         .build()
         .unwrap();
@@ -734,7 +740,7 @@ async fn a_combined_publish_settles_each_fill_on_its_own() {
 async fn batches_that_queue_together_read_and_claim_in_one_statement_each() {
     let db = TestDb::new("combined_reads").await;
     let gate = Arc::new(Semaphore::new(0));
-    let (pool, store, fake, cache) = one_connection(&db, &gate).await;
+    let (pool, store, fake, cache) = one_connection(&db, "pg/combined_reads", &gate).await;
     // Keys 100..108 are in the table already.
     gate.add_permits(1);
     cache.loader().load_many(100..108_u64).await.unwrap();
