@@ -124,12 +124,17 @@ enum Meets {
 /// writes; the source changes to v2 and `invalidate` is called. Either it
 /// waits for the fill, or it revokes the fill's lease, and the fill, which
 /// fetched v1, must neither write nor deliver it. Once it returns, every
-/// instance loads v2.
-async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec<S>, meets: Meets) {
+/// instance loads v2. `namespace` is the test's own (advisory locks are
+/// database-wide, and tests run at the same time).
+async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(
+    stores: Vec<S>,
+    meets: Meets,
+    namespace: &str,
+) {
     let source = Source::default();
     source.write(1); // v1
     let gate = Arc::new(Semaphore::new(0));
-    let mut slow = SlowReader::new(&source, "consistency/classic");
+    let mut slow = SlowReader::new(&source, namespace);
     slow.gate = Some(gate.clone());
     let holder = Cache::builder(slow.clone())
         .store(stores[0].clone())
@@ -138,7 +143,7 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec
     let others: Vec<_> = stores[1..]
         .iter()
         .map(|store| {
-            Cache::builder(SlowReader::new(&source, "consistency/classic"))
+            Cache::builder(SlowReader::new(&source, namespace))
                 .store(store.clone())
                 .build()
                 .unwrap()
@@ -201,7 +206,8 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(stores: Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn classic_race_memory_store() {
     let store = MemoryStore::new();
-    slow_reader_cannot_write_back(vec![store.clone(), store.clone(), store], Meets::Waits).await;
+    let stores = vec![store.clone(), store.clone(), store];
+    slow_reader_cannot_write_back(stores, Meets::Revokes, "consistency/classic").await;
 }
 
 async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
@@ -211,12 +217,14 @@ async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
         stores.push(db.store_with(LockMode::PerKey, fill).await);
     }
     let pool = stores[0].pool().clone();
-    slow_reader_cannot_write_back(stores, meets).await;
+    let namespace = format!("consistency/classic/{tag}");
+    slow_reader_cannot_write_back(stores, meets, &namespace).await;
     // The table holds v2, never the v1 fetched before the invalidation.
     let value: serde_json::Value = sqlx::query_scalar(&format!(
-        "SELECT value FROM {} WHERE namespace = 'consistency/classic' AND key = '1'",
+        "SELECT value FROM {} WHERE namespace = $1 AND key = '1'",
         db.table()
     ))
+    .bind(&namespace)
     .fetch_one(&pool)
     .await
     .unwrap();
@@ -458,6 +466,30 @@ async fn randomized_history_postgres() {
     }
     eprintln!("postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
     db.cleanup().await;
+}
+
+/// The history with a holder that stalls past its leases after fetching
+/// (see `history`), on the embedded store: its leases are taken over, and
+/// what it fetched before is never written or delivered after an
+/// invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_memory_store_with_lease_takeovers() {
+    let store = MemoryStore::new();
+    let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
+    for seed in 0..2 {
+        let (l, i, t) = history(vec![store.clone(); 4], &format!("mstall{seed}"), seed, true).await;
+        loads += l;
+        invalidations += i;
+        takeovers += t;
+    }
+    eprintln!(
+        "memory store with a stalling holder: {loads} loads checked against {invalidations} \
+         invalidations, {takeovers} leases taken over"
+    );
+    assert!(
+        takeovers > 0,
+        "no lease was taken over: the scenario did not happen"
+    );
 }
 
 /// The history with a holder that stalls past its leases after fetching

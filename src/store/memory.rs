@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: the embedded store, for one process.
 
 use std::any::Any;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,14 +14,22 @@ use tokio::time::Instant;
 use super::{lock_id, Fill, Filled, Lookup, Store};
 use crate::{BatchFetch, Error, Invalidation, StoreEvent};
 
-/// The embedded store: entries in process memory, per-key locks in process.
+/// The embedded store: entries in process memory, per-key locks and leases
+/// in process.
 ///
 /// It follows the same protocol as a shared store: values expire after the
-/// cache's TTL, negative entries after the negative TTL, and a fill takes the
-/// keys' locks (in ascending lock-id order), re-reads, and only then calls the
-/// provider for what is still missing. Caches that share one `MemoryStore`
-/// (it is cheap to clone; clones share the entries) therefore fetch each key
-/// once per TTL between them.
+/// cache's TTL, negative entries after the negative TTL, and a fill *claims*
+/// its keys: under the keys' locks (taken in ascending lock-id order, and
+/// held for the claim alone) it re-reads them and leases those still
+/// missing and not leased by a live holder. It calls the provider for the
+/// leased keys holding no lock, and publishes a value only where its lease
+/// is still its own (an invalidation, a write or a compare-and-set revokes
+/// it; the fill then claims the key again, and what it fetched is delivered
+/// to nobody). A key leased by another fill is waited for until that fill
+/// publishes or releases it; a lease past its expiry (a holder that hung)
+/// is taken over. Leases are renewed while their fetch runs. Caches that
+/// share one `MemoryStore` (it is cheap to clone; clones share the entries)
+/// therefore fetch each key once per TTL between them.
 ///
 /// Entries are kept per `(namespace, key)` with the key's `Display` form, as
 /// a shared store keeps them. An entry whose value has another type than the
@@ -50,6 +58,19 @@ struct Inner {
     namespaces: DashMap<String, Arc<tokio::sync::RwLock<()>>>,
     /// Invalidation events, in process.
     events: broadcast::Sender<StoreEvent>,
+    /// Live leases by entry key. Publishes, releases, invalidations and
+    /// claims change leases and entries under this lock.
+    leases: Mutex<HashMap<String, Leased>>,
+    /// The last lease token given out.
+    tokens: AtomicU64,
+    /// Notified when leases end (published, released or revoked).
+    lease_ended: Notify,
+}
+
+/// A key's lease: whose it is and until when.
+struct Leased {
+    token: u64,
+    until: Instant,
 }
 
 impl Default for Inner {
@@ -62,6 +83,9 @@ impl Default for Inner {
             swept_len: AtomicUsize::new(0),
             namespaces: DashMap::new(),
             events: broadcast::channel(1024).0,
+            leases: Mutex::new(HashMap::new()),
+            tokens: AtomicU64::new(0),
+            lease_ended: Notify::new(),
         }
     }
 }
@@ -217,9 +241,14 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
     async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
         let _all = self.namespace_lock(namespace).write_owned().await;
         let prefix = entry_key(namespace, &"");
-        self.inner
-            .entries
-            .retain(|key, _| !key.starts_with(&prefix));
+        {
+            let mut leases = self.leases();
+            leases.retain(|key, _| !key.starts_with(&prefix));
+            self.inner
+                .entries
+                .retain(|key, _| !key.starts_with(&prefix));
+        }
+        self.inner.lease_ended.notify_waiters();
         let _ = self
             .inner
             .events
@@ -265,7 +294,12 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         }
         let stored = self.stored(Some(value), ttl);
         let version = stored.version;
-        self.inner.entries.insert(entry_key, stored);
+        {
+            let mut leases = self.leases();
+            leases.remove(&entry_key);
+            self.inner.entries.insert(entry_key, stored);
+        }
+        self.inner.lease_ended.notify_waiters();
         let _ = self
             .inner
             .events
@@ -274,9 +308,30 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
     }
 }
 
+/// What a claim found for one key.
+enum Claimed<V> {
+    /// A fresh entry (a value or a negative one).
+    Found(Option<crate::Entry<V>>),
+    /// Leased by this claim.
+    Leased,
+    /// Leased by a live holder, until then.
+    Busy(Instant),
+}
+
+/// A lease's margin over the longest its fetch may take (no round trips in
+/// process: only the scheduling of the renewal).
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
+
+/// Claims one fill makes before it gives up with [`Error::Contended`].
+const MAX_ROUNDS: u32 = 64;
+
 impl MemoryStore {
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Leased>> {
+        self.inner.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A fill, or with `try_only` a refresh that gives up (`None`) when a
-    /// key's lock is taken.
+    /// key's lock is taken, or a key is found or leased by another fill.
     async fn fill_inner<F: BatchFetch>(
         &self,
         fill: Fill<'_, F>,
@@ -288,78 +343,254 @@ impl MemoryStore {
             .iter()
             .map(|key| entry_key(namespace, key))
             .collect();
+        let mut answers: Vec<Option<Filled<F::Value>>> =
+            (0..entry_keys.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..entry_keys.len()).collect();
+        let mut revoked_rounds = 0;
+        for _ in 0..MAX_ROUNDS {
+            if pending.is_empty() {
+                return Ok(Some(answers.into_iter().flatten().collect()));
+            }
+            // Registered before the claim looks, so that a lease ending in
+            // between is not missed.
+            let ended = self.inner.lease_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let lease = fill
+                .fetch_bound(pending.len())
+                .saturating_add(fill.fetch_bound(pending.len()) / 10)
+                .saturating_add(LEASE_MARGIN);
+            let Some(claimed) = self
+                .claim::<F>(&fill, &entry_keys, &pending, lease, try_only)
+                .await
+            else {
+                return Ok(None);
+            };
+            let (token, claimed) = claimed;
+            let mut leased = Vec::new();
+            let mut busy_until: Option<Instant> = None;
+            let mut next = Vec::new();
+            for (&i, claimed) in pending.iter().zip(claimed) {
+                match claimed {
+                    Claimed::Found(entry) => answers[i] = Some(Filled::Stored(entry)),
+                    Claimed::Leased => leased.push(i),
+                    Claimed::Busy(until) => {
+                        busy_until = Some(busy_until.map_or(until, |b| b.min(until)));
+                        next.push(i);
+                    }
+                }
+            }
+            let held = HeldLeases {
+                store: self,
+                token,
+                keys: leased.iter().map(|&i| entry_keys[i].clone()).collect(),
+            };
+            if try_only && (leased.len() < pending.len()) {
+                return Ok(None);
+            }
+            if !leased.is_empty() {
+                let lost = self
+                    .fetch_and_publish(&fill, &entry_keys, &leased, held, lease, &mut answers)
+                    .await?;
+                if !lost.is_empty() {
+                    fill.record_revoked(lost.len());
+                    revoked_rounds += 1;
+                    if revoked_rounds > 8 {
+                        return Err(Error::Contended {
+                            namespace: namespace.into(),
+                            keys: lost.len() + next.len(),
+                            rounds: revoked_rounds,
+                        });
+                    }
+                    next.extend(lost);
+                }
+            }
+            if let Some(until) = busy_until {
+                fill.record_lease_wait(next.len());
+                // Until a lease ends, or the first one expires (its holder
+                // hung: the next claim takes it over).
+                tokio::select! {
+                    () = ended => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+            next.sort_unstable();
+            pending = next;
+        }
+        Err(Error::Contended {
+            namespace: namespace.into(),
+            keys: pending.len(),
+            rounds: MAX_ROUNDS,
+        })
+    }
+
+    /// Claims the keys at `pending`: under their locks (and their
+    /// namespace's, shared), each is found fresh, found leased by a live
+    /// holder, or leased for `lease` with a new token. `None` when
+    /// `try_only` and a lock is taken.
+    async fn claim<F: BatchFetch>(
+        &self,
+        fill: &Fill<'_, F>,
+        entry_keys: &[String],
+        pending: &[usize],
+        lease: Duration,
+        try_only: bool,
+    ) -> Option<(u64, Vec<Claimed<F::Value>>)> {
+        let namespace = fill.namespace();
         // The key's text is the entry key's tail.
         let prefix = entry_key(namespace, &"").len();
-        let ids = entry_keys
+        let ids = pending
             .iter()
-            .map(|k| lock_id(namespace, &k[prefix..]))
+            .map(|&i| lock_id(namespace, &entry_keys[i][prefix..]))
             .collect();
         let started = std::time::Instant::now();
         let namespace_lock = self.namespace_lock(namespace);
         let _shared = if try_only {
-            match namespace_lock.try_read_owned() {
-                Ok(shared) => shared,
-                Err(_) => return Ok(None),
-            }
+            namespace_lock.try_read_owned().ok()?
         } else {
             namespace_lock.read_owned().await
         };
         let _held = if try_only {
-            match self.inner.locks.try_lock_all(ids) {
-                Some(held) => held,
-                None => return Ok(None),
-            }
+            self.inner.locks.try_lock_all(ids)?
         } else {
             self.inner.locks.lock_all(ids).await
         };
         fill.record_lock_wait(started.elapsed());
-
-        // Re-read: another fill may have written while we waited.
+        let token = self.inner.tokens.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
-        let mut answers: Vec<Filled<F::Value>> = Vec::with_capacity(entry_keys.len());
-        let mut missing = Vec::new();
-        for (i, entry_key) in entry_keys.iter().enumerate() {
-            answers.push(match self.lookup(entry_key, now, Duration::ZERO) {
-                Lookup::Hit(value) => Filled::Stored(Some(value)),
-                Lookup::NegativeHit => Filled::Stored(None),
-                _ => {
-                    missing.push(i);
-                    // Replaced below by what the provider answers.
-                    Filled::Fetched(None)
-                }
-            });
-        }
-        let all: Vec<usize> = (0..answers.len()).collect();
-        if missing.is_empty() {
-            fill.about_to_commit(&all);
-            return Ok(Some(answers));
-        }
+        let until = now.checked_add(lease).unwrap_or(far_future(now));
+        let mut taken_over = 0;
+        let mut found = Vec::new();
+        let claimed = {
+            let mut leases = self.leases();
+            pending
+                .iter()
+                .map(|&i| {
+                    let key = &entry_keys[i];
+                    match self.lookup(key, now, Duration::ZERO) {
+                        Lookup::Hit(entry) => {
+                            found.push(i);
+                            return Claimed::Found(Some(entry));
+                        }
+                        Lookup::NegativeHit => {
+                            found.push(i);
+                            return Claimed::Found(None);
+                        }
+                        _ => {}
+                    }
+                    match leases.get(key) {
+                        Some(live) if live.until > now => Claimed::Busy(live.until),
+                        other => {
+                            taken_over += usize::from(other.is_some());
+                            leases.insert(key.clone(), Leased { token, until });
+                            Claimed::Leased
+                        }
+                    }
+                })
+                .collect()
+        };
+        fill.record_takeovers(taken_over);
+        // Before the locks go: a load joining from now on reads the store.
+        fill.about_to_commit(&found);
+        Some((token, claimed))
+    }
 
-        let missing_keys: Vec<F::Key> = missing.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let mut fetched = fill.fetch(&missing_keys).await?;
-        for (&i, key) in missing.iter().zip(missing_keys) {
-            let value = fetched.remove(&key);
-            let ttl = if value.is_some() {
-                fill.ttl()
-            } else {
-                fill.negative_ttl()
-            };
-            let stored = self.stored(value.clone(), ttl);
-            let entry = value.map(|value| {
-                crate::Entry::new(
-                    value,
-                    stored.version,
-                    stored.fetched_at,
-                    stored.expires_wall,
-                )
-            });
-            self.inner.entries.insert(entry_keys[i].clone(), stored);
-            answers[i] = Filled::Fetched(entry);
+    /// Calls the provider for the keys at `leased`, renewing their leases
+    /// meanwhile, and publishes what it answered where the leases are still
+    /// `held`'s; returns the keys whose lease was revoked (nothing written,
+    /// nothing delivered).
+    async fn fetch_and_publish<F: BatchFetch>(
+        &self,
+        fill: &Fill<'_, F>,
+        entry_keys: &[String],
+        leased: &[usize],
+        held: HeldLeases<'_>,
+        lease: Duration,
+        answers: &mut [Option<Filled<F::Value>>],
+    ) -> Result<Vec<usize>, Error> {
+        let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
+        let renewal = async {
+            loop {
+                tokio::time::sleep(lease / 2).await;
+                let until = Instant::now() + lease;
+                let mut leases = self.leases();
+                for key in &held.keys {
+                    if let Some(mine) = leases.get_mut(key).filter(|l| l.token == held.token) {
+                        mine.until = until;
+                    }
+                }
+            }
+        };
+        // Dropping the fetch's future (a failure, a cancelled fill) drops
+        // `held`, which releases the leases.
+        let mut fetched = tokio::select! {
+            fetched = fill.fetch(&keys) => fetched?,
+            never = renewal => never,
+        };
+        fill.about_to_commit(leased);
+        let mut lost = Vec::new();
+        {
+            let mut leases = self.leases();
+            for (&i, key) in leased.iter().zip(&keys) {
+                let entry_key = &entry_keys[i];
+                if !leases.get(entry_key).is_some_and(|l| l.token == held.token) {
+                    lost.push(i);
+                    continue;
+                }
+                leases.remove(entry_key);
+                let value = fetched.remove(key);
+                let ttl = if value.is_some() {
+                    fill.ttl()
+                } else {
+                    fill.negative_ttl()
+                };
+                let stored = self.stored(value.clone(), ttl);
+                let entry = value.map(|value| {
+                    crate::Entry::new(
+                        value,
+                        stored.version,
+                        stored.fetched_at,
+                        stored.expires_wall,
+                    )
+                });
+                self.inner.entries.insert(entry_key.clone(), stored);
+                answers[i] = Some(Filled::Fetched(entry));
+            }
         }
-        self.note_writes(missing.len());
-        // The locks are released when `_held` drops, on return.
-        fill.about_to_commit(&all);
-        Ok(Some(answers))
+        self.note_writes(leased.len() - lost.len());
+        // Settled: nothing left to release.
+        drop(held);
+        self.inner.lease_ended.notify_waiters();
+        Ok(lost)
+    }
+}
+
+/// The leases a fill took with `token`; dropped, it releases those still
+/// its own (after a publish, none are) and wakes their waiters.
+struct HeldLeases<'a> {
+    store: &'a MemoryStore,
+    token: u64,
+    keys: Vec<String>,
+}
+
+impl Drop for HeldLeases<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut released = false;
+        {
+            let mut leases = self.store.leases();
+            for key in &self.keys {
+                if leases.get(key).is_some_and(|l| l.token == self.token) {
+                    leases.remove(key);
+                    released = true;
+                }
+            }
+        }
+        if released {
+            self.store.inner.lease_ended.notify_waiters();
+        }
     }
 }
 
@@ -402,9 +633,15 @@ impl MemoryStore {
         if let Some(work) = work {
             work.await;
         }
-        for key in &keys {
-            self.inner.entries.remove(&entry_key(namespace, key));
+        {
+            let mut leases = self.leases();
+            for key in &keys {
+                let entry_key = entry_key(namespace, key);
+                leases.remove(&entry_key);
+                self.inner.entries.remove(&entry_key);
+            }
         }
+        self.inner.lease_ended.notify_waiters();
         // Nobody listening is not an error.
         let _ = self
             .inner
