@@ -380,6 +380,7 @@ impl MemoryStore {
                     }
                 }
             }
+            let busy = next.len();
             let held = HeldLeases {
                 store: self,
                 token,
@@ -406,7 +407,7 @@ impl MemoryStore {
                 }
             }
             if let Some(until) = busy_until {
-                fill.record_lease_wait(next.len());
+                fill.record_lease_wait(busy);
                 // Until a lease ends, or the first one expires (its holder
                 // hung: the next claim takes it over).
                 tokio::select! {
@@ -504,7 +505,7 @@ impl MemoryStore {
         fill: &Fill<'_, F>,
         entry_keys: &[String],
         leased: &[usize],
-        held: HeldLeases<'_>,
+        mut held: HeldLeases<'_>,
         lease: Duration,
         answers: &mut [Option<Filled<F::Value>>],
     ) -> Result<Vec<usize>, Error> {
@@ -521,8 +522,8 @@ impl MemoryStore {
                 }
             }
         };
-        // Dropping the fetch's future (a failure, a cancelled fill) drops
-        // `held`, which releases the leases.
+        // A failed fetch (or a cancelled fill) drops `held`, which releases
+        // the leases at once.
         let mut fetched = tokio::select! {
             fetched = fill.fetch(&keys) => fetched?,
             never = renewal => never,
@@ -558,8 +559,8 @@ impl MemoryStore {
             }
         }
         self.note_writes(leased.len() - lost.len());
-        // Settled: nothing left to release.
-        drop(held);
+        // Published or lost to another: nothing left to release.
+        held.keys.clear();
         self.inner.lease_ended.notify_waiters();
         Ok(lost)
     }
