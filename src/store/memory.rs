@@ -325,6 +325,11 @@ const LEASE_MARGIN: Duration = Duration::from_millis(100);
 /// Claims one fill makes before it gives up with [`Error::Contended`].
 const MAX_ROUNDS: u32 = 64;
 
+/// How many times one fill accepts losing its leases (revoked by
+/// invalidations while it fetched) before it fails with
+/// [`Error::Contended`].
+const MAX_REVOKED: u32 = 8;
+
 impl MemoryStore {
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Leased>> {
         self.inner.leases.lock().unwrap_or_else(|e| e.into_inner())
@@ -396,7 +401,7 @@ impl MemoryStore {
                 if !lost.is_empty() {
                     fill.record_revoked(lost.len());
                     revoked_rounds += 1;
-                    if revoked_rounds > 8 {
+                    if revoked_rounds > MAX_REVOKED {
                         return Err(Error::Contended {
                             namespace: namespace.into(),
                             keys: lost.len() + next.len(),
