@@ -264,8 +264,10 @@ struct Invalidated {
 /// write before that invalidation. Returns (loads checked, invalidations,
 /// leases taken over).
 ///
-/// With `stall`, one more instance stalls past its leases: it runs on a
-/// runtime of its own with one thread, its provider takes one key per call,
+/// With a `staller` store, one more instance (on that store, which it
+/// alone uses: what it opens lives on its runtime) stalls past its leases:
+/// it runs on a runtime of its own with one thread, its provider takes one
+/// key per call,
 /// and the call of a fill's first key, having read the source, blocks that
 /// thread for 2.5 s (the instance hangs, its lease renewals too), longer
 /// than its lease (a 100 ms provider timeout makes it 2.2 s), while the
@@ -276,8 +278,9 @@ async fn history<S: Store<SlowReader> + Clone>(
     stores: Vec<S>,
     tag: &str,
     seed: u64,
-    stall: bool,
+    staller: Option<S>,
 ) -> (usize, usize, u64) {
+    let stall = staller.is_some();
     const KEYS: u64 = 4;
     const WORKERS: usize = 16;
     const OPS_PER_WORKER: usize = 40;
@@ -299,12 +302,12 @@ async fn history<S: Store<SlowReader> + Clone>(
     let pause = if stall { 50..150 } else { 0..4 };
     let invalidating = if stall { 0.01 } else { 0.25 };
     let staller_done = Arc::new(std::sync::atomic::AtomicBool::new(!stall));
-    let staller = stall.then(|| {
+    let staller = staller.map(|staller| {
         let mut provider = SlowReader::new(&source, &format!("consistency/{tag}"));
         provider.max_batch = 1;
         let hang = provider.hang.clone();
         let cache = Cache::builder(provider)
-            .store(stores[0].clone())
+            .store(staller)
             .provider_timeout(Duration::from_millis(100))
             .retry(RetryPolicy::none())
             .build()
@@ -444,7 +447,7 @@ async fn randomized_history_memory_store() {
     let store = MemoryStore::new();
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i, _) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed, false).await;
+        let (l, i, _) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed, None).await;
         loads += l;
         invalidations += i;
     }
@@ -460,7 +463,7 @@ async fn randomized_history_postgres() {
     }
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i, _) = history(stores.clone(), &format!("pg{seed}"), seed, false).await;
+        let (l, i, _) = history(stores.clone(), &format!("pg{seed}"), seed, None).await;
         loads += l;
         invalidations += i;
     }
@@ -477,7 +480,13 @@ async fn randomized_history_memory_store_with_lease_takeovers() {
     let store = MemoryStore::new();
     let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
     for seed in 0..2 {
-        let (l, i, t) = history(vec![store.clone(); 4], &format!("mstall{seed}"), seed, true).await;
+        let (l, i, t) = history(
+            vec![store.clone(); 4],
+            &format!("mstall{seed}"),
+            seed,
+            Some(store.clone()),
+        )
+        .await;
         loads += l;
         invalidations += i;
         takeovers += t;
@@ -504,7 +513,9 @@ async fn randomized_history_postgres_with_lease_takeovers() {
     }
     let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
     for seed in 0..2 {
-        let (l, i, t) = history(stores.clone(), &format!("stall{seed}"), seed, true).await;
+        // A store of its own per run: its connections die with its runtime.
+        let staller = db.store(LockMode::PerKey).await;
+        let (l, i, t) = history(stores.clone(), &format!("stall{seed}"), seed, Some(staller)).await;
         loads += l;
         invalidations += i;
         takeovers += t;
