@@ -361,9 +361,9 @@ impl MemoryStore {
             let ended = self.inner.lease_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let lease = fill
-                .fetch_bound(pending.len())
-                .saturating_add(fill.fetch_bound(pending.len()) / 10)
+            let bound = fill.fetch_bound(pending.len());
+            let lease = bound
+                .saturating_add(bound / 10)
                 .saturating_add(LEASE_MARGIN);
             let Some(claimed) = self
                 .claim::<F>(&fill, &entry_keys, &pending, lease, try_only)

@@ -153,6 +153,20 @@ impl<F: FnOnce()> Drop for OnDrop<F> {
     }
 }
 
+/// Starts a group's runner on a task of its own. A task dropped before the
+/// runner finished (its runtime shut down) calls `abandon`, which answers
+/// the group, so no member waits forever.
+pub(super) fn spawn_runner(
+    abandon: impl FnOnce() + Send + 'static,
+    runner: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let abandon = OnDrop::new(abandon);
+    tokio::spawn(async move {
+        runner.await;
+        abandon.defuse();
+    });
+}
+
 /// A member of a group of its own (a request that runs alone), and its
 /// answer.
 pub(super) fn member<R, A>(request: R) -> (Member<R, A>, oneshot::Receiver<Result<A, Error>>) {

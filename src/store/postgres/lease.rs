@@ -314,9 +314,9 @@ impl PgStore {
                 // the store itself, so nobody receives a value read before
                 // it joined.
                 fill.about_to_commit(&recheck);
-                let keys: Vec<&str> = recheck.iter().map(|&i| texts[i].as_str()).collect();
+                let keys: Vec<String> = recheck.iter().map(|&i| texts[i].clone()).collect();
                 let looked = self
-                    .read::<F::Value>(namespace, &keys, Duration::ZERO)
+                    .read::<F::Value>(namespace, keys, Duration::ZERO)
                     .await?;
                 for (&i, lookup) in recheck.iter().zip(looked) {
                     match lookup {
@@ -432,24 +432,23 @@ impl PgStore {
         let handed = crate::handoff::take::<PoolConnection<Postgres>>(self.id());
         let ticket = crate::handoff::take::<Ticket>(self.id());
         if let Some(group) = joined.leads {
-            let store = self.clone();
-            let abandon = {
-                let (store, namespace) = (self.clone(), namespace.clone());
-                combine::OnDrop::new(move || store.inner.claims.abandon(&namespace, group))
-            };
-            tokio::spawn(crate::handoff::scope(async move {
-                let conn = match (handed, ticket) {
-                    (Some(conn), _) => Some(conn),
-                    // The others of the read join this claim meanwhile.
-                    (None, Some(ticket)) => ticket.redeem().await,
-                    (None, None) => None,
-                };
-                if let Some(conn) = conn {
-                    crate::handoff::offer(store.id(), conn);
-                }
-                store.run_claims(namespace, Vec::new()).await;
-                abandon.defuse();
-            }));
+            let (store, abandoned) = (self.clone(), self.clone());
+            let abandoned_namespace = namespace.clone();
+            combine::spawn_runner(
+                move || abandoned.inner.claims.abandon(&abandoned_namespace, group),
+                crate::handoff::scope(async move {
+                    let conn = match (handed, ticket) {
+                        (Some(conn), _) => Some(conn),
+                        // The others of the read join this claim meanwhile.
+                        (None, Some(ticket)) => ticket.redeem().await,
+                        (None, None) => None,
+                    };
+                    if let Some(conn) = conn {
+                        crate::handoff::offer(store.id(), conn);
+                    }
+                    store.run_claims(namespace, Vec::new()).await;
+                }),
+            );
         } else {
             // Back to the pool (a ticket: once the others let go too).
             drop((ticket, handed));
@@ -634,15 +633,12 @@ impl PgStore {
         }
         let joined = self.inner.publishes.join(&group, request);
         if let Some(number) = joined.leads {
-            let store = self.clone();
-            let abandon = {
-                let (store, group) = (self.clone(), group.clone());
-                combine::OnDrop::new(move || store.inner.publishes.abandon(&group, number))
-            };
-            tokio::spawn(async move {
-                store.run_publishes(group, Vec::new()).await;
-                abandon.defuse();
-            });
+            let (store, abandoned) = (self.clone(), self.clone());
+            let abandoned_group = group.clone();
+            combine::spawn_runner(
+                move || abandoned.inner.publishes.abandon(&abandoned_group, number),
+                async move { store.run_publishes(group, Vec::new()).await },
+            );
         }
         combine::answered(joined.answer).await
     }

@@ -36,7 +36,7 @@ pub(super) type ReadGroup = (String, Duration);
 /// fill's re-read may be followed by a wait, across which no connection
 /// is held).
 pub(super) struct ReadRequest {
-    keys: Vec<String>,
+    keys: Arc<[String]>,
     ticket: bool,
 }
 
@@ -68,12 +68,12 @@ impl ReadRows {
     }
 
     /// The lookups of `keys`, aligned with them.
-    fn lookups<V>(&self, namespace: &str, keys: &[&str]) -> Vec<Lookup<V>>
+    fn lookups<V>(&self, namespace: &str, keys: &[String]) -> Vec<Lookup<V>>
     where
         V: serde::de::DeserializeOwned + Clone,
     {
         keys.iter()
-            .map(|&key| match self.by_key.get(key) {
+            .map(|key| match self.by_key.get(key.as_str()) {
                 Some(&i) => decode_value(&self.rows[i], namespace, key),
                 None => Lookup::Miss,
             })
@@ -128,7 +128,7 @@ impl PgStore {
     pub(super) async fn read<V>(
         &self,
         namespace: &str,
-        keys: &[&str],
+        keys: Vec<String>,
         grace: Duration,
     ) -> Result<Vec<Lookup<V>>, Error>
     where
@@ -144,7 +144,7 @@ impl PgStore {
     pub(super) async fn read_optimistic<V>(
         &self,
         namespace: &str,
-        keys: &[&str],
+        keys: Vec<String>,
         grace: Duration,
     ) -> Result<Vec<Lookup<V>>, Error>
     where
@@ -156,39 +156,39 @@ impl PgStore {
     async fn read_combined<V>(
         &self,
         namespace: &str,
-        keys: &[&str],
+        keys: Vec<String>,
         grace: Duration,
         ticket: bool,
     ) -> Result<Vec<Lookup<V>>, Error>
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        if !combine::storable(keys.iter().copied()) {
+        if !combine::storable(keys.iter().map(String::as_str)) {
             // Fails alone, never a group.
-            return self.read_keys(namespace, keys, grace, ticket).await;
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            return self.read_keys(namespace, &keys, grace, ticket).await;
         }
         let group = (namespace.to_owned(), grace);
+        // Shared with the group, not copied.
+        let keys: Arc<[String]> = keys.into();
         let request = ReadRequest {
-            keys: keys.iter().map(|&key| key.to_owned()).collect(),
+            keys: Arc::clone(&keys),
             ticket,
         };
         let joined = self.inner.reads.join(&group, request);
         if let Some(number) = joined.leads {
-            let store = self.clone();
-            let abandon = {
-                let (store, group) = (self.clone(), group.clone());
-                combine::OnDrop::new(move || store.inner.reads.abandon(&group, number))
-            };
-            tokio::spawn(async move {
-                store.run_reads(group).await;
-                abandon.defuse();
-            });
+            let (store, abandoned) = (self.clone(), self.clone());
+            let abandoned_group = group.clone();
+            combine::spawn_runner(
+                move || abandoned.inner.reads.abandon(&abandoned_group, number),
+                async move { store.run_reads(group).await },
+            );
         }
         let (rows, ticket) = combine::answered(joined.answer).await?;
         if let Some(ticket) = ticket {
             crate::handoff::offer(self.id(), ticket);
         }
-        Ok(rows.lookups(namespace, keys))
+        Ok(rows.lookups(namespace, &keys))
     }
 
     /// Runs the reads of the group open for `group` as one statement, once a

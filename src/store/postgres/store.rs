@@ -367,8 +367,7 @@ impl<F: BatchFetch> Store<F> for PgStore {
         grace: Duration,
     ) -> Result<Vec<Lookup<F::Value>>, Error> {
         let displayed: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        let texts: Vec<&str> = displayed.iter().map(String::as_str).collect();
-        self.read_optimistic(namespace, &texts, grace).await
+        self.read_optimistic(namespace, displayed, grace).await
     }
 
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error> {
