@@ -341,8 +341,10 @@ async fn history<S: Store<SlowReader> + Clone>(
                     let first = rng.gen_range(0..KEYS);
                     let pair = [first, (first + 1) % KEYS];
                     // Misses, so that the staller fills them.
-                    invalidate(pair[0]).await;
-                    invalidate(pair[1]).await;
+                    // On the fleet's runtime: what the other instances'
+                    // stores open must not live on this one.
+                    fleet.spawn(invalidate(pair[0])).await.unwrap();
+                    fleet.spawn(invalidate(pair[1])).await.unwrap();
                     // Once its leases have expired and been taken over, and
                     // before it publishes what it fetched first, the source
                     // changes again.
