@@ -102,6 +102,10 @@ async fn concurrent_migrate_applies_once() {
             (3, "leases and namespace generations".to_string()),
             (4, "lease functions".to_string()),
             (5, "combined claims and publishes".to_string()),
+            (
+                6,
+                "protocol functions find rows by key or row id".to_string()
+            ),
         ]
     );
     let persistence: String = sqlx::query_scalar(
@@ -113,6 +117,63 @@ async fn concurrent_migrate_applies_once() {
     .await
     .unwrap();
     assert_eq!(persistence, "u", "created UNLOGGED");
+    db.cleanup().await;
+}
+
+/// A session plans the protocol's functions once, at its first call, and
+/// sessions often start while the table is still empty, when a scan of all
+/// of it costs least. Without statistics nothing plans them again as the
+/// table grows: a publish or a release that scanned the table would read
+/// every row, on every call, for the session's whole life.
+#[tokio::test]
+async fn publishes_and_releases_never_scan_the_table_whatever_it_held_when_planned() {
+    let db = TestDb::new("probes_only").await;
+    let _store = db.store(LockMode::PerKey).await;
+    let function = |name: &str| format!("\"{}\".\"cache_{name}\"", db.schema);
+    let calls = [
+        format!(
+            "SELECT count(*) FROM {}('ns', ARRAY['k'], ARRAY['1'], ARRAY[1::bigint], 60, 60, \
+             'channel', '1s')",
+            function("publish_many")
+        ),
+        format!(
+            "SELECT count(*) FROM {}('ns', ARRAY['k'], ARRAY['1'], 1, 60, 60, 'channel', '1s')",
+            function("publish")
+        ),
+        format!(
+            "SELECT {}('ns', ARRAY['k'], 1, 'channel', '1s')",
+            function("release")
+        ),
+    ];
+    let mut session = PgConnection::connect(&db.url).await.unwrap();
+    // Planned on the empty table.
+    for call in &calls {
+        sqlx::query(call).execute(&mut session).await.unwrap();
+    }
+    let mut other = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {}.cache (namespace, key, value, fetched_at, expires_at) \
+         SELECT 'ns', g::text, '1', now(), now() + interval '1 hour' \
+         FROM generate_series(1, 5000) g",
+        db.schema
+    ))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    for call in &calls {
+        let mut tx = session.begin().await.unwrap();
+        sqlx::query(call).execute(&mut *tx).await.unwrap();
+        let scans: i64 = sqlx::query_scalar(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables \
+             WHERE schemaname = $1 AND relname = 'cache'",
+        )
+        .bind(&db.schema)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(scans, 0, "{call} scanned the whole table");
+        tx.rollback().await.unwrap();
+    }
     db.cleanup().await;
 }
 

@@ -294,6 +294,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "combined claims and publishes",
         statements: combined_functions,
     },
+    Migration {
+        version: 6,
+        description: "protocol functions find rows by key or row id",
+        statements: probing_functions,
+    },
 ];
 
 /// Migration 3: lease columns and namespace generations.
@@ -343,11 +348,28 @@ fn lease_functions(table: &TableName, _: bool) -> Vec<String> {
 /// (it prefers custom plans when the array sizes vary).
 const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
 
+/// [`GENERIC_PLANS`] that never scan the whole table. A session's generic
+/// plan is made at its first call, often while the table is still empty,
+/// when a scan of all of it costs least; without statistics (autovacuum
+/// off, or not run yet) nothing makes it plan again as the table grows,
+/// and a publish would read every row to find its own. With sequential
+/// scans ruled out the rows are found by their row ids or their primary key
+/// at any size.
+const PROBES_ONLY: &str = "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off";
+
 /// Migration 5: the lease functions planned once per session, and the
 /// combined claim and publish of several fills.
-fn combined_functions(table: &TableName, unlogged: bool) -> Vec<String> {
+fn combined_functions(table: &TableName, _: bool) -> Vec<String> {
     let mut statements = lease_functions_planned(table, GENERIC_PLANS);
-    statements.extend(combined(table, unlogged));
+    statements.extend(combined(table, GENERIC_PLANS));
+    statements
+}
+
+/// Migration 6: the protocol's functions planned to find rows by their
+/// keys or row ids only, whatever the table held when they were planned.
+fn probing_functions(table: &TableName, _: bool) -> Vec<String> {
+    let mut statements = lease_functions_planned(table, PROBES_ONLY);
+    statements.extend(combined(table, PROBES_ONLY));
     statements
 }
 
@@ -374,8 +396,8 @@ fn lease_on_conflict(live: &str, fresh: &str, next_version: &str, until: &str) -
 }
 
 /// The claim and the publish of several fills in one statement each (see
-/// `combine.rs`).
-fn combined(table: &TableName, _: bool) -> Vec<String> {
+/// `combine.rs`), with `plan` (a `SET` clause) on each.
+fn combined(table: &TableName, plan: &str) -> Vec<String> {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
     let lease_seq = table.quoted("_lease");
@@ -395,7 +417,7 @@ fn combined(table: &TableName, _: bool) -> Vec<String> {
             "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
                  p_ns_id bigint, p_holder text, p_lease_secs float8[]) \
              RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
-             LANGUAGE plpgsql VOLATILE {GENERIC_PLANS} AS $$ \
+             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
              #variable_conflict use_column \
              DECLARE gen bigint; tok bigint; now_ts timestamptz; got bigint[]; \
              BEGIN \
@@ -443,7 +465,7 @@ fn combined(table: &TableName, _: bool) -> Vec<String> {
                  p_lock_timeout text) \
              RETURNS TABLE (key text, token bigint, version bigint, fetched_at float8, \
                             expires_at float8) \
-             LANGUAGE plpgsql VOLATILE {GENERIC_PLANS} AS $$ \
+             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
              #variable_conflict use_column \
              DECLARE gen bigint; waited boolean; tids tid[]; payload text; now_ts timestamptz; \
              BEGIN \
