@@ -291,9 +291,16 @@ impl Client {
             } => {
                 let unique = dedup(keys);
                 let texts: Vec<String> = unique.iter().map(u64::to_string).collect();
-                // Reads and decodes the values, as loadlock does.
+                // Reads and decodes the values, as loadlock does, one
+                // primary-key probe per key as loadlock's read: the plain
+                // `key = ANY($2)` is planned, on a table without statistics
+                // yet (a new table, or autovacuum off), as a scan of the
+                // whole namespace, which would handicap this baseline.
                 let found: Vec<(String, sqlx::types::Json<String>)> = sqlx::query_as(&format!(
-                    "SELECT key, value FROM {table} WHERE namespace = $1 AND key = ANY($2) AND expires_at > now()"
+                    "SELECT c.key, c.value FROM unnest($2::text[]) AS k(key) \
+                     CROSS JOIN LATERAL (SELECT key, value FROM {table} c \
+                       WHERE c.namespace = $1 AND c.key = k.key AND c.expires_at > now() \
+                       LIMIT 1) c"
                 ))
                 .bind(namespace)
                 .bind(&texts)
@@ -373,9 +380,27 @@ struct Report {
 
 struct Env {
     args: Args,
-    pools: Vec<PgPool>,
+    url: String,
     table: String,
     run_id: String,
+}
+
+/// One new pool per instance and run, so no strategy runs on connections
+/// (and server sessions) another strategy opened and warmed up; each opens
+/// its own as a service that just started would.
+async fn open_pools(url: &str, instances: usize, size: u32) -> Vec<PgPool> {
+    let mut pools = Vec::new();
+    for _ in 0..instances {
+        pools.push(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(Duration::from_secs(60))
+                .connect(url)
+                .await
+                .expect("pool"),
+        );
+    }
+    pools
 }
 
 async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) -> Report {
@@ -389,8 +414,9 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
         env.run_id,
         RUNS.fetch_add(1, Relaxed)
     );
+    let pools = open_pools(&env.url, instances, args.pool_size).await;
     let mut clients = Vec::new();
-    for pool in &env.pools[..instances] {
+    for pool in &pools {
         clients.push(Arc::new(match kind {
             Kind::PerKey => Client::PerKey(sim.clone()),
             Kind::DataLoader => Client::DataLoader(sim.clone()),
@@ -534,6 +560,10 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
             waits.load(Relaxed),
         ),
     };
+    drop(clients);
+    for pool in &pools {
+        pool.close().await;
+    }
     latencies.sort();
     let pct = |p: f64| {
         latencies
@@ -645,11 +675,8 @@ async fn main() {
         );
         std::process::exit(2);
     }
-    let mut pools = Vec::new();
-    for _ in 0..max_instances {
-        pools.push(db.pool(args.pool_size).await);
-    }
-    PgStore::builder(pools[0].clone())
+    let admin = db.pool(1).await;
+    PgStore::builder(admin.clone())
         .table(db.table())
         .unlogged(true)
         .build()
@@ -657,9 +684,10 @@ async fn main() {
         .migrate()
         .await
         .expect("migrate");
+    admin.close().await;
     let env = Env {
         args: args.clone(),
-        pools,
+        url: db.url.clone(),
         table: db.table(),
         run_id: std::process::id().to_string(),
     };
