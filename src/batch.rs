@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::cache::{CacheInner, Tally};
 use crate::inflight::{Claim, FailUnfinished, Lease};
-use crate::loader::{Batch, LoaderShared};
+use crate::loader::{Batch, LoaderShared, Taken};
 use crate::stats::Counters;
 use crate::store::Lookup;
 use crate::{BatchFetch, Entry, Error};
@@ -34,7 +34,7 @@ pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
         if !window.is_zero() {
             tokio::time::sleep(window).await;
         }
-        let batch = pending.take();
+        let (batch, followers) = pending.take();
         if batch.is_empty() {
             return;
         }
@@ -50,7 +50,20 @@ pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
             fetched = Empty,
             duration_ms = Empty,
         );
-        crate::handoff::scope(run(cache, batch).instrument(span)).await;
+        let follow = async {
+            let _unfinished =
+                FailUnfinished(followers.iter().map(|(mine, _)| Arc::clone(mine)).collect());
+            join_all(
+                followers
+                    .iter()
+                    .map(|(mine, first)| async move { mine.complete(first.wait().await) }),
+            )
+            .await
+        };
+        futures::join!(
+            crate::handoff::scope(run(cache, batch).instrument(span)),
+            follow
+        );
     });
 }
 
@@ -62,7 +75,7 @@ struct PendingGuard<F: BatchFetch> {
 }
 
 impl<F: BatchFetch> PendingGuard<F> {
-    fn take(&mut self) -> Batch<F::Key, Entry<F::Value>> {
+    fn take(&mut self) -> Taken<F::Key, Entry<F::Value>> {
         self.taken = true;
         self.loader.take_batch()
     }
@@ -71,7 +84,12 @@ impl<F: BatchFetch> PendingGuard<F> {
 impl<F: BatchFetch> Drop for PendingGuard<F> {
     fn drop(&mut self) {
         if !self.taken {
-            for (_, flight) in self.loader.take_batch() {
+            let (batch, followers) = self.loader.take_batch();
+            for flight in batch
+                .into_iter()
+                .map(|(_, f)| f)
+                .chain(followers.into_iter().map(|(f, _)| f))
+            {
                 flight.complete(Err(Error::Closed));
             }
         }

@@ -45,6 +45,13 @@ pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// loads in one task lands in one batch with any window.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(500);
 
+/// The longest [`BatchFetch::namespace`] a cache accepts, in bytes. Every
+/// invalidation event names its namespace, and a Postgres notification
+/// carries less than 8,000 bytes (JSON escaping can make a namespace
+/// several times longer): a longer namespace would make every invalidation
+/// fail.
+pub const MAX_NAMESPACE_LEN: usize = 1024;
+
 /// The process-wide cache of one provider: the in-flight table (tier 1) in
 /// front of a [`Store`] (tier 2) in front of the provider (tier 3).
 ///
@@ -701,11 +708,26 @@ impl<F: BatchFetch> CacheBuilder<F> {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the TTL, negative TTL, provider timeout or
-    /// chunk concurrency is zero, the provider's `max_batch_size` is zero,
+    /// [`Error::Config`] when the provider's namespace is longer than
+    /// [`MAX_NAMESPACE_LEN`] or contains a NUL character, the TTL, negative
+    /// TTL, provider timeout or chunk concurrency is zero, the provider's
+    /// `max_batch_size` is zero,
     /// the keys quota's burst is below `max_batch_size`, or the provider
     /// timeout is not shorter than the store's bound on a fill.
     pub fn build(self) -> Result<Cache<F>, Error> {
+        let namespace = self.provider.namespace();
+        if namespace.len() > MAX_NAMESPACE_LEN {
+            return Err(Error::config(format!(
+                "the provider's namespace is {} bytes long; at most {MAX_NAMESPACE_LEN} \
+                 (its invalidation events must fit in a Postgres notification)",
+                namespace.len()
+            )));
+        }
+        if namespace.contains('\0') {
+            return Err(Error::config(
+                "the provider's namespace contains a NUL character, which no store can keep",
+            ));
+        }
         if self.ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
         }

@@ -122,7 +122,7 @@ pub mod store;
 
 pub use cache::{
     Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_TTL,
+    DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_NAMESPACE_LEN, MAX_TTL,
 };
 pub use entry::Entry;
 pub use error::Error;

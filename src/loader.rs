@@ -39,14 +39,24 @@ struct LoaderState<K, V> {
     memo: HashMap<K, Arc<Flight<V>>>,
     /// Keys waiting for the current batch window, in first-asked order.
     pending: Vec<(K, Arc<Flight<V>>)>,
+    /// Whether `clear` or `clear_all` ran while keys were pending: a key
+    /// cleared and loaded again is pending twice, on two flights.
+    cleared: bool,
 }
 
 /// A caller's claim on one key's answer.
 type EntryWaiter<F> = Waiter<Entry<<F as BatchFetch>::Value>>;
 
 /// A batch taken from a loader: its keys (with their flights) in first-asked
-/// order.
+/// order, each once.
 pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
+
+/// The flights of keys a window held twice (cleared and loaded again while
+/// pending), each with the flight of the same key the batch loads.
+pub(crate) type Followers<V> = Vec<(Arc<Flight<V>>, Arc<Flight<V>>)>;
+
+/// What [`LoaderShared::take_batch`] takes from a window.
+pub(crate) type Taken<K, V> = (Batch<K, V>, Followers<V>);
 
 impl<F: BatchFetch> Clone for Loader<F> {
     fn clone(&self) -> Self {
@@ -75,6 +85,7 @@ impl<F: BatchFetch> Loader<F> {
                 state: Mutex::new(LoaderState {
                     memo: HashMap::new(),
                     pending: Vec::new(),
+                    cleared: false,
                 }),
             }),
         }
@@ -176,12 +187,16 @@ impl<F: BatchFetch> Loader<F> {
     /// Forgets `key` in this loader's memo: the next load asks the cache
     /// again. A load of it already under way still completes for its callers.
     pub fn clear(&self, key: &F::Key) {
-        self.shared.state().memo.remove(key);
+        let mut state = self.shared.state();
+        state.cleared |= !state.pending.is_empty();
+        state.memo.remove(key);
     }
 
     /// Forgets every key in this loader's memo.
     pub fn clear_all(&self) {
-        self.shared.state().memo.clear();
+        let mut state = self.shared.state();
+        state.cleared |= !state.pending.is_empty();
+        state.memo.clear();
     }
 }
 
@@ -233,14 +248,30 @@ impl<F: BatchFetch> LoaderShared<F> {
         waiters
     }
 
-    /// Takes the keys of the current window. Keys whose every caller has
-    /// gone are dropped (and forgotten) instead of dispatched.
-    pub(crate) fn take_batch(&self) -> Batch<F::Key, Entry<F::Value>> {
+    /// Takes the keys of the current window, each once: a key pending
+    /// twice (cleared and loaded again meanwhile) is loaded once, and its
+    /// later flight follows the first. Keys whose every caller has gone are
+    /// dropped (and forgotten) instead of dispatched.
+    pub(crate) fn take_batch(&self) -> Taken<F::Key, Entry<F::Value>> {
         let mut state = self.state();
         let pending = mem::take(&mut state.pending);
+        // Only a clear while keys were pending can repeat a key.
+        let mut firsts = mem::take(&mut state.cleared).then(HashMap::new);
+        let mut followers = Vec::new();
         let mut batch = Vec::with_capacity(pending.len());
         for (key, flight) in pending {
             if flight.waiters() > 0 {
+                if let Some(firsts) = &mut firsts {
+                    match firsts.entry(key.clone()) {
+                        std::collections::hash_map::Entry::Occupied(first) => {
+                            followers.push((flight, Arc::clone(first.get())));
+                            continue;
+                        }
+                        std::collections::hash_map::Entry::Vacant(first) => {
+                            first.insert(Arc::clone(&flight));
+                        }
+                    }
+                }
                 batch.push((key, flight));
                 continue;
             }
@@ -253,6 +284,6 @@ impl<F: BatchFetch> LoaderShared<F> {
             }
             flight.complete(Err(Error::Closed));
         }
-        batch
+        (batch, followers)
     }
 }

@@ -228,6 +228,77 @@ async fn invalid_settings_are_rejected_at_build_time() {
     db.cleanup().await;
 }
 
+/// `clear` while a key's load waits for its window, then a load of it
+/// again: the window holds the key twice, and the store is asked for it
+/// once. (Given twice, a store answering by key could count the first copy
+/// a miss and open a needless fill.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_cleared_and_loaded_again_in_one_window_is_read_once() {
+    let db = TestDb::new("clear_window").await;
+    let store = db.store(LockMode::PerKey).await;
+    let provider = Fake::<u64>::new("pg/clear-window");
+    let cache = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    cache.loader().load_many([1, 2]).await.unwrap();
+    let trips = store.round_trips();
+
+    let loader = cache.loader();
+    let (first, again, all) = tokio::join!(
+        loader.load(1),
+        async {
+            loader.clear(&1);
+            loader.load(1).await
+        },
+        async {
+            loader.clear_all();
+            loader.load_many([1, 2]).await
+        },
+    );
+    assert_eq!(first.unwrap(), Some(value_of(&1)));
+    assert_eq!(again.unwrap(), Some(value_of(&1)));
+    assert_eq!(all.unwrap().len(), 2);
+    assert_eq!(provider.call_count(), 1);
+    assert_eq!(store.round_trips() - trips, 1, "one read, no fill");
+    let stats = cache.stats();
+    assert_eq!(stats.batches, 2, "{stats:?}");
+    assert_eq!(stats.store_hits, 2, "each key read once: {stats:?}");
+    db.cleanup().await;
+}
+
+/// Every invalidation event names its namespace, and a notification holds
+/// less than 8,000 bytes: a namespace too long for one is refused when the
+/// cache is built, and the longest one accepted, even made of characters
+/// JSON escapes, still invalidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_are_checked_when_the_cache_is_built() {
+    let db = TestDb::new("long_ns").await;
+    let store = db.store(LockMode::PerKey).await;
+    let too_long = "n".repeat(loadlock::MAX_NAMESPACE_LEN + 1);
+    let refused = Cache::builder(Fake::<u64>::new(too_long))
+        .store(store.clone())
+        .build();
+    assert!(matches!(refused, Err(Error::Config(_))), "{refused:?}");
+    let refused = Cache::builder(Fake::<u64>::new("users\0v1"))
+        .store(store.clone())
+        .build();
+    assert!(matches!(refused, Err(Error::Config(_))), "{refused:?}");
+
+    let longest = "\u{1}".repeat(loadlock::MAX_NAMESPACE_LEN);
+    let provider = Fake::<u64>::new(longest);
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    cache.loader().load(1).await.unwrap();
+    cache.invalidate([1]).await.unwrap();
+    cache.invalidate_namespace().await.unwrap();
+    cache.loader().load(1).await.unwrap();
+    assert_eq!(provider.call_count(), 2);
+    db.cleanup().await;
+}
+
 /// A row that no longer decodes into the value type is a miss: refetched,
 /// overwritten, counted; never an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,6 +334,46 @@ async fn an_undecodable_row_is_refetched() {
     assert_eq!(stored, serde_json::json!("v:7"), "overwritten");
     assert_eq!(cache.loader().load(7).await.unwrap(), Some(value_of(&7)));
     assert_eq!(provider.call_count(), 1);
+    db.cleanup().await;
+}
+
+/// A row whose metadata does not read (written by hand: a negative version,
+/// a time no clock can hold) is undecodable: fetched again and counted,
+/// never served as version 0 ("primed") or with the epoch as its times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_metadata_does_not_read_is_refetched() {
+    let db = TestDb::new("bad_meta").await;
+    let store = db.store(LockMode::PerKey).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {} (namespace, key, value, fetched_at, expires_at, version) VALUES \
+         ('pg/bad-meta', '1', '\"hand-written\"', now(), now() + interval '1 hour', -5), \
+         ('pg/bad-meta', '2', '\"hand-written\"', '-infinity', now() + interval '1 hour', 3), \
+         ('pg/bad-meta', '3', '\"hand-written\"', now(), 'infinity', 4)",
+        db.table()
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let provider = Fake::<u64>::new("pg/bad-meta");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    for key in [1, 2, 3] {
+        let entry = loader.load_entry(key).await.unwrap().expect("a value");
+        assert_eq!(entry.value, value_of(&key), "key {key} fetched again");
+        assert!(entry.version > 0, "key {key}: version {}", entry.version);
+        assert!(
+            entry.fetched_at > std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+            "key {key}: fetched at {:?}",
+            entry.fetched_at
+        );
+    }
+    assert_eq!(provider.keys_fetched(), 3);
+    assert_eq!(cache.stats().undecodable, 3);
     db.cleanup().await;
 }
 

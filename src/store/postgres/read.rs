@@ -342,50 +342,65 @@ impl PgStore {
 }
 
 /// Decodes a read row (`key, value, fresh, version, fetched_at,
-/// expires_at`): a hit, a negative entry (NULL), or undecodable.
+/// expires_at`): a hit, a negative entry (NULL), or undecodable — a value
+/// that does not decode into `V`, or metadata that does not read (a
+/// negative version, a time out of range), which is never replaced by a
+/// default: version 0 means "primed", and the epoch would make the entry
+/// look expired, or fresh for ever.
 fn decode_value<V: serde::de::DeserializeOwned>(
     row: &PgRow,
     namespace: &str,
     key: &str,
 ) -> Lookup<V> {
-    let fresh = row.try_get::<bool, _>(2).unwrap_or(false);
+    let undecodable = |what: &dyn std::fmt::Display| {
+        tracing::warn!(
+            namespace,
+            key,
+            error = %what,
+            "cached row does not decode; fetching it again"
+        );
+        Lookup::Undecodable
+    };
+    let fresh = match row.try_get::<bool, _>(2) {
+        Ok(fresh) => fresh,
+        Err(err) => return undecodable(&err),
+    };
     match row.try_get::<Option<Json<V>>, _>(1) {
-        Ok(Some(Json(value))) => {
-            let (version, fetched_at, expires_at) = row_meta(row, 3);
-            let entry = Entry::new(value, version, fetched_at, expires_at);
-            if fresh {
-                Lookup::Hit(entry)
-            } else {
-                Lookup::Stale(entry)
+        Ok(Some(Json(value))) => match row_meta(row, 3) {
+            Ok((version, fetched_at, expires_at)) => {
+                let entry = Entry::new(value, version, fetched_at, expires_at);
+                if fresh {
+                    Lookup::Hit(entry)
+                } else {
+                    Lookup::Stale(entry)
+                }
             }
-        }
+            Err(err) => undecodable(&err),
+        },
         Ok(None) if fresh => Lookup::NegativeHit,
         Ok(None) => Lookup::Miss,
-        Err(err) => {
-            tracing::warn!(
-                namespace,
-                key,
-                error = %err,
-                "cached row does not decode into the value type; fetching it again"
-            );
-            Lookup::Undecodable
-        }
+        Err(err) => undecodable(&err),
     }
 }
 
 /// Reads `version, fetched_at, expires_at` (the times as epoch seconds)
-/// from the columns starting at `first`.
-pub(super) fn row_meta(row: &PgRow, first: usize) -> (u64, SystemTime, SystemTime) {
-    let version = row.try_get::<i64, _>(first).unwrap_or(0);
-    let time = |i: usize| {
-        let seconds = row.try_get::<f64, _>(i).unwrap_or(0.0);
+/// from the columns starting at `first`; an error names what does not
+/// read.
+pub(super) fn row_meta(row: &PgRow, first: usize) -> Result<(u64, SystemTime, SystemTime), String> {
+    let version = row
+        .try_get::<i64, _>(first)
+        .map_err(|e| e.to_string())
+        .and_then(|v| u64::try_from(v).map_err(|_| format!("negative version {v}")))?;
+    let time = |i: usize, name: &str| {
+        let seconds = row.try_get::<f64, _>(i).map_err(|e| e.to_string())?;
         Duration::try_from_secs_f64(seconds)
-            .map(|d| SystemTime::UNIX_EPOCH + d)
-            .unwrap_or(SystemTime::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+            .ok_or_else(|| format!("{name} {seconds} is not a time"))
     };
-    (
-        u64::try_from(version).unwrap_or(0),
-        time(first + 1),
-        time(first + 2),
-    )
+    Ok((
+        version,
+        time(first + 1, "fetched_at")?,
+        time(first + 2, "expires_at")?,
+    ))
 }

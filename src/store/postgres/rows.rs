@@ -99,10 +99,11 @@ pub(super) struct Written {
 
 impl Written {
     /// From a row `key, …, version, fetched_at, expires_at`, the version at
-    /// column `meta`; `None` when the key does not read.
+    /// column `meta`; `None` when the key or the metadata does not read (the
+    /// key is then claimed again, as one whose lease was lost).
     pub(super) fn from_row(row: &PgRow, meta: usize) -> Option<Self> {
         let key = row.try_get::<String, _>(0).ok()?;
-        let (version, fetched_at, expires_at) = row_meta(row, meta);
+        let (version, fetched_at, expires_at) = row_meta(row, meta).ok()?;
         Some(Written {
             key,
             version,
