@@ -215,7 +215,11 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
             let outcome = cache.fill(lease.keys(), &leave, &mut filled).await;
             filled.record(&cache.counters);
             if let (Some(local), Ok(values)) = (local, &outcome) {
+                let values = values.iter().map(|value| value.as_ref().ok());
                 for (key, value) in lease.keys().iter().zip(values) {
+                    let Some(value) = value else {
+                        continue;
+                    };
                     let expires_at = value.as_ref().map_or_else(
                         || std::time::SystemTime::now() + cache.config.negative_ttl,
                         |entry| entry.expires_at,
@@ -223,10 +227,19 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
                     local.insert(epoch, key.to_string(), value.clone(), expires_at);
                 }
             }
-            if let Err(err) = &outcome {
-                if stale_if_error_applies(err) && !fallbacks.is_empty() {
-                    serve_stale_on_error(cache, &lease, std::mem::take(&mut fallbacks)).await;
-                }
+            // Keys whose refill failed, by the provider, answered with their
+            // stale entries where stale-if-error allows.
+            let stale: Vec<(usize, Entry<F::Value>)> = std::mem::take(&mut fallbacks)
+                .into_iter()
+                .filter(|(i, _)| match &outcome {
+                    Err(err) => stale_if_error_applies(err),
+                    Ok(outcomes) => outcomes
+                        .get(*i)
+                        .is_some_and(|o| o.as_ref().is_err_and(stale_if_error_applies)),
+                })
+                .collect();
+            if !stale.is_empty() {
+                serve_stale_on_error(cache, &lease, stale).await;
             }
             // Whatever a read of this fill offered and nothing took.
             crate::handoff::clear();

@@ -415,14 +415,15 @@ impl<F: BatchFetch> CacheInner<F> {
     }
 
     /// Fills `keys` (missed by the read, led by the caller) through the
-    /// store; aligned with `keys`. `leave` is called with indices into
-    /// `keys` right before their writes become visible.
+    /// store; aligned with `keys`, each key's outcome on its own (a fill
+    /// that failed part way answers the keys it wrote). `leave` is called
+    /// with indices into `keys` right before their writes become visible.
     pub(crate) async fn fill(
         &self,
         keys: &[F::Key],
         leave: &(dyn Fn(&[usize]) + Send + Sync),
         tally: &mut Tally,
-    ) -> Result<Vec<Option<Entry<F::Value>>>, Error> {
+    ) -> Result<Vec<crate::inflight::Outcome<Entry<F::Value>>>, Error> {
         let prepaid = Prepaid::default();
         let fill = Fill {
             namespace: self.provider.namespace(),
@@ -453,12 +454,13 @@ impl<F: BatchFetch> CacheInner<F> {
                     tally.store_hits += 1;
                     tally.store_hits_after_lock += 1;
                     tally.negative_hits += usize::from(value.is_none());
-                    value
+                    Ok(value)
                 }
                 Filled::Fetched(value) => {
                     tally.fetched += 1;
-                    value
+                    Ok(value)
                 }
+                Filled::Failed(err) => Err(err),
             })
             .collect())
     }

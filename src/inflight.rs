@@ -199,19 +199,19 @@ impl<K: Eq + Hash + Clone, V: Clone> Lease<'_, K, V> {
         &self.keys
     }
 
-    /// Leaves the table, then hands each flight its outcome: values aligned
-    /// with [`keys`](Lease::keys), or one error for all.
+    /// Leaves the table, then hands each flight its outcome: outcomes
+    /// aligned with [`keys`](Lease::keys), or one error for all.
     ///
     /// Leaving first means a newcomer never joins a flight that is about to
     /// fail; it goes to the store, which already holds what succeeded.
-    pub(crate) fn settle(mut self, outcome: Result<Vec<Option<V>>, Error>) {
+    pub(crate) fn settle(mut self, outcome: Result<Vec<Outcome<V>>, Error>) {
         self.leave_all();
         let flights = std::mem::take(&mut self.flights);
         match outcome {
-            Ok(values) => {
-                debug_assert_eq!(values.len(), flights.len());
-                for (flight, value) in flights.iter().zip(values) {
-                    flight.complete(Ok(value));
+            Ok(outcomes) => {
+                debug_assert_eq!(outcomes.len(), flights.len());
+                for (flight, outcome) in flights.iter().zip(outcomes) {
+                    flight.complete(outcome);
                 }
             }
             Err(err) => {

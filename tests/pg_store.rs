@@ -267,6 +267,61 @@ async fn a_key_cleared_and_loaded_again_in_one_window_is_read_once() {
     db.cleanup().await;
 }
 
+/// A fill of more keys than one claim may lock runs in groups, one after
+/// the other. When a later group's provider call fails, the keys an earlier
+/// group already published are answered with their values, and only the
+/// failed group's loads get the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_group_fails_only_its_own_keys() {
+    let db = TestDb::new("group_fail").await;
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .max_locks_per_transaction(2)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let provider = Fake::<u64>::builder("pg/group-fail")
+        .max_batch(2)
+        .gate(gate.clone())
+        .build();
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let loads = tokio::spawn(async move {
+        let (a, b, c, d) = tokio::join!(
+            loader.load(1),
+            loader.load(2),
+            loader.load(3),
+            loader.load(4)
+        );
+        [a, b, c, d]
+    });
+    // The first group's call answers; the second's fails.
+    gate.add_permits(1);
+    while provider.call_count() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    provider.fail_next(1);
+    gate.add_permits(1);
+    let [a, b, c, d] = loads.await.unwrap();
+    assert_eq!(provider.calls(), vec![vec![1, 2], vec![3, 4]]);
+    assert_eq!(a.unwrap(), Some(value_of(&1)));
+    assert_eq!(b.unwrap(), Some(value_of(&2)));
+    assert!(c.unwrap_err().is_provider());
+    assert!(d.unwrap_err().is_provider());
+
+    // Nothing of the failed group was cached; the next load fetches it.
+    gate.add_permits(10);
+    let again = cache.loader().load_many([1, 2, 3, 4]).await.unwrap();
+    assert_eq!(again.len(), 4);
+    assert_eq!(provider.calls()[2..], [vec![3, 4]]);
+    db.cleanup().await;
+}
+
 /// Every invalidation event names its namespace, and a notification holds
 /// less than 8,000 bytes: a namespace too long for one is refused when the
 /// cache is built, and the longest one accepted, even made of characters

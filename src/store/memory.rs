@@ -336,25 +336,48 @@ impl MemoryStore {
     }
 
     /// A fill, or with `try_only` a refresh that gives up (`None`) when a
-    /// key's lock is taken, or a key is found or leased by another fill.
+    /// key's lock is taken, or a key is found or leased by another fill. A
+    /// fill that fails after some keys were published (or found) answers
+    /// those and fails only the rest, each [`Filled::Failed`].
     async fn fill_inner<F: BatchFetch>(
         &self,
         fill: Fill<'_, F>,
         try_only: bool,
     ) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        let mut answers: Vec<Option<Filled<F::Value>>> =
+            (0..fill.keys().len()).map(|_| None).collect();
+        match self.fill_rounds(&fill, try_only, &mut answers).await {
+            Ok(true) => Ok(Some(answers.into_iter().flatten().collect())),
+            Ok(false) => Ok(None),
+            Err(err) if !try_only && answers.iter().any(Option::is_some) => Ok(Some(
+                answers
+                    .into_iter()
+                    .map(|answer| answer.unwrap_or_else(|| Filled::Failed(err.clone())))
+                    .collect(),
+            )),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The rounds of a fill, answering into `answers` as keys settle;
+    /// `Ok(false)` when a `try_only` fill gave up.
+    async fn fill_rounds<F: BatchFetch>(
+        &self,
+        fill: &Fill<'_, F>,
+        try_only: bool,
+        answers: &mut [Option<Filled<F::Value>>],
+    ) -> Result<bool, Error> {
         let namespace = fill.namespace();
         let entry_keys: Vec<String> = fill
             .keys()
             .iter()
             .map(|key| entry_key(namespace, key))
             .collect();
-        let mut answers: Vec<Option<Filled<F::Value>>> =
-            (0..entry_keys.len()).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..entry_keys.len()).collect();
         let mut revoked_rounds = 0;
         for _ in 0..MAX_ROUNDS {
             if pending.is_empty() {
-                return Ok(Some(answers.into_iter().flatten().collect()));
+                return Ok(true);
             }
             // Registered before the claim looks, so that a lease ending in
             // between is not missed.
@@ -366,10 +389,10 @@ impl MemoryStore {
                 .saturating_add(bound / 10)
                 .saturating_add(LEASE_MARGIN);
             let Some(claimed) = self
-                .claim::<F>(&fill, &entry_keys, &pending, lease, try_only)
+                .claim::<F>(fill, &entry_keys, &pending, lease, try_only)
                 .await
             else {
-                return Ok(None);
+                return Ok(false);
             };
             let (token, claimed) = claimed;
             let mut leased = Vec::new();
@@ -392,11 +415,11 @@ impl MemoryStore {
                 keys: leased.iter().map(|&i| entry_keys[i].clone()).collect(),
             };
             if try_only && (leased.len() < pending.len()) {
-                return Ok(None);
+                return Ok(false);
             }
             if !leased.is_empty() {
                 let lost = self
-                    .fetch_and_publish(&fill, &entry_keys, &leased, held, lease, &mut answers)
+                    .fetch_and_publish(fill, &entry_keys, &leased, held, lease, answers)
                     .await?;
                 if !lost.is_empty() {
                     fill.record_revoked(lost.len());

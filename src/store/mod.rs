@@ -53,7 +53,7 @@ pub enum Lookup<V> {
 }
 
 /// The answer for one key of a [`Store::fill`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Filled<V> {
     /// Found fresh in the store once the key's lock was held: someone else
@@ -63,13 +63,22 @@ pub enum Filled<V> {
     /// the version and times it was written with. `None` means the provider
     /// does not have it (a negative entry was written).
     Fetched(Option<Entry<V>>),
+    /// Not filled: the part of the fill this key belonged to failed after
+    /// other parts had written theirs (a fill of many keys runs in groups).
+    /// Its loads fail with this error; nothing was written for it.
+    Failed(crate::Error),
 }
 
 impl<V> Filled<V> {
-    /// The entry, wherever it came from.
-    pub fn into_entry(self) -> Option<Entry<V>> {
+    /// The entry, wherever it came from, or the error of a failed key.
+    ///
+    /// # Errors
+    ///
+    /// The error of [`Filled::Failed`].
+    pub fn into_entry(self) -> Result<Option<Entry<V>>, crate::Error> {
         match self {
-            Filled::Stored(entry) | Filled::Fetched(entry) => entry,
+            Filled::Stored(entry) | Filled::Fetched(entry) => Ok(entry),
+            Filled::Failed(err) => Err(err),
         }
     }
 }
@@ -112,7 +121,10 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     ///
     /// [`Error::Store`] when the store fails, and whatever [`Fill::fetch`]
     /// returned, unchanged, when the provider fails. Nothing fetched by a
-    /// failed [`Fill::fetch`] call is written.
+    /// failed [`Fill::fetch`] call is written. A fill that fails after some
+    /// of its keys were written must not fail those: it answers them, and
+    /// the others [`Filled::Failed`] with the error (a failure reaches only
+    /// the loads it concerns).
     async fn fill(&self, fill: Fill<'_, F>) -> Result<Vec<Filled<F::Value>>, Error>;
 
     /// A background refresh of expired keys (stale-while-revalidate): like

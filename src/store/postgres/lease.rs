@@ -184,14 +184,46 @@ impl PgStore {
     /// A fill under leases; with `try_only` (a background refresh), gives up
     /// (`None`, releasing what it leased) when any key is found or leased by
     /// someone else.
+    ///
+    /// A fill that fails after some of its keys were published answers
+    /// those (and whatever it found in the store) and fails only the rest,
+    /// each [`Filled::Failed`].
     pub(super) async fn fill_leased<F: BatchFetch>(
         &self,
         fill: &Fill<'_, F>,
         try_only: bool,
     ) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
+        let mut answers: Vec<Option<Filled<F::Value>>> =
+            (0..fill.keys().len()).map(|_| None).collect();
+        match self.lease_rounds(fill, try_only, &mut answers).await {
+            Ok(true) => Ok(Some(
+                answers
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(unsettled)?,
+            )),
+            Ok(false) => Ok(None),
+            Err(err) if !try_only && answers.iter().any(Option::is_some) => Ok(Some(
+                answers
+                    .into_iter()
+                    .map(|answer| answer.unwrap_or_else(|| Filled::Failed(err.clone())))
+                    .collect(),
+            )),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The rounds of a leased fill, answering into `answers` as keys settle;
+    /// `Ok(false)` when a `try_only` fill gave up (releasing what it
+    /// leased).
+    async fn lease_rounds<F: BatchFetch>(
+        &self,
+        fill: &Fill<'_, F>,
+        try_only: bool,
+        answers: &mut [Option<Filled<F::Value>>],
+    ) -> Result<bool, Error> {
         let namespace = fill.namespace();
         let texts: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
-        let mut answers: Vec<Option<Filled<F::Value>>> = (0..texts.len()).map(|_| None).collect();
         let group_size = self.lease_group_size(fill);
         let waiters = &self.inner.waiters;
         let mut pending: Vec<usize> = (0..texts.len()).collect();
@@ -205,12 +237,7 @@ impl PgStore {
         let _ = self.events();
         for _ in 0..MAX_ROUNDS {
             if pending.is_empty() {
-                return Ok(Some(
-                    answers
-                        .into_iter()
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(unsettled)?,
-                ));
+                return Ok(true);
             }
             // Read before claiming: a wake-up between the claim and the
             // registration below shows as a changed epoch.
@@ -260,14 +287,14 @@ impl PgStore {
                 );
                 if try_only && leased.len() < group.len() {
                     drop(held);
-                    return Ok(None);
+                    return Ok(false);
                 }
                 if leased.is_empty() {
                     held.settled();
                     continue;
                 }
                 let lost = self
-                    .fetch_and_publish(fill, &texts, &leased, held, lease, &mut answers)
+                    .fetch_and_publish(fill, &texts, &leased, held, lease, answers)
                     .await?;
                 if !lost.is_empty() {
                     revoked = true;
