@@ -12,6 +12,7 @@ use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
 use crate::{
     BatchFetch, Entry, Error, Invalidation, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store,
+    WriteError,
 };
 
 /// The default time a value stays fresh: 5 minutes.
@@ -247,14 +248,16 @@ impl<F: BatchFetch> Cache<F> {
     ///
     /// # Errors
     ///
-    /// [`Error::Store`] or [`Error::LockTimeout`] when the cache failed;
-    /// `write` then may not have run. `write`'s own result is returned inside
-    /// `Ok`.
+    /// A [`WriteError`] when the cache failed ([`Error::Store`],
+    /// [`Error::LockTimeout`]): with the update's output when the update ran
+    /// and the failure came after it (the keys may then be left valid:
+    /// invalidate them again), without when it did not run. `write`'s own
+    /// result is returned inside `Ok` once the keys are invalidated.
     pub async fn write<T: Send>(
         &self,
         keys: impl IntoIterator<Item = F::Key>,
         write: impl std::future::Future<Output = T> + Send,
-    ) -> Result<T, Error> {
+    ) -> Result<T, WriteError<T>> {
         let keys: Vec<F::Key> = keys.into_iter().collect();
         let output = std::sync::Mutex::new(None);
         let work: futures::future::BoxFuture<'_, ()> = Box::pin(async {
@@ -270,11 +273,15 @@ impl<F: BatchFetch> Cache<F> {
             let texts: Vec<String> = keys.iter().map(ToString::to_string).collect();
             local.evict(&texts);
         }
-        locked?;
-        output
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .ok_or(Error::Closed)
+        let output = output.into_inner().unwrap_or_else(|e| e.into_inner());
+        match (locked, output) {
+            (Ok(()), Some(output)) => Ok(output),
+            (Ok(()), None) => Err(WriteError {
+                output: None,
+                error: Error::Closed,
+            }),
+            (Err(error), output) => Err(WriteError { output, error }),
+        }
     }
 
     /// Compare-and-set for update-on-write users (optimistic locking): if the

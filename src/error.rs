@@ -171,3 +171,54 @@ impl Error {
         }
     }
 }
+
+/// What [`Cache::write`](crate::Cache::write) returns when the cache failed:
+/// the error, and your update's output when the update ran.
+///
+/// The update may have run although the write failed: the store may fail
+/// after it (the keys' invalidation, or the commit that releases their
+/// locks). Then [`output`](WriteError::output) holds what the update
+/// returned, and the keys may still be valid in the cache: invalidate them
+/// again ([`Cache::invalidate`](crate::Cache::invalidate)). When the
+/// update did not run (the locks could not be taken), `output` is `None`.
+#[derive(Debug)]
+pub struct WriteError<T> {
+    /// What the update returned, if it ran.
+    pub output: Option<T>,
+    /// What failed.
+    pub error: Error,
+}
+
+impl<T> WriteError<T> {
+    /// Whether the update ran (and the keys may be left valid).
+    pub fn update_ran(&self) -> bool {
+        self.output.is_some()
+    }
+}
+
+impl<T> std::fmt::Display for WriteError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.output.is_some() {
+            write!(
+                f,
+                "the update ran, but its keys may not be invalidated: {}",
+                self.error
+            )
+        } else {
+            write!(f, "the update did not run: {}", self.error)
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::error::Error for WriteError<T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// The cache's error, without the update's output.
+impl<T> From<WriteError<T>> for Error {
+    fn from(err: WriteError<T>) -> Self {
+        err.error
+    }
+}

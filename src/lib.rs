@@ -125,7 +125,7 @@ pub use cache::{
     DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_NAMESPACE_LEN, MAX_TTL,
 };
 pub use entry::Entry;
-pub use error::Error;
+pub use error::{Error, WriteError};
 pub use events::{Invalidation, StoreEvent};
 pub use fetch::{BatchFetch, ErrorClass};
 #[cfg(feature = "http")]

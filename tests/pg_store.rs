@@ -322,6 +322,76 @@ async fn a_failing_group_fails_only_its_own_keys() {
     db.cleanup().await;
 }
 
+/// `Cache::write` whose transaction the server ends while the update runs
+/// (idle in transaction too long): the update ran, so its output comes back
+/// with the error, which says the keys may not be invalidated; the caller
+/// invalidates again. A write whose locks cannot be taken did not run its
+/// update, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_invalidation_fails_returns_the_update_output() {
+    let db = TestDb::new("write_output").await;
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .idle_in_transaction_timeout(Duration::from_millis(200))
+        .lock_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let provider = Fake::<u64>::new("pg/write-output");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    cache.loader().load(1).await.unwrap();
+
+    let failed = cache
+        .write([1], async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            "updated"
+        })
+        .await
+        .unwrap_err();
+    assert!(failed.update_ran(), "{failed}");
+    assert_eq!(failed.output, Some("updated"));
+    assert!(
+        matches!(failed.error, Error::Store { .. }),
+        "{:?}",
+        failed.error
+    );
+    cache.invalidate([1]).await.unwrap();
+    cache.loader().load(1).await.unwrap();
+    assert_eq!(provider.call_count(), 2, "invalidated again, fetched again");
+
+    // Locks held by another instance: the update never runs.
+    let holder = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let (entered, go) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let holding = tokio::spawn({
+        let (entered, go) = (entered.clone(), go.clone());
+        async move {
+            holder
+                .write([2], async move {
+                    entered.add_permits(1);
+                    go.acquire().await.unwrap().forget();
+                })
+                .await
+        }
+    });
+    entered.acquire().await.unwrap().forget();
+    let blocked = cache.write([2], async { "never" }).await.unwrap_err();
+    assert!(!blocked.update_ran());
+    assert!(
+        matches!(blocked.error, Error::LockTimeout { .. }),
+        "{:?}",
+        blocked.error
+    );
+    go.add_permits(1);
+    holding.await.unwrap().unwrap();
+    db.cleanup().await;
+}
+
 /// Every invalidation event names its namespace, and a notification holds
 /// less than 8,000 bytes: a namespace too long for one is refused when the
 /// cache is built, and the longest one accepted, even made of characters
