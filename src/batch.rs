@@ -112,6 +112,30 @@ async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Ent
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());
     let mut tally = Tally::default();
 
+    // Keys the provider or the store cannot take fail alone, never the
+    // batch they came with.
+    let batch: Batch<F::Key, Entry<F::Value>> = batch
+        .into_iter()
+        .filter_map(|(key, flight)| {
+            let refused = cache
+                .provider
+                .provider()
+                .check_key(&key)
+                .and_then(|()| cache.store.check_key(&key.to_string()));
+            match refused {
+                Ok(()) => Some((key, flight)),
+                Err(reason) => {
+                    flight.complete(Err(Error::InvalidKey {
+                        namespace: Arc::clone(cache.provider.namespace()),
+                        key: key.to_string(),
+                        reason,
+                    }));
+                    None
+                }
+            }
+        })
+        .collect();
+
     // The process-local tier first, if there is one.
     let local = cache.local.as_deref();
     let epoch = local.map_or(0, |local| local.epoch());

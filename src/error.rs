@@ -103,6 +103,20 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    /// A key that cannot be loaded: the provider
+    /// ([`BatchFetch::check_key`](crate::BatchFetch::check_key)) or the store
+    /// ([`Store::check_key`](crate::Store::check_key)) refused it. Only its
+    /// own loads fail; the other keys of its batch are loaded.
+    #[error("key {key:?} of `{namespace}` cannot be loaded: {reason}")]
+    InvalidKey {
+        /// The provider's namespace.
+        namespace: Arc<str>,
+        /// The key's `Display` form.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A fill kept losing its keys: its leases were revoked (by
     /// invalidations or writes of the keys) every time it fetched them, or
     /// other holders kept them for more rounds than a fill waits. Nothing

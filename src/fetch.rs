@@ -103,6 +103,20 @@ pub trait BatchFetch: Send + Sync + 'static {
         let _ = error;
         ErrorClass::Permanent
     }
+
+    /// Checks a key before it is loaded. A key this provider cannot ask for
+    /// (one containing the separator of the request's id list, say) fails
+    /// its own loads with [`Error::InvalidKey`](crate::Error::InvalidKey),
+    /// with `Err`'s reason; the other keys of its batch go on. The default
+    /// accepts every key.
+    ///
+    /// # Errors
+    ///
+    /// Why the key cannot be loaded.
+    fn check_key(&self, key: &Self::Key) -> Result<(), String> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// How a provider error should be handled; from [`BatchFetch::classify`].
@@ -149,5 +163,9 @@ impl<F: BatchFetch + ?Sized> BatchFetch for Arc<F> {
 
     fn classify(&self, error: &Self::Error) -> ErrorClass {
         (**self).classify(error)
+    }
+
+    fn check_key(&self, key: &Self::Key) -> Result<(), String> {
+        (**self).check_key(key)
     }
 }

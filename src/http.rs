@@ -218,6 +218,16 @@ where
         self.max_batch_size
     }
 
+    /// A key whose text contains a comma (the separator of the ids in the
+    /// request) is refused: only its own loads fail.
+    fn check_key(&self, key: &K) -> Result<(), String> {
+        if key.to_string().contains(',') {
+            Err("it contains a comma, which separates ids in the request".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, V>, HttpError> {
         let by_text: HashMap<String, &K> = keys.iter().map(|k| (k.to_string(), k)).collect();
         if let Some(bad) = by_text.keys().find(|text| text.contains(',')) {

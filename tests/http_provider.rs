@@ -623,3 +623,47 @@ async fn items_without_an_id_are_permanent() {
         "{err:?}"
     );
 }
+
+/// A key containing the separator of the request's id list fails its own
+/// loads, with an error naming it; the other keys of its batch are asked
+/// for and answered.
+#[tokio::test]
+async fn a_key_containing_the_separator_fails_only_itself() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/items"))
+        .respond_with(Echo::default())
+        .expect(1)
+        .mount(&server)
+        .await;
+    let provider: HttpBatchProvider<String, Item> = HttpBatchProvider::new(
+        reqwest::Client::new(),
+        &format!("{}/items", server.uri()),
+        "http/separator",
+    )
+    .unwrap();
+    let cache = Cache::builder(provider).build().unwrap();
+    let loader = cache.loader();
+    let (one, bad, four) = tokio::join!(
+        loader.load("1".to_string()),
+        loader.load("2,3".to_string()),
+        loader.load("4".to_string())
+    );
+    assert_eq!(one.unwrap(), Some(item(1)));
+    assert_eq!(four.unwrap(), Some(item(4)));
+    match bad {
+        Err(Error::InvalidKey { key, reason, .. }) => {
+            assert_eq!(key, "2,3");
+            assert!(reason.contains("comma"), "{reason}");
+        }
+        other => panic!("expected InvalidKey, got {other:?}"),
+    }
+    let asked: Vec<Vec<u64>> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
+    assert_eq!(asked, vec![vec![1, 4]]);
+}

@@ -392,6 +392,38 @@ async fn a_write_whose_invalidation_fails_returns_the_update_output() {
     db.cleanup().await;
 }
 
+/// A key Postgres cannot store (its text contains NUL) fails its own loads,
+/// with an error naming it; the other keys of its batch are loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_postgres_cannot_hold_fails_only_itself() {
+    let db = TestDb::new("nul_key").await;
+    let store = db.store(LockMode::PerKey).await;
+    let provider = Fake::<String>::new("pg/nul-key");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let bad = "b\0d".to_string();
+    let (a, b, c) = tokio::join!(
+        loader.load("a".to_string()),
+        loader.load(bad.clone()),
+        loader.load("c".to_string())
+    );
+    assert_eq!(a.unwrap(), Some(value_of(&"a")));
+    assert_eq!(c.unwrap(), Some(value_of(&"c")));
+    match b {
+        Err(Error::InvalidKey { key, .. }) => assert_eq!(key, bad),
+        other => panic!("expected InvalidKey, got {other:?}"),
+    }
+    assert_eq!(
+        provider.calls(),
+        vec![vec!["a".to_string(), "c".to_string()]]
+    );
+    assert_eq!(cache.stats().batches, 1);
+    db.cleanup().await;
+}
+
 /// Every invalidation event names its namespace, and a notification holds
 /// less than 8,000 bytes: a namespace too long for one is refused when the
 /// cache is built, and the longest one accepted, even made of characters

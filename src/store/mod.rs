@@ -98,6 +98,20 @@ impl<V> Filled<V> {
 /// write nothing half-done.
 #[async_trait::async_trait]
 pub trait Store<F: BatchFetch>: Send + Sync + 'static {
+    /// Checks a key's `Display` form before it is loaded: a key this store
+    /// cannot keep fails its own loads with
+    /// [`Error::InvalidKey`](crate::Error::InvalidKey) and never reaches
+    /// [`get`](Store::get) or [`fill`](Store::fill), so it cannot fail the
+    /// other keys of its batch. The default accepts every key.
+    ///
+    /// # Errors
+    ///
+    /// Why the key cannot be kept.
+    fn check_key(&self, key: &str) -> Result<(), String> {
+        let _ = key;
+        Ok(())
+    }
+
     /// Looks up `keys` (deduplicated) in `namespace`; the answer is aligned
     /// with `keys`. Values expired less than `grace` ago are answered as
     /// [`Lookup::Stale`] (never an invalidated entry); with a zero grace only

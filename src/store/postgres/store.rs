@@ -360,6 +360,15 @@ impl PgStore {
 
 #[async_trait::async_trait]
 impl<F: BatchFetch> Store<F> for PgStore {
+    /// Postgres `text` holds no NUL character: such a key fails alone.
+    fn check_key(&self, key: &str) -> Result<(), String> {
+        if key.contains('\0') {
+            Err("it contains a NUL character, which Postgres text cannot hold".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn get(
         &self,
         namespace: &str,
