@@ -297,21 +297,23 @@ fn stale_if_error_applies(err: &Error) -> bool {
     err.is_provider() || matches!(err, Error::RateLimited { .. })
 }
 
-/// Answers the leased keys at `fallbacks` with their stale entries after a
-/// failed refill, but only those still stale at the same version now: an
-/// invalidation may have come in while the refill waited for the locks,
-/// and an invalidated entry is never served. The keys leave the in-flight
-/// table first, so no later load joins this answer.
+/// Answers the leased keys at `fallbacks` after a failed refill: with the
+/// fresh entry another instance wrote meanwhile, if there is one, or else
+/// with their stale entries, but only those still stale at the same version
+/// now: an invalidation may have come in while the refill waited for the
+/// locks, and an invalidated entry is never served. Every key of the failed
+/// fill leaves the in-flight table first, so no load joins a failed flight
+/// while this reads; later loads read the store themselves.
 async fn serve_stale_on_error<F: BatchFetch>(
     cache: &CacheInner<F>,
     lease: &Lease<'_, F::Key, Entry<F::Value>>,
     fallbacks: Vec<(usize, Entry<F::Value>)>,
 ) {
-    let indices: Vec<usize> = fallbacks.iter().map(|(i, _)| *i).collect();
-    lease.leave(&indices);
-    let keys: Vec<F::Key> = indices
+    let everything: Vec<usize> = (0..lease.keys().len()).collect();
+    lease.leave(&everything);
+    let keys: Vec<F::Key> = fallbacks
         .iter()
-        .filter_map(|&i| lease.keys().get(i).cloned())
+        .filter_map(|(i, _)| lease.keys().get(*i).cloned())
         .collect();
     let grace = cache.config.stale_if_error;
     let Ok(now) = cache
@@ -322,11 +324,27 @@ async fn serve_stale_on_error<F: BatchFetch>(
         return;
     };
     for ((index, entry), lookup) in fallbacks.into_iter().zip(now) {
-        let still_stale =
-            matches!(&lookup, Lookup::Stale(current) if current.version == entry.version);
-        if let (true, Some(flight)) = (still_stale, lease.flight(index)) {
-            Counters::add(&cache.counters.stale_served, 1);
-            flight.complete(Ok(Some(entry)));
+        let Some(flight) = lease.flight(index) else {
+            continue;
+        };
+        // Counted as `Stats` says: every answer here is a store hit; stale
+        // ones are also `stale_served`.
+        match lookup {
+            Lookup::Hit(fresh) => {
+                Counters::add(&cache.counters.store_hits, 1);
+                flight.complete(Ok(Some(fresh)));
+            }
+            Lookup::NegativeHit => {
+                Counters::add(&cache.counters.store_hits, 1);
+                Counters::add(&cache.counters.negative_hits, 1);
+                flight.complete(Ok(None));
+            }
+            Lookup::Stale(current) if current.version == entry.version => {
+                Counters::add(&cache.counters.store_hits, 1);
+                Counters::add(&cache.counters.stale_served, 1);
+                flight.complete(Ok(Some(entry)));
+            }
+            _ => {}
         }
     }
 }

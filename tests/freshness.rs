@@ -270,3 +270,167 @@ async fn stale_if_error_honours_an_invalidation_that_came_in_meanwhile() {
     assert_eq!(cache.stats().stale_served, 0);
     db.cleanup().await;
 }
+
+/// A shared `MemoryStore` seen by the failing instance: its first fill lets
+/// another instance refill the key before its own provider fails, and the
+/// read that follows a failed fill can be held until the test lets it go.
+#[derive(Clone)]
+struct RefilledMeanwhile {
+    inner: MemoryStore,
+    other: Cache<Generations>,
+    refill_first: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    reading_after_failure: Arc<tokio::sync::Semaphore>,
+    release_read: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl loadlock::Store<Generations> for RefilledMeanwhile {
+    async fn get(
+        &self,
+        namespace: &str,
+        keys: &[u64],
+        grace: Duration,
+    ) -> Result<Vec<loadlock::store::Lookup<u64>>, Error> {
+        if self.failed.swap(false, Ordering::SeqCst) {
+            self.reading_after_failure.add_permits(1);
+            self.release_read.acquire().await.unwrap().forget();
+        }
+        loadlock::Store::<Generations>::get(&self.inner, namespace, keys, grace).await
+    }
+
+    async fn fill(
+        &self,
+        fill: loadlock::store::Fill<'_, Generations>,
+    ) -> Result<Vec<loadlock::store::Filled<u64>>, Error> {
+        if self.refill_first.swap(false, Ordering::SeqCst) {
+            self.other.loader().load(1).await.unwrap();
+        }
+        let filled = loadlock::Store::<Generations>::fill(&self.inner, fill).await;
+        let failed = filled.as_ref().map_or(true, |answers| {
+            answers
+                .iter()
+                .any(|a| matches!(a, loadlock::store::Filled::Failed(_)))
+        });
+        if failed {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        filled
+    }
+
+    async fn invalidate(&self, namespace: &str, keys: &[u64]) -> Result<(), Error> {
+        loadlock::Store::<Generations>::invalidate(&self.inner, namespace, keys).await
+    }
+
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<(), Error> {
+        loadlock::Store::<Generations>::invalidate_namespace(&self.inner, namespace).await
+    }
+
+    async fn write_locked(
+        &self,
+        namespace: &str,
+        keys: &[u64],
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), Error> {
+        loadlock::Store::<Generations>::write_locked(&self.inner, namespace, keys, work).await
+    }
+
+    async fn put_if_version(
+        &self,
+        namespace: &str,
+        key: &u64,
+        expected: u64,
+        value: u64,
+        ttl: Duration,
+    ) -> Result<u64, Error> {
+        loadlock::Store::<Generations>::put_if_version(
+            &self.inner,
+            namespace,
+            key,
+            expected,
+            value,
+            ttl,
+        )
+        .await
+    }
+}
+
+/// The edges of stale-if-error after a failed refill: a key another
+/// instance refilled meanwhile is answered with that fresh value (not the
+/// error, not the stale one); stale answers count as store hits, as `Stats`
+/// says; and while the fallback read runs, no load joins the failed fill's
+/// keys (it reads the store and fills them itself).
+#[tokio::test(start_paused = true)]
+async fn stale_if_error_answers_what_another_instance_refilled_meanwhile() {
+    let inner = MemoryStore::new();
+    let good = Generations::default();
+    good.generation.store(1, Ordering::SeqCst);
+    let other = Cache::builder(good.clone())
+        .store(inner.clone())
+        .ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    other.loader().load_many([1, 2]).await.unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    good.generation.store(2, Ordering::SeqCst);
+
+    let failing = Generations::default();
+    failing.failing.store(1, Ordering::SeqCst);
+    let store = RefilledMeanwhile {
+        inner: inner.clone(),
+        other: other.clone(),
+        refill_first: Arc::new(true.into()),
+        failed: Arc::new(false.into()),
+        reading_after_failure: Arc::new(tokio::sync::Semaphore::new(0)),
+        release_read: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let cache = Cache::builder(failing.clone())
+        .store(store.clone())
+        .ttl(Duration::from_secs(10))
+        .stale_if_error(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // Key 1 is refilled by the other instance while this one's refill
+    // fails; key 2 is still only stale; key 3 was never loaded.
+    let loading = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            let loader = cache.loader();
+            tokio::join!(loader.load_many([1, 2]), loader.load(3))
+        }
+    });
+    store
+        .reading_after_failure
+        .acquire()
+        .await
+        .unwrap()
+        .forget();
+    // The fallback read is under way, and the provider is back: a new load
+    // of a failed key does not join the failed fill; it reads the store
+    // and fills the key itself.
+    failing.failing.store(0, Ordering::SeqCst);
+    failing.generation.store(3, Ordering::SeqCst);
+    let late = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(3).await }
+    });
+    let late = tokio::time::timeout(Duration::from_secs(5), late)
+        .await
+        .expect("a new load does not join the failed fill's keys");
+    assert_eq!(late.unwrap().unwrap(), Some(3), "filled afresh");
+    store.release_read.add_permits(1);
+    let (got, three) = loading.await.unwrap();
+    let got = got.unwrap();
+    assert_eq!(got[&1], 2, "the fresh value another instance wrote");
+    assert_eq!(got[&2], 1, "the stale value");
+    assert!(three.is_err(), "no stale value to fall back on: {three:?}");
+    let stats = cache.stats();
+    assert_eq!(stats.coalesced, 0, "{stats:?}");
+    assert_eq!(stats.stale_served, 1, "{stats:?}");
+    // Key 1 and key 2 of the fallback read; the first read found only stale
+    // entries and misses.
+    assert_eq!(
+        stats.store_hits, 2,
+        "served answers are store hits: {stats:?}"
+    );
+}

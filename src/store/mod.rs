@@ -227,6 +227,10 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
 
 #[async_trait::async_trait]
 impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
+    fn check_key(&self, key: &str) -> Result<(), String> {
+        (**self).check_key(key)
+    }
+
     async fn get(
         &self,
         namespace: &str,
