@@ -32,8 +32,22 @@ use serde::Serialize;
 /// [`Error::ProviderPanicked`](crate::Error::ProviderPanicked) and nothing of
 /// the call is cached.
 ///
+/// # One answer per (namespace, key), for everyone
+///
+/// The cache hands the answer for a key to every caller that loads it, in
+/// every request and on every instance sharing the store. So the answer may
+/// depend on nothing but the namespace and the key. A provider whose answer
+/// depends on the caller (a bearer token, a tenant, a locale, a permission)
+/// would leak one caller's data to another. Put everything the answer
+/// depends on into the namespace (one provider, and one [`Cache`], per
+/// tenant: `format!("users/v1/{tenant}")`) or into the key (a key type
+/// `(TenantId, UserId)` that displays both), and check permissions after
+/// the load, not inside `fetch`.
+///
 /// The trait is object-safe: `Arc<dyn BatchFetch<Key = K, Value = V, Error = E>>`
 /// is itself a provider.
+///
+/// [`Cache`]: crate::Cache
 ///
 /// ```
 /// use std::collections::HashMap;

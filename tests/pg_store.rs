@@ -1155,3 +1155,100 @@ async fn a_lease_outlives_a_rate_limit_wait_longer_than_itself() {
     assert!(other.stats().lease_waits >= 1, "the other instance waited");
     db.cleanup().await;
 }
+
+/// A provider whose answer depends on the tenant: safe to cache only with
+/// the tenant in the namespace.
+#[derive(Clone)]
+struct TenantUsers {
+    tenant: &'static str,
+    namespace: String,
+}
+
+impl TenantUsers {
+    fn new(tenant: &'static str, tag: &str) -> Self {
+        TenantUsers {
+            tenant,
+            namespace: format!("users/{tag}/{tenant}"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl loadlock::BatchFetch for TenantUsers {
+    type Key = u64;
+    type Value = String;
+    type Error = std::io::Error;
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, String>, std::io::Error> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(keys
+            .iter()
+            .map(|&id| (id, format!("{}'s user {id}", self.tenant)))
+            .collect())
+    }
+}
+
+/// Two tenants loading the same ids at once, through one shared store (and
+/// two instances each): every load sees its own tenant's value, never the
+/// other's, on both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_with_a_namespace_each_never_see_each_other() {
+    let db = TestDb::new("tenants").await;
+    let pg = db.store(LockMode::PerKey).await;
+    let memory = loadlock::MemoryStore::new();
+    for (tag, stores) in [
+        (
+            "pg",
+            [pg.clone(), db.store(LockMode::PerKey).await]
+                .map(|s| Arc::new(s) as Arc<dyn loadlock::Store<TenantUsers>>),
+        ),
+        (
+            "memory",
+            [memory.clone(), memory.clone()]
+                .map(|s| Arc::new(s) as Arc<dyn loadlock::Store<TenantUsers>>),
+        ),
+    ] {
+        let mut caches = Vec::new();
+        for tenant in ["acme", "globex"] {
+            for store in &stores {
+                caches.push((
+                    tenant,
+                    Cache::builder(TenantUsers::new(tenant, tag))
+                        .store(Arc::clone(store))
+                        .build()
+                        .unwrap(),
+                ));
+            }
+        }
+        let loads = caches.iter().flat_map(|(tenant, cache)| {
+            (0..8).map(move |_| async move {
+                let got = cache.loader().load_many(1..=20).await.unwrap();
+                for id in 1..=20u64 {
+                    assert_eq!(got[&id], format!("{tenant}'s user {id}"), "{tag}");
+                }
+            })
+        });
+        join_all(loads).await;
+    }
+
+    // What the namespace prevents: with one namespace for both, the second
+    // tenant is handed the first one's value.
+    let mut globex = TenantUsers::new("globex", "shared");
+    globex.namespace = TenantUsers::new("acme", "shared").namespace;
+    let acme = Cache::builder(TenantUsers::new("acme", "shared"))
+        .store(pg.clone())
+        .build()
+        .unwrap();
+    let globex = Cache::builder(globex).store(pg).build().unwrap();
+    acme.loader().load(1).await.unwrap();
+    assert_eq!(
+        globex.loader().load(1).await.unwrap().as_deref(),
+        Some("acme's user 1"),
+        "a namespace shared by tenants leaks"
+    );
+    db.cleanup().await;
+}
