@@ -100,7 +100,7 @@ impl<V> Filled<V> {
 pub trait Store<F: BatchFetch>: Send + Sync + 'static {
     /// Checks a key's `Display` form before it is loaded: a key this store
     /// cannot keep fails its own loads with
-    /// [`Error::InvalidKey`](crate::Error::InvalidKey) and never reaches
+    /// [`Error::InvalidKey`] and never reaches
     /// [`get`](Store::get) or [`fill`](Store::fill), so it cannot fail the
     /// other keys of its batch. The default accepts every key.
     ///
