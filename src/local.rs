@@ -9,13 +9,37 @@ use tokio::sync::broadcast;
 
 use crate::{Entry, Invalidation, StoreEvent};
 
+/// How many groups the keys' invalidation marks are kept in: an
+/// invalidation discards the inserts in flight of its keys' groups only.
+const SHARDS: usize = 256;
+
+/// The shard of a key's text: FNV-1a, the same in every process.
+fn shard_of(key: &str) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    usize::try_from(hash % SHARDS as u64).unwrap_or(0)
+}
+
 /// Entries by key text (`None` is a negative entry), each with the time it
 /// stops being fresh in the store.
+///
+/// An entry read from the store before an invalidation of its key is never
+/// inserted after it: every invalidation heard takes the next number of
+/// `epoch` and marks its keys' shards with it (a flush marks all of them);
+/// a batch notes `epoch` before it reads, and its insert of a key is
+/// dropped when the key's shard was marked since. An invalidation thus
+/// costs the inserts in flight of about `keys / SHARDS` of the keys, not
+/// all of them.
 pub(crate) struct LocalTier<V> {
     entries: moka::sync::Cache<String, (Option<Entry<V>>, SystemTime)>,
-    /// Bumped by every invalidation this tier hears of: an entry read from
-    /// the store before an invalidation is not inserted after it.
+    /// The number of the last invalidation heard.
     epoch: AtomicU64,
+    /// Per shard, the number of the last invalidation of a key in it.
+    marks: Box<[AtomicU64]>,
+    /// The number of the last flush (every shard marked).
+    flushed: AtomicU64,
 }
 
 impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
@@ -26,7 +50,19 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
                 .time_to_live(ttl)
                 .build(),
             epoch: AtomicU64::new(0),
+            marks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            flushed: AtomicU64::new(0),
         }
+    }
+
+    fn mark_of(&self, key: &str) -> &AtomicU64 {
+        &self.marks[shard_of(key)]
+    }
+
+    /// Whether `key` was invalidated (or everything flushed) since `epoch`.
+    fn invalidated_since(&self, epoch: u64, key: &str) -> bool {
+        self.flushed.load(Ordering::Acquire) > epoch
+            || self.mark_of(key).load(Ordering::Acquire) > epoch
     }
 
     /// A fresh entry (the store's expiry is honoured too).
@@ -41,9 +77,10 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Keeps `entry` (fresh until `expires_at`) unless an invalidation was
-    /// heard since `epoch`. Checked again after inserting, so an eviction
-    /// racing the insert never leaves the entry behind.
+    /// Keeps `entry` (fresh until `expires_at`) unless an invalidation of
+    /// its key's shard was heard since `epoch`. Checked again after
+    /// inserting, so an eviction racing the insert never leaves the entry
+    /// behind.
     pub(crate) fn insert(
         &self,
         epoch: u64,
@@ -51,24 +88,28 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
         entry: Option<Entry<V>>,
         expires_at: SystemTime,
     ) {
-        if self.epoch() != epoch {
+        if self.invalidated_since(epoch, &key) {
             return;
         }
         self.entries.insert(key.clone(), (entry, expires_at));
-        if self.epoch() != epoch {
+        if self.invalidated_since(epoch, &key) {
             self.entries.invalidate(&key);
         }
     }
 
+    /// Drops `keys`, and the inserts in flight of their shards.
     pub(crate) fn evict(&self, keys: &[String]) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let number = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         for key in keys {
+            self.mark_of(key).fetch_max(number, Ordering::AcqRel);
             self.entries.invalidate(key);
         }
     }
 
+    /// Drops everything, and every insert in flight.
     pub(crate) fn flush(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let number = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flushed.fetch_max(number, Ordering::AcqRel);
         self.entries.invalidate_all();
     }
 
@@ -104,5 +145,47 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalidation_drops_only_the_inserts_of_its_keys_shards() {
+        let tier: LocalTier<u64> = LocalTier::new(100, Duration::from_secs(60));
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert_ne!(
+            shard_of("1"),
+            shard_of("2"),
+            "the integration test relies on it"
+        );
+        let epoch = tier.epoch();
+        tier.evict(&["2".to_string()]);
+        tier.insert(
+            epoch,
+            "1".into(),
+            Some(Entry::new(1, 1, later, later)),
+            later,
+        );
+        tier.insert(
+            epoch,
+            "2".into(),
+            Some(Entry::new(2, 1, later, later)),
+            later,
+        );
+        assert!(tier.get("1").is_some(), "another shard's insert is kept");
+        assert!(
+            tier.get("2").is_none(),
+            "an insert read before its key's invalidation is dropped"
+        );
+        let epoch = tier.epoch();
+        tier.flush();
+        tier.insert(epoch, "3".into(), None, later);
+        assert!(
+            tier.get("3").is_none(),
+            "a flush drops every insert in flight"
+        );
     }
 }

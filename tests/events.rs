@@ -276,3 +276,67 @@ async fn a_local_tier_needs_a_store_with_events() {
         .unwrap_err();
     assert!(err.to_string().contains("events"), "{err}");
 }
+
+/// `Versions` whose fetches wait for a permit.
+#[derive(Clone)]
+struct Gated {
+    versions: Versions,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl BatchFetch for Gated {
+    type Key = u64;
+    type Value = u64;
+    type Error = std::convert::Infallible;
+
+    fn namespace(&self) -> &str {
+        "events/gated"
+    }
+
+    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
+        self.gate.acquire().await.unwrap().forget();
+        self.versions.fetch(keys).await
+    }
+}
+
+/// An invalidation of one key does not cost the local tier the inserts in
+/// flight of every other key: a fill of key 1 that read the store before
+/// key 2 was invalidated still lands in the local tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_of_other_keys_keeps_a_local_insert() {
+    let store = MemoryStore::new();
+    let provider = Gated {
+        versions: Versions::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let a = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let b = Cache::builder(provider.clone())
+        .store(store.clone())
+        .local_tier(100, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut events = Box::pin(b.invalidations());
+    let loading = tokio::spawn({
+        let b = b.clone();
+        async move { b.loader().load(1).await }
+    });
+    while *provider.versions.calls.lock().unwrap() == 0 && b.stats().batches == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.invalidate([2]).await.unwrap();
+    assert_eq!(
+        events.next().await,
+        Some(Invalidation::Keys(vec!["2".into()]))
+    );
+    // The tier's own follower has heard it too.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    provider.gate.add_permits(1);
+    assert_eq!(loading.await.unwrap().unwrap(), Some(1));
+    assert_eq!(b.loader().load(1).await.unwrap(), Some(1));
+    assert_eq!(b.stats().local_hits, 1, "{:?}", b.stats());
+}
