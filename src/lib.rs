@@ -119,6 +119,8 @@ mod provider;
 mod retry;
 mod stats;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use cache::{
     Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL,

@@ -1,53 +1,12 @@
-//! The store conformance suite, run against `MemoryStore`, plus its own TTL
-//! behaviour under paused time.
+//! `MemoryStore`'s own behaviour (its conformance suite run is in
+//! `conformance.rs`).
 
 mod support;
 
 use std::time::Duration;
 
 use loadlock::{Cache, MemoryStore};
-use support::{conformance, Fake};
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fill_then_hit() {
-    conformance::fill_then_hit(MemoryStore::new(), "mem/fill").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn negative_entries() {
-    conformance::negative_entries(MemoryStore::new(), "mem/neg").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-async fn exactly_once_between_instances() {
-    conformance::exactly_once_between_instances(MemoryStore::new(), "mem/once").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failure_caches_nothing() {
-    conformance::failure_caches_nothing(MemoryStore::new(), "mem/fail").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn namespaces_are_isolated() {
-    conformance::namespaces_are_isolated(MemoryStore::new(), "mem/iso").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn odd_keys_round_trip() {
-    conformance::odd_keys_round_trip(MemoryStore::new(), "mem/odd").await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn entries_expire() {
-    conformance::entries_expire(
-        MemoryStore::new(),
-        "mem/ttl",
-        Duration::from_secs(30),
-        |d| async move { tokio::time::advance(d + Duration::from_millis(1)).await },
-    )
-    .await;
-}
+use support::Fake;
 
 /// Negative entries have their own TTL: no second call within it, one after.
 #[tokio::test(start_paused = true)]

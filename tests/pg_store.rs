@@ -1,5 +1,6 @@
-//! PgStore against a real PostgreSQL: the conformance suite, the protocol
-//! (locks, re-read, timeouts, round trips), migration, bad input.
+//! PgStore against a real PostgreSQL: the protocol (locks, re-read,
+//! timeouts, round trips), migration, bad input (its conformance suite run
+//! is in `conformance.rs`).
 
 mod support;
 
@@ -13,50 +14,8 @@ use loadlock::store::lock_id;
 use loadlock::{Cache, Error, FillMode, LockMode, PgStore, Quota, RetryPolicy};
 use sqlx::{Connection, PgConnection};
 use support::pg::TestDb;
-use support::{conformance, value_of, Fake};
+use support::{value_of, Fake};
 use tokio::sync::{Barrier, Semaphore};
-
-macro_rules! conformance_tests {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $name() {
-            let db = TestDb::new(stringify!($name)).await;
-            let store = db.store(LockMode::PerKey).await;
-            conformance::$name(store, concat!("pg/", stringify!($name))).await;
-            db.cleanup().await;
-        }
-    )*};
-}
-
-conformance_tests!(
-    fill_then_hit,
-    negative_entries,
-    exactly_once_between_instances,
-    failure_caches_nothing,
-    namespaces_are_isolated,
-    odd_keys_round_trip,
-);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_expire() {
-    let db = TestDb::new("expire").await;
-    let store = db.store(LockMode::PerKey).await;
-    // Expiry is computed by the database clock: real time passes here.
-    conformance::entries_expire(store, "pg/expire", Duration::from_secs(2), |d| async move {
-        tokio::time::sleep(d + Duration::from_millis(50)).await
-    })
-    .await;
-    db.cleanup().await;
-}
-
-/// The conformance suite's exactly-once property holds in namespace mode too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exactly_once_between_instances_namespace_mode() {
-    let db = TestDb::new("once_ns").await;
-    let store = db.store(LockMode::Namespace).await;
-    conformance::exactly_once_between_instances(store, "pg/once_ns").await;
-    db.cleanup().await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrate_applies_once() {

@@ -91,6 +91,40 @@ impl<V> Filled<V> {
 /// and may be shared by several caches, whose entries are kept apart by
 /// namespace.
 ///
+/// # Obligations
+///
+/// The cache's guarantees hold only if the store keeps these; the
+/// `testing` feature's `loadlock::testing::check_store` checks what can be
+/// seen from outside.
+///
+/// * **Exactly once.** [`fill`](Store::fill) calls [`Fill::fetch`] only for
+///   keys that are missing *under their lock or lease*: re-read after
+///   taking it, and never fetch a key another holder is filling (wait for
+///   its result, then read it).
+/// * **Nothing stale written, nothing stale served.**
+///   [`invalidate`](Store::invalidate) (and `write_locked`,
+///   `put_if_version`, `invalidate_namespace`) serializes with fills of the
+///   same keys and revokes the ones in progress: a fill that fetched before
+///   the invalidation must not write its value after it. Once `invalidate`
+///   returns, no [`get`](Store::get) returns the old entry, not even as
+///   [`Lookup::Stale`].
+/// * **Leave before visible.** Call [`Fill::about_to_commit`] for keys
+///   right before their writes (or the values a re-read found) become
+///   visible to others. Without it, loads of this process keep joining the
+///   fill, and a load that starts after an invalidation returned may
+///   receive a value read before it: the invalidation guarantee silently
+///   weakens. No black-box check can see this; keep it.
+/// * **Failures scoped.** Write nothing of a failed [`Fill::fetch`]. A fill
+///   that fails after writing some keys answers those and marks the rest
+///   [`Filled::Failed`]. Refuse keys the store cannot keep with
+///   [`check_key`](Store::check_key), so they never fail a batch.
+/// * **Bounded.** A shared store bounds how long a fill may hold keys
+///   ([`fill_time_limit`](Store::fill_time_limit)); a holder that died must
+///   not hold them for ever.
+/// * **Events.** A store whose entries other processes can invalidate
+///   announces every invalidation through [`subscribe`](Store::subscribe)
+///   (a process-local tier relies on it to evict).
+///
 /// # Cancel safety
 ///
 /// Both methods may be dropped at any await point (a batch whose runtime

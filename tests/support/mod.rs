@@ -1,7 +1,6 @@
 //! Shared by the integration tests: a provider fake that counts everything.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod conformance;
 pub mod pg;
 
 use std::collections::{HashMap, HashSet};
