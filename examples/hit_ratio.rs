@@ -439,11 +439,9 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
                     })
                     .store(store)
                     .ttl(Duration::from_secs(3600))
-                    .retry(
-                        RetryPolicy::default()
-                            .with_max_attempts(std::num::NonZeroU32::new(10).expect("non-zero"))
-                            .with_max_retry_after(Duration::from_secs(5)),
-                    )
+                    // Rate-limited answers are waited out (to the policy's
+                    // deadline) without spending attempts.
+                    .retry(RetryPolicy::default().with_max_retry_after(Duration::from_secs(5)))
                     .provider_timeout(Duration::from_secs(5))
                     .build()
                     .expect("cache"),

@@ -776,15 +776,18 @@ impl<F: BatchFetch> CacheBuilder<F> {
             },
         );
         if let Some(bound) = store.fill_time_limit() {
-            // One call: every attempt may time out, and every retry may wait.
-            let worst = provider.worst_case(max_batch_size);
+            // One call: every attempt may time out, every retry may wait,
+            // and rate-limited answers may be waited out to the deadline.
+            let worst = provider.worst_case_throttled(max_batch_size);
             if worst >= bound {
                 return Err(Error::config(format!(
                     "a provider call with its retries may take {worst:?} (provider_timeout {:?} x {} \
-                     attempts, plus waits), not shorter than the store's bound on a fill ({bound:?}): \
-                     lower the provider timeout or attempts, or raise the store's bound",
+                     attempts, plus backoffs, plus the rate-limit deadline {:?}), not shorter than \
+                     the store's bound on a fill ({bound:?}): lower the provider timeout, attempts \
+                     or rate-limit deadline, or raise the store's bound",
                     self.provider_timeout,
-                    self.retry.max_attempts()
+                    self.retry.max_attempts(),
+                    self.retry.rate_limit_deadline()
                 )));
             }
         }

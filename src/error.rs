@@ -44,7 +44,7 @@ pub enum Error {
     },
 
     /// The provider asked to back off for longer than the retry policy's
-    /// `max_retry_after`, or kept throttling until the attempts ran out.
+    /// `max_retry_after`, or kept throttling past its rate-limit deadline.
     /// Nothing was cached; try again after `retry_after`.
     #[error("provider `{namespace}` is rate limited; retry after {retry_after:?}")]
     RateLimited {

@@ -137,12 +137,14 @@ pub trait BatchFetch: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorClass {
-    /// The provider is throttling: retry after `retry_after` (its
-    /// `Retry-After`), or after an exponential backoff when it gave none. A
-    /// delay above the policy's
-    /// [`max_retry_after`](crate::RetryPolicy::with_max_retry_after) fails the
-    /// load with [`Error::RateLimited`](crate::Error::RateLimited). With a
-    /// fleet-wide limit, every instance pauses until then.
+    /// The provider is throttling: not a failed attempt; the call is tried
+    /// again after `retry_after` (its `Retry-After`), or after an
+    /// exponential backoff when it gave none, for as long as the policy's
+    /// [`rate_limit_deadline`](crate::RetryPolicy::with_rate_limit_deadline)
+    /// allows. Past it, or when one delay exceeds
+    /// [`max_retry_after`](crate::RetryPolicy::with_max_retry_after), the
+    /// load fails with [`Error::RateLimited`](crate::Error::RateLimited).
+    /// With a fleet-wide limit, every instance pauses until then.
     RateLimited {
         /// How long the provider asked to wait, if it said.
         retry_after: Option<Duration>,

@@ -77,10 +77,28 @@ impl<F: BatchFetch> ProviderCaller<F> {
             .await
     }
 
-    /// The longest fetching `keys` keys may take, rate-limit waits aside:
-    /// its calls in sequence (`chunk_concurrency` at a time), each with
-    /// every attempt at the timeout and every retry wait.
+    /// The longest fetching `keys` keys may take, rate-limited waits aside
+    /// (a store that leases keys renews its leases across them): its calls
+    /// in sequence (`chunk_concurrency` at a time), each with every attempt
+    /// at the timeout and every backoff after a transient failure.
     pub(crate) fn worst_case(&self, keys: usize) -> Duration {
+        self.worst_case_of(keys, Duration::ZERO)
+    }
+
+    /// [`worst_case`](Self::worst_case) with every call also waiting out
+    /// rate-limited answers up to the retry policy's deadline (and making
+    /// the call that ends them): what a store that holds locks across the
+    /// fetch must allow for.
+    pub(crate) fn worst_case_throttled(&self, keys: usize) -> Duration {
+        let retry = &self.policy.retry;
+        let throttled = retry
+            .rate_limit_deadline()
+            .checked_add(self.policy.timeout)
+            .unwrap_or(Duration::MAX);
+        self.worst_case_of(keys, throttled)
+    }
+
+    fn worst_case_of(&self, keys: usize, throttled: Duration) -> Duration {
         let calls = keys.div_ceil(self.max_batch_size).max(1);
         let rounds = calls.div_ceil(self.policy.chunk_concurrency.max(1));
         let retry = &self.policy.retry;
@@ -89,6 +107,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
             .timeout
             .checked_mul(retry.max_attempts().get())
             .and_then(|calls| calls.checked_add(retry.worst_case_waits()))
+            .and_then(|call| call.checked_add(throttled))
             .unwrap_or(Duration::MAX);
         per_call
             .checked_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
@@ -128,6 +147,8 @@ impl<F: BatchFetch> ProviderCaller<F> {
         let policy = &self.policy;
         let mut backoff = policy.retry.backoff();
         let mut attempt = 1;
+        // When the first rate-limited answer of this call came.
+        let mut throttled_since: Option<tokio::time::Instant> = None;
         loop {
             policy
                 .limiter
@@ -137,15 +158,16 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 Ok(values) => return Ok(values),
                 Err(failure) => failure,
             };
-            let last = attempt >= policy.retry.max_attempts().get();
             let delay = match failure {
                 Failure::Fail(err) => return Err(err),
                 Failure::Retry(err) => {
-                    if last {
+                    if attempt >= policy.retry.max_attempts().get() {
                         return Err(err);
                     }
+                    attempt += 1;
                     backoff.next().unwrap_or_default()
                 }
+                // Not a failed attempt: waited out, within the deadline.
                 Failure::RateLimited { after, err } => {
                     let delay = after.or_else(|| backoff.next()).unwrap_or_default();
                     let rate_limited = Error::RateLimited {
@@ -157,9 +179,12 @@ impl<F: BatchFetch> ProviderCaller<F> {
                             "provider asked to back off longer than max_retry_after");
                         return Err(rate_limited);
                     }
+                    // Every instance pauses, also when this one gives up.
                     policy.limiter.pause_fleet(&self.namespace, delay).await?;
-                    if last {
-                        tracing::debug!(namespace = %self.namespace, error = %err, "still rate limited after the last attempt");
+                    let since = *throttled_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed().saturating_add(delay) > policy.retry.rate_limit_deadline() {
+                        tracing::debug!(namespace = %self.namespace, error = %err,
+                            "still rate limited at the rate-limit deadline");
                         return Err(rate_limited);
                     }
                     Counters::add(&counters.rate_limited_waits, 1);
@@ -174,7 +199,6 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 "retrying provider call"
             );
             tokio::time::sleep(delay).await;
-            attempt += 1;
         }
     }
 

@@ -180,19 +180,57 @@ async fn transient_errors_back_off_exponentially() {
     assert_eq!(cache.stats().provider_retries, 3);
 }
 
+/// Rate-limited answers are not failed attempts: they are waited out (the
+/// backoff, without a `Retry-After`) until the rate-limit deadline, and only
+/// then does the load fail, with `Error::RateLimited`.
 #[tokio::test(start_paused = true)]
-async fn rate_limited_without_retry_after_backs_off_and_then_fails() {
+async fn rate_limited_without_retry_after_backs_off_until_the_deadline() {
     let provider = Scripted::new(usize::MAX, ErrorClass::RateLimited { retry_after: None });
     let cache = Cache::builder(provider.clone())
-        .retry(RetryPolicy::default().with_max_attempts(n(3)))
+        .retry(
+            RetryPolicy::default()
+                .with_max_attempts(n(3))
+                .with_backoff(Duration::from_millis(100), Duration::from_secs(10))
+                .with_jitter(false)
+                .with_rate_limit_deadline(Duration::from_secs(2)),
+        )
         .build()
         .unwrap();
+    let origin = Instant::now();
     let err = cache.loader().load(1).await.unwrap_err();
     assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
-    assert_eq!(provider.started.lock().unwrap().len(), 3);
+    // Waits of 100, 200, 400 and 800 ms fit in 2 s; the next, 1.6 s, not.
+    let times = provider.call_times(origin);
+    assert_eq!(times.len(), 5, "more calls than attempts: {times:?}");
+    assert!(
+        origin.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        origin.elapsed()
+    );
+    assert_eq!(cache.stats().rate_limited_waits, 4);
     // Nothing cached.
     provider.fail.store(0, Ordering::SeqCst);
     assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+}
+
+/// A provider that asks for short waits many times over is waited out,
+/// however few attempts the policy allows for failures.
+#[tokio::test(start_paused = true)]
+async fn short_retry_afters_are_waited_out_beyond_the_attempts() {
+    let provider = Scripted::new(
+        6,
+        ErrorClass::RateLimited {
+            retry_after: Some(Duration::from_millis(4)),
+        },
+    );
+    let cache = Cache::builder(provider.clone())
+        .retry(RetryPolicy::default().with_max_attempts(n(2)))
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
+    assert_eq!(provider.started.lock().unwrap().len(), 7);
+    assert_eq!(cache.stats().rate_limited_waits, 6);
+    assert_eq!(cache.stats().provider_retries, 6);
 }
 
 #[tokio::test(start_paused = true)]

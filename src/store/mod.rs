@@ -384,10 +384,12 @@ impl<F: BatchFetch> Fill<'_, F> {
     /// The longest [`fetch`](Self::fetch) of `keys` keys may take: its
     /// calls one after another (as many at a time as the cache's chunk
     /// concurrency), each with every attempt at the provider timeout and
-    /// every retry wait, `Retry-After` waits included. Waits for the rate
-    /// limiter's budget are not included: they have no bound of their own.
-    /// A store that leases keys for a fetch leases them at least this long,
-    /// and renews its leases while the fetch runs past that.
+    /// every backoff after a transient failure. Waits for the rate limiter's
+    /// budget and for rate-limited answers are not included (the latter are
+    /// bounded by the retry policy's rate-limit deadline, which the cache's
+    /// build checks against [`Store::fill_time_limit`]). A store that
+    /// leases keys for a fetch leases them at least this long, and renews
+    /// its leases while the fetch runs past that.
     pub fn fetch_bound(&self, keys: usize) -> Duration {
         self.provider.worst_case(keys)
     }
