@@ -11,8 +11,8 @@ use crate::provider::{CallPolicy, ProviderCaller};
 use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
 use crate::{
-    BatchFetch, Entry, Error, Invalidation, Loader, MemoryStore, Quota, RetryPolicy, Stats, Store,
-    WriteError,
+    BatchFetch, Entry, Error, Invalidation, Invalidations, Loader, MemoryStore, Quota, RetryPolicy,
+    Stats, Store, WriteError,
 };
 
 /// The default time a value stays fresh: 5 minutes.
@@ -332,10 +332,11 @@ impl<F: BatchFetch> Cache<F> {
     /// Events are delivered after the invalidating transaction committed,
     /// typically within milliseconds; they are a notification, not the
     /// guarantee: [`invalidate`](Self::invalidate) itself is what makes
-    /// later loads fresh.
-    pub fn invalidations(&self) -> impl futures::Stream<Item = Invalidation> + Send + 'static {
+    /// later loads fresh. The stream is `Unpin`; see [`Invalidations`] for
+    /// what a subscriber that lags behind sees.
+    pub fn invalidations(&self) -> Invalidations {
         let namespace: Arc<str> = self.inner.provider.namespace().clone();
-        futures::stream::unfold(self.inner.store.subscribe(), move |receiver| {
+        let events = futures::stream::unfold(self.inner.store.subscribe(), move |receiver| {
             let namespace = namespace.clone();
             async move {
                 let mut receiver = receiver?;
@@ -352,7 +353,8 @@ impl<F: BatchFetch> Cache<F> {
                     }
                 }
             }
-        })
+        });
+        Invalidations::new(Box::pin(events))
     }
 
     /// The number of entries in the process-local tier (0 without one).

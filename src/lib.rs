@@ -128,7 +128,7 @@ pub use cache::{
 };
 pub use entry::Entry;
 pub use error::{Error, WriteError};
-pub use events::{Invalidation, StoreEvent};
+pub use events::{Invalidation, Invalidations, StoreEvent};
 pub use fetch::{BatchFetch, ErrorClass};
 #[cfg(feature = "http")]
 pub use http::{HttpBatchProvider, HttpError};
@@ -183,6 +183,13 @@ mod static_checks {
         is_send_sync_clone::<Loader<P>>();
         is_send_sync_clone::<MemoryStore>();
         is_send_sync_clone::<Error>();
+    }
+
+    fn is_send_unpin<T: Send + Unpin + futures::Stream>() {}
+
+    #[test]
+    fn the_event_stream_is_send_and_unpin() {
+        is_send_unpin::<Invalidations>();
     }
 
     #[test]

@@ -96,7 +96,7 @@ async fn an_invalidation_evicts_other_instances_local_tiers() {
         .local_tier(1000, Duration::from_secs(60))
         .build()
         .unwrap();
-    let mut events = Box::pin(b.invalidations());
+    let mut events = b.invalidations();
     wait_for_listener(&db.url, &b_store).await;
     // The listener announces that it is listening (anything cached before
     // may have missed events) with Missed; let the local tier see it first.
@@ -165,7 +165,7 @@ async fn ten_thousand_invalidated_keys_are_all_announced() {
         .store(b_store.clone())
         .build()
         .unwrap();
-    let mut events = Box::pin(b.invalidations());
+    let mut events = b.invalidations();
     wait_for_listener(&db.url, &b_store).await;
 
     let keys: Vec<u64> = (0..10_000).collect();
@@ -210,7 +210,7 @@ async fn memory_store_events_are_in_process() {
         .local_tier(100, Duration::from_secs(60))
         .build()
         .unwrap();
-    let mut events = Box::pin(b.invalidations());
+    let mut events = b.invalidations();
     assert_eq!(b.loader().load(1).await.unwrap(), Some(1));
     assert_eq!(b.loader().load(1).await.unwrap(), Some(1));
     assert_eq!(b.stats().local_hits, 1);
@@ -319,7 +319,7 @@ async fn an_invalidation_of_other_keys_keeps_a_local_insert() {
         .local_tier(100, Duration::from_secs(60))
         .build()
         .unwrap();
-    let mut events = Box::pin(b.invalidations());
+    let mut events = b.invalidations();
     let loading = tokio::spawn({
         let b = b.clone();
         async move { b.loader().load(1).await }
@@ -339,4 +339,35 @@ async fn an_invalidation_of_other_keys_keeps_a_local_insert() {
     assert_eq!(loading.await.unwrap().unwrap(), Some(1));
     assert_eq!(b.loader().load(1).await.unwrap(), Some(1));
     assert_eq!(b.stats().local_hits, 1, "{:?}", b.stats());
+}
+
+/// A subscriber that falls further behind than the store's event buffer
+/// is told once with `Missed`, then goes on with the newest events; the
+/// stream needs no pinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_subscriber_is_told_it_missed_events() {
+    let store = MemoryStore::new();
+    let cache = Cache::builder(Versions::default())
+        .store(store)
+        .build()
+        .unwrap();
+    let mut events = cache.invalidations();
+    for key in 0..1100u64 {
+        cache.invalidate([key]).await.unwrap();
+    }
+    assert_eq!(events.next().await, Some(Invalidation::Missed));
+    // Then the newest events still held, in order.
+    let next = events.next().await;
+    assert!(
+        matches!(&next, Some(Invalidation::Keys(keys)) if keys[0].parse::<u64>().unwrap() >= 76),
+        "{next:?}"
+    );
+    cache.invalidate([5000]).await.unwrap();
+    let mut last = None;
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(100), events.next()).await
+    {
+        last = Some(event);
+    }
+    assert_eq!(last, Some(Invalidation::Keys(vec!["5000".into()])));
 }

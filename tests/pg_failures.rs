@@ -290,7 +290,7 @@ async fn the_server_restarts_mid_run() {
         .store(store.clone())
         .build()
         .unwrap();
-    let mut events = Box::pin(cache.invalidations());
+    let mut events = cache.invalidations();
     cache.loader().load_many(0..5).await.unwrap();
     // Listening: an invalidation comes back as an event.
     cache.invalidate([1]).await.unwrap();
