@@ -112,3 +112,54 @@ async fn a_failed_fill_releases_its_leases_at_once() {
     assert_eq!(loaded, Some(support::value_of(&1)));
     assert_eq!(healthy.keys_fetched(), 1);
 }
+
+/// A fill that fails in a later round fails only the keys of that round:
+/// what it published before is answered. Here the fill of 2 and 3 publishes
+/// 3, waits for 2 (leased by another fill, which fails and releases it),
+/// claims 2, and its own call for 2 fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_failing_in_a_later_round_keeps_what_it_published() {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let provider = Fake::<u64>::builder("mem/later-round")
+        .gate(gate.clone())
+        .build();
+    let store = MemoryStore::new();
+    let a = Cache::builder(provider.clone())
+        .store(store.clone())
+        .retry(loadlock::RetryPolicy::none())
+        .build()
+        .unwrap();
+    let b = Cache::builder(provider.clone())
+        .store(store)
+        .retry(loadlock::RetryPolicy::none())
+        .build()
+        .unwrap();
+    let calls = |n: usize| {
+        let provider = provider.clone();
+        async move {
+            while provider.call_count() < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    let first = tokio::spawn(async move { a.loader().load_many([1, 2]).await });
+    calls(1).await;
+    let second = tokio::spawn(async move {
+        let loader = b.loader();
+        tokio::join!(loader.load(2), loader.load(3))
+    });
+    calls(2).await;
+    // The first fill fails and releases 1 and 2.
+    provider.fail_next(1);
+    gate.add_permits(1);
+    assert!(first.await.unwrap().is_err());
+    // The second fill's call for 3 answers; it then claims 2, and fails.
+    gate.add_permits(1);
+    calls(3).await;
+    provider.fail_next(1);
+    gate.add_permits(1);
+    let (two, three) = second.await.unwrap();
+    assert_eq!(provider.calls(), vec![vec![1, 2], vec![3], vec![2]]);
+    assert_eq!(three.unwrap(), Some(support::value_of(&3)));
+    assert!(two.unwrap_err().is_provider());
+}
