@@ -1,100 +1,24 @@
-//! One batch window of a loader: collection, dispatch through the in-flight
-//! table, and settlement of every caller.
+//! One batch of a loader's window: dispatch through the in-flight table,
+//! and settlement of every caller.
 //!
-//! The first key a loader is asked for (while its window is empty) spawns a
-//! task that sleeps for the batch window, takes every key collected meanwhile
-//! and runs them as one batch. Keys another loader is already loading are
-//! joined; the rest are led by this batch: read from the store, filled from
-//! the provider, and handed to every waiter.
+//! The loader collects the keys (see `loader`) and hands them here as one
+//! batch. Keys another loader is already loading are joined; the rest are
+//! led by this batch: read from the store, filled from the provider, and
+//! handed to every waiter. This module knows nothing of loaders.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::join_all;
-use tracing::field::Empty;
-use tracing::Instrument;
 
 use crate::cache::{CacheInner, Tally};
-use crate::inflight::{Claim, FailUnfinished, Lease};
-use crate::loader::{Batch, LoaderShared, Taken};
+use crate::inflight::{Claim, FailUnfinished, Flight, Lease};
 use crate::stats::Counters;
 use crate::store::Lookup;
 use crate::{BatchFetch, Entry, Error};
 
-/// Starts the batch window of `loader` on a task of its own, in the caller's
-/// tracing span.
-pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
-    let window = loader.cache.config.batch_window;
-    let parent = tracing::Span::current();
-    let mut pending = PendingGuard {
-        loader,
-        taken: false,
-    };
-    tokio::spawn(async move {
-        if !window.is_zero() {
-            tokio::time::sleep(window).await;
-        }
-        let (batch, followers) = pending.take();
-        if batch.is_empty() {
-            return;
-        }
-        let cache = &pending.loader.cache;
-        let span = tracing::debug_span!(
-            parent: &parent,
-            "loadlock.batch",
-            namespace = %cache.provider.namespace(),
-            keys = batch.len(),
-            coalesced = Empty,
-            store_hits = Empty,
-            negative_hits = Empty,
-            fetched = Empty,
-            duration_ms = Empty,
-        );
-        let follow = async {
-            let _unfinished =
-                FailUnfinished(followers.iter().map(|(mine, _)| Arc::clone(mine)).collect());
-            join_all(
-                followers
-                    .iter()
-                    .map(|(mine, first)| async move { mine.complete(first.wait().await) }),
-            )
-            .await
-        };
-        futures::join!(
-            crate::handoff::scope(run(cache, batch).instrument(span)),
-            follow
-        );
-    });
-}
-
-/// Until the window's keys are taken, dropping the window task (a runtime
-/// shutting down) fails them instead of leaving their callers waiting.
-struct PendingGuard<F: BatchFetch> {
-    loader: Arc<LoaderShared<F>>,
-    taken: bool,
-}
-
-impl<F: BatchFetch> PendingGuard<F> {
-    fn take(&mut self) -> Taken<F::Key, Entry<F::Value>> {
-        self.taken = true;
-        self.loader.take_batch()
-    }
-}
-
-impl<F: BatchFetch> Drop for PendingGuard<F> {
-    fn drop(&mut self) {
-        if !self.taken {
-            let (batch, followers) = self.loader.take_batch();
-            for flight in batch
-                .into_iter()
-                .map(|(_, f)| f)
-                .chain(followers.into_iter().map(|(f, _)| f))
-            {
-                flight.complete(Err(Error::Closed));
-            }
-        }
-    }
-}
+/// A batch: its keys (with their flights) in first-asked order, each once.
+pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
 
 /// Runs one batch to the end: every flight of it is completed when this
 /// returns or is dropped, and every key it led has left the in-flight table.
@@ -106,7 +30,10 @@ impl<F: BatchFetch> Drop for PendingGuard<F> {
 /// whatever it receives was still the store's newest when it joined, and a
 /// load that starts after an invalidation returned never receives a value
 /// read before it.
-async fn run<F: BatchFetch>(cache: &Arc<CacheInner<F>>, batch: Batch<F::Key, Entry<F::Value>>) {
+pub(crate) async fn run<F: BatchFetch>(
+    cache: &Arc<CacheInner<F>>,
+    batch: Batch<F::Key, Entry<F::Value>>,
+) {
     let started = Instant::now();
     Counters::add(&cache.counters.batches, 1);
     let _unfinished = FailUnfinished(batch.iter().map(|(_, f)| Arc::clone(f)).collect());

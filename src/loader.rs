@@ -1,13 +1,20 @@
-//! [`Loader`]: the per-request handle and its memo (tier 0).
+//! [`Loader`]: the per-request handle, its memo (tier 0), and its batch
+//! window: the first key a loader is asked for (while its window is empty)
+//! spawns a task that sleeps for the window, takes every key collected
+//! meanwhile and runs them as one batch (`batch`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::mem;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::batch;
+use futures::future::join_all;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use crate::batch::{self, Batch};
 use crate::cache::CacheInner;
-use crate::inflight::{Flight, Waiter};
+use crate::inflight::{FailUnfinished, Flight, Waiter};
 use crate::stats::Counters;
 use crate::{BatchFetch, Entry, Error};
 
@@ -46,10 +53,6 @@ struct LoaderState<K, V> {
 
 /// A caller's claim on one key's answer.
 type EntryWaiter<F> = Waiter<Entry<<F as BatchFetch>::Value>>;
-
-/// A batch taken from a loader: its keys (with their flights) in first-asked
-/// order, each once.
-pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
 
 /// The flights of keys a window held twice (cleared and loaded again while
 /// pending), each with the flight of the same key the batch loads.
@@ -243,7 +246,7 @@ impl<F: BatchFetch> LoaderShared<F> {
         Counters::add(&counters.loads, waiters.len());
         Counters::add(&counters.memo_hits, memo_hits);
         if start_window {
-            batch::spawn_window(Arc::clone(self));
+            spawn_window(Arc::clone(self));
         }
         waiters
     }
@@ -285,5 +288,80 @@ impl<F: BatchFetch> LoaderShared<F> {
             flight.complete(Err(Error::Closed));
         }
         (batch, followers)
+    }
+}
+
+/// Starts the batch window of `loader` on a task of its own, in the caller's
+/// tracing span.
+pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
+    let window = loader.cache.config.batch_window;
+    let parent = tracing::Span::current();
+    let mut pending = PendingGuard {
+        loader,
+        taken: false,
+    };
+    tokio::spawn(async move {
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        let (batch, followers) = pending.take();
+        if batch.is_empty() {
+            return;
+        }
+        let cache = &pending.loader.cache;
+        let span = tracing::debug_span!(
+            parent: &parent,
+            "loadlock.batch",
+            namespace = %cache.provider.namespace(),
+            keys = batch.len(),
+            coalesced = Empty,
+            store_hits = Empty,
+            negative_hits = Empty,
+            fetched = Empty,
+            duration_ms = Empty,
+        );
+        let follow = async {
+            let _unfinished =
+                FailUnfinished(followers.iter().map(|(mine, _)| Arc::clone(mine)).collect());
+            join_all(
+                followers
+                    .iter()
+                    .map(|(mine, first)| async move { mine.complete(first.wait().await) }),
+            )
+            .await
+        };
+        futures::join!(
+            crate::handoff::scope(batch::run(cache, batch).instrument(span)),
+            follow
+        );
+    });
+}
+
+/// Until the window's keys are taken, dropping the window task (a runtime
+/// shutting down) fails them instead of leaving their callers waiting.
+struct PendingGuard<F: BatchFetch> {
+    loader: Arc<LoaderShared<F>>,
+    taken: bool,
+}
+
+impl<F: BatchFetch> PendingGuard<F> {
+    fn take(&mut self) -> Taken<F::Key, Entry<F::Value>> {
+        self.taken = true;
+        self.loader.take_batch()
+    }
+}
+
+impl<F: BatchFetch> Drop for PendingGuard<F> {
+    fn drop(&mut self) {
+        if !self.taken {
+            let (batch, followers) = self.loader.take_batch();
+            for flight in batch
+                .into_iter()
+                .map(|(_, f)| f)
+                .chain(followers.into_iter().map(|(f, _)| f))
+            {
+                flight.complete(Err(Error::Closed));
+            }
+        }
     }
 }

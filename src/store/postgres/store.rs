@@ -72,6 +72,12 @@ pub enum FillMode {
 /// One store may serve many caches (providers): rows and locks are scoped by
 /// namespace.
 ///
+/// Use a store (and its pool) on one tokio runtime, the one that lives as
+/// long as it: a pooled connection belongs to the runtime that opened it,
+/// and one opened on a runtime that shuts down (a short-lived runtime of a
+/// test, say) fails the statements later run on it. The store's listener
+/// runs on the runtime that first needs it.
+///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
