@@ -48,7 +48,7 @@ pub(crate) async fn run<F: BatchFetch>(
                 .provider
                 .provider()
                 .check_key(&key)
-                .and_then(|()| cache.store.check_key(&key.to_string()));
+                .and_then(|()| cache.store.check_key(&key));
             match refused {
                 Ok(()) => Some((key, flight)),
                 Err(reason) => {

@@ -221,7 +221,7 @@ where
     /// A key whose text contains a comma (the separator of the ids in the
     /// request) is refused: only its own loads fail.
     fn check_key(&self, key: &K) -> Result<(), String> {
-        if key.to_string().contains(',') {
+        if crate::store::displays_char(key, ',') {
             Err("it contains a comma, which separates ids in the request".into())
         } else {
             Ok(())

@@ -15,11 +15,7 @@ const SHARDS: usize = 256;
 
 /// The shard of a key's text: FNV-1a, the same in every process.
 fn shard_of(key: &str) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    usize::try_from(hash % SHARDS as u64).unwrap_or(0)
+    usize::try_from(crate::store::fnv1a64(key.bytes()) % SHARDS as u64).unwrap_or(0)
 }
 
 /// Entries by key text (`None` is a negative entry), each with the time it

@@ -346,17 +346,8 @@ impl MemoryStore {
     ) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
         let mut answers: Vec<Option<Filled<F::Value>>> =
             (0..fill.keys().len()).map(|_| None).collect();
-        match self.fill_rounds(&fill, try_only, &mut answers).await {
-            Ok(true) => Ok(Some(answers.into_iter().flatten().collect())),
-            Ok(false) => Ok(None),
-            Err(err) if !try_only && answers.iter().any(Option::is_some) => Ok(Some(
-                answers
-                    .into_iter()
-                    .map(|answer| answer.unwrap_or_else(|| Filled::Failed(err.clone())))
-                    .collect(),
-            )),
-            Err(err) => Err(err),
-        }
+        let rounds = self.fill_rounds(&fill, try_only, &mut answers).await;
+        super::fill_answers(rounds, answers, try_only)
     }
 
     /// The rounds of a fill, answering into `answers` as keys settle;
@@ -384,10 +375,7 @@ impl MemoryStore {
             let ended = self.inner.lease_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let bound = fill.fetch_bound(pending.len());
-            let lease = bound
-                .saturating_add(bound / 10)
-                .saturating_add(LEASE_MARGIN);
+            let lease = super::lease_covering(fill.fetch_bound(pending.len()), LEASE_MARGIN);
             let Some(claimed) = self
                 .claim::<F>(fill, &entry_keys, &pending, lease, try_only)
                 .await

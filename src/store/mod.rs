@@ -132,16 +132,16 @@ impl<V> Filled<V> {
 /// write nothing half-done.
 #[async_trait::async_trait]
 pub trait Store<F: BatchFetch>: Send + Sync + 'static {
-    /// Checks a key's `Display` form before it is loaded: a key this store
-    /// cannot keep fails its own loads with
-    /// [`Error::InvalidKey`] and never reaches
-    /// [`get`](Store::get) or [`fill`](Store::fill), so it cannot fail the
-    /// other keys of its batch. The default accepts every key.
+    /// Checks a key (by its `Display` form) before it is loaded: a key this
+    /// store cannot keep fails its own loads with [`Error::InvalidKey`] and
+    /// never reaches [`get`](Store::get) or [`fill`](Store::fill), so it
+    /// cannot fail the other keys of its batch. Runs for every key of every
+    /// batch: avoid building the key's text. The default accepts every key.
     ///
     /// # Errors
     ///
     /// Why the key cannot be kept.
-    fn check_key(&self, key: &str) -> Result<(), String> {
+    fn check_key(&self, key: &dyn fmt::Display) -> Result<(), String> {
         let _ = key;
         Ok(())
     }
@@ -261,7 +261,7 @@ pub trait Store<F: BatchFetch>: Send + Sync + 'static {
 
 #[async_trait::async_trait]
 impl<F: BatchFetch, S: Store<F> + ?Sized> Store<F> for Arc<S> {
-    fn check_key(&self, key: &str) -> Result<(), String> {
+    fn check_key(&self, key: &dyn fmt::Display) -> Result<(), String> {
         (**self).check_key(key)
     }
 
@@ -477,20 +477,91 @@ pub fn namespace_lock_id(namespace: &str) -> i64 {
 }
 
 fn fnv1a(namespace: &str, separator: u8, key: &str) -> i64 {
+    let bytes = namespace
+        .bytes()
+        .chain(std::iter::once(separator))
+        .chain(key.bytes());
+    // The bits as Postgres' bigint.
+    fnv1a64(bytes) as i64
+}
+
+/// 64-bit FNV-1a of `bytes`: the same in every process and version, for
+/// ids that instances must agree on (lock ids, event channels) and stable
+/// shards.
+pub(crate) fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    let bytes = namespace
-        .as_bytes()
-        .iter()
-        .chain(std::iter::once(&separator))
-        .chain(key.as_bytes());
-    for &byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(PRIME);
+    bytes.into_iter().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// Whether the `Display` form of `value` contains `needle`, without
+/// building the text (a key check runs for every key of every batch).
+#[cfg(any(feature = "postgres", feature = "http"))]
+pub(crate) fn displays_char(value: &dyn fmt::Display, needle: char) -> bool {
+    struct Finder {
+        needle: char,
+        found: bool,
     }
-    // The bits as Postgres' bigint.
-    hash as i64
+    impl fmt::Write for Finder {
+        fn write_str(&mut self, text: &str) -> fmt::Result {
+            if text.contains(self.needle) {
+                self.found = true;
+                // Stops the formatting: the answer is known.
+                return Err(fmt::Error);
+            }
+            Ok(())
+        }
+    }
+    let mut finder = Finder {
+        needle,
+        found: false,
+    };
+    let _ = fmt::write(&mut finder, format_args!("{value}"));
+    finder.found
+}
+
+/// A lease long enough for a fetch bounded by `fetch`: a tenth more for
+/// clock drift, and `margin` for what the store does around the fetch.
+pub(crate) fn lease_covering(fetch: Duration, margin: Duration) -> Duration {
+    fetch.saturating_add(fetch / 10).saturating_add(margin)
+}
+
+/// A fill that ended with a key unanswered: a bug, reported, never a panic.
+pub(crate) fn unsettled() -> Error {
+    Error::Store {
+        message: "a fill left a key unanswered".into(),
+        source: None,
+    }
+}
+
+/// What a fill whose rounds answered into `answers` returns, given how the
+/// rounds ended: every answer (`Ok(true)`); `None` when a refresh gave up
+/// (`Ok(false)`); after an error, the keys already answered with their
+/// answers and the rest [`Filled::Failed`], so a failure reaches only the
+/// keys it concerns (the error alone when nothing was answered, or for a
+/// refresh).
+pub(crate) fn fill_answers<V>(
+    rounds: Result<bool, Error>,
+    answers: Vec<Option<Filled<V>>>,
+    try_only: bool,
+) -> Result<Option<Vec<Filled<V>>>, Error> {
+    match rounds {
+        Ok(true) => answers
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(unsettled),
+        Ok(false) => Ok(None),
+        Err(err) if !try_only && answers.iter().any(Option::is_some) => Ok(Some(
+            answers
+                .into_iter()
+                .map(|answer| answer.unwrap_or_else(|| Filled::Failed(err.clone())))
+                .collect(),
+        )),
+        Err(err) => Err(err),
+    }
 }
 
 #[cfg(test)]

@@ -23,10 +23,7 @@ pub(crate) const LISTENER_APPLICATION_NAME: &str = "loadlock-listener";
 
 /// The channel of a table's events: `loadlock_` and a hash of its name.
 pub(super) fn channel(table: &TableName) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in table.to_string().bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = crate::store::fnv1a64(table.to_string().bytes());
     format!("loadlock_{hash:016x}")
 }
 

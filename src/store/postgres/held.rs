@@ -45,7 +45,7 @@ impl PgStore {
             answers
                 .into_iter()
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(super::lease::unsettled)?,
+                .ok_or_else(crate::store::unsettled)?,
         ))
     }
 

@@ -61,19 +61,9 @@ const MAX_ROUNDS: u32 = 64;
 /// [`Error::Contended`].
 const MAX_REVOKED: u32 = 8;
 
-/// A fill that ended with a key unanswered: a bug, reported, never a panic.
-pub(super) fn unsettled() -> Error {
-    Error::Store {
-        message: "a fill left a key unanswered".into(),
-        source: None,
-    }
-}
-
 /// The lease a fetch bounded by `fetch` needs.
 pub(super) fn lease_for(fetch: Duration) -> Duration {
-    fetch
-        .saturating_add(fetch / 10)
-        .saturating_add(LEASE_MARGIN)
+    crate::store::lease_covering(fetch, LEASE_MARGIN)
 }
 
 /// The longest fetch a lease of at most `max_lease` covers.
@@ -195,22 +185,8 @@ impl PgStore {
     ) -> Result<Option<Vec<Filled<F::Value>>>, Error> {
         let mut answers: Vec<Option<Filled<F::Value>>> =
             (0..fill.keys().len()).map(|_| None).collect();
-        match self.lease_rounds(fill, try_only, &mut answers).await {
-            Ok(true) => Ok(Some(
-                answers
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(unsettled)?,
-            )),
-            Ok(false) => Ok(None),
-            Err(err) if !try_only && answers.iter().any(Option::is_some) => Ok(Some(
-                answers
-                    .into_iter()
-                    .map(|answer| answer.unwrap_or_else(|| Filled::Failed(err.clone())))
-                    .collect(),
-            )),
-            Err(err) => Err(err),
-        }
+        let rounds = self.lease_rounds(fill, try_only, &mut answers).await;
+        crate::store::fill_answers(rounds, answers, try_only)
     }
 
     /// The rounds of a leased fill, answering into `answers` as keys settle;

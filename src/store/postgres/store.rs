@@ -367,8 +367,8 @@ impl PgStore {
 #[async_trait::async_trait]
 impl<F: BatchFetch> Store<F> for PgStore {
     /// Postgres `text` holds no NUL character: such a key fails alone.
-    fn check_key(&self, key: &str) -> Result<(), String> {
-        if key.contains('\0') {
+    fn check_key(&self, key: &dyn fmt::Display) -> Result<(), String> {
+        if crate::store::displays_char(key, '\0') {
             Err("it contains a NUL character, which Postgres text cannot hold".into())
         } else {
             Ok(())
