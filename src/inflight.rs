@@ -58,6 +58,11 @@ impl<V: Clone> Flight<V> {
         matches!(self.outcome.get(), Some(Err(_)))
     }
 
+    /// The outcome, once the flight completed.
+    pub(crate) fn outcome(&self) -> Option<&Outcome<V>> {
+        self.outcome.get()
+    }
+
     pub(crate) fn waiters(&self) -> usize {
         self.waiters.load(Ordering::Acquire)
     }

@@ -1,12 +1,14 @@
 //! [`Loader`]: the per-request handle, its memo (tier 0), and its batch
 //! window: the first key a loader is asked for (while its window is empty)
-//! spawns a task that sleeps for the window, takes every key collected
-//! meanwhile and runs them as one batch (`batch`).
+//! spawns a task that collects keys until no more arrive (or the window
+//! ends, or it holds a full provider call), takes them and runs them as one
+//! batch (`batch`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::mem;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use tracing::field::Empty;
@@ -38,7 +40,17 @@ pub struct Loader<F: BatchFetch> {
 pub(crate) struct LoaderShared<F: BatchFetch> {
     pub(crate) cache: Arc<CacheInner<F>>,
     state: Mutex<LoaderState<F::Key, Entry<F::Value>>>,
+    /// Notified when the window comes to hold a full provider call.
+    full: tokio::sync::Notify,
 }
+
+/// How long a window of one task's keys waits for more once a pass of the
+/// scheduler brought none: long enough for the usual case of tasks the
+/// request spawned at the same moment to start loading on another worker
+/// thread (their keys then make the window wait out its length), short
+/// next to a timer tick (1 ms). Chosen by measurement: `cargo run
+/// --release --example batch_window`.
+const QUIET: Duration = Duration::from_micros(200);
 
 struct LoaderState<K, V> {
     /// Every key this loader has answered or is answering. A failed flight
@@ -49,6 +61,11 @@ struct LoaderState<K, V> {
     /// Whether `clear` or `clear_all` ran while keys were pending: a key
     /// cleared and loaded again is pending twice, on two flights.
     cleared: bool,
+    /// Whether the current window's keys all came from the task that
+    /// started it (see [`LoaderShared::collect`]).
+    one_task: bool,
+    /// The task that started the current window, if it was a task.
+    window_task: Option<tokio::task::Id>,
 }
 
 /// A caller's claim on one key's answer.
@@ -89,7 +106,10 @@ impl<F: BatchFetch> Loader<F> {
                     memo: HashMap::new(),
                     pending: Vec::new(),
                     cleared: false,
+                    one_task: false,
+                    window_task: None,
                 }),
+                full: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -129,6 +149,10 @@ impl<F: BatchFetch> Loader<F> {
     ///
     /// As [`load`](Loader::load).
     pub async fn load_entry(&self, key: F::Key) -> Result<Option<Entry<F::Value>>, Error> {
+        // A memo hit is answered here, without a waiter.
+        if let Some(answer) = self.shared.answered(&key) {
+            return Ok(answer);
+        }
         let waiter = self.shared.register(std::iter::once(key));
         let outcome = match waiter.first() {
             Some((_, waiter)) => waiter.wait().await,
@@ -220,9 +244,23 @@ impl<F: BatchFetch> LoaderShared<F> {
         let keys = keys.into_iter();
         let mut waiters = Vec::with_capacity(keys.size_hint().0);
         let mut memo_hits = 0;
-        let start_window = {
+        let full = self.cache.config.max_batch_size;
+        let (start_window, filled) = {
             let mut state = self.state();
             let was_empty = state.pending.is_empty();
+            let was_full = state.pending.len() >= full;
+            let task = tokio::task::try_id();
+            if was_empty {
+                state.window_task = task;
+                // On a current-thread runtime nothing runs while a caller
+                // issues loads: every caller counts as one.
+                state.one_task = task.is_some()
+                    || tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+                        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+                    });
+            } else if task != state.window_task {
+                state.one_task = false;
+            }
             for key in keys {
                 let flight = match state.memo.get(&key) {
                     Some(flight) if !flight.has_failed() => {
@@ -240,15 +278,100 @@ impl<F: BatchFetch> LoaderShared<F> {
                 // races a new caller of the same key.
                 waiters.push((key, flight.waiter()));
             }
-            was_empty && !state.pending.is_empty()
+            (
+                was_empty && !state.pending.is_empty(),
+                !was_full && state.pending.len() >= full,
+            )
         };
         let counters = &self.cache.counters;
         Counters::add(&counters.loads, waiters.len());
         Counters::add(&counters.memo_hits, memo_hits);
         if start_window {
             spawn_window(Arc::clone(self));
+        } else if filled {
+            self.full.notify_waiters();
         }
         waiters
+    }
+
+    /// The memo's answer for `key`, if it has one already (counted as a
+    /// load and a memo hit); `None` when the key is loading, failed or
+    /// unknown.
+    fn answered(&self, key: &F::Key) -> Option<Option<Entry<F::Value>>> {
+        let answer = {
+            let state = self.state();
+            match state.memo.get(key)?.outcome()? {
+                Ok(answer) => answer.clone(),
+                Err(_) => return None,
+            }
+        };
+        let counters = &self.cache.counters;
+        Counters::add(&counters.loads, 1);
+        Counters::add(&counters.memo_hits, 1);
+        Some(answer)
+    }
+
+    /// How many keys the current window holds, and whether they all came
+    /// from the task that started it.
+    fn pending_len(&self) -> (usize, bool) {
+        let state = self.state();
+        (state.pending.len(), state.one_task)
+    }
+
+    /// Collects the current window's keys: returns once it holds a full
+    /// provider call (`max_batch_size` keys), once `window` has passed
+    /// since its first key, and, when every key so far came from the task
+    /// that started the window (a `join_all`, a `load_many`, resolvers of
+    /// one task), as soon as that task stopped issuing loads: the window
+    /// task is spawned from it and so first runs when it yields; it then
+    /// yields to the scheduler in turn, so that whatever that task's
+    /// wake-ups issue comes first, and dispatches when no key arrived for
+    /// [`QUIET`]. Keys from several tasks (tasks a request spawned at the
+    /// same moment, which other worker threads may still be running) or
+    /// from outside any task on a multi-thread runtime (`block_on`) wait
+    /// out the window, as do all keys with
+    /// [`wait_full_window`](crate::CacheBuilder::wait_full_window).
+    async fn collect(&self, window: Duration) {
+        let config = &self.cache.config;
+        let full = config.max_batch_size;
+        if window.is_zero() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        // Real time as well as tokio's: with paused time (tests), tokio's
+        // clock stands still while this task yields.
+        let started = Instant::now();
+        let (mut seen, mut one_task) = self.pending_len();
+        let mut quiet_since = started;
+        while one_task && !config.wait_full_window {
+            if seen >= full {
+                return;
+            }
+            tokio::task::yield_now().await;
+            let (now, still_one) = self.pending_len();
+            one_task = still_one;
+            if now != seen {
+                seen = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= QUIET {
+                return;
+            }
+            if started.elapsed() >= window || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+        }
+        loop {
+            let filled = self.full.notified();
+            tokio::pin!(filled);
+            filled.as_mut().enable();
+            if self.pending_len().0 >= full {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return,
+                () = filled => {}
+            }
+        }
     }
 
     /// Takes the keys of the current window, each once: a key pending
@@ -301,9 +424,7 @@ pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
         taken: false,
     };
     tokio::spawn(async move {
-        if !window.is_zero() {
-            tokio::time::sleep(window).await;
-        }
+        pending.loader.collect(window).await;
         let (batch, followers) = pending.take();
         if batch.is_empty() {
             return;

@@ -96,7 +96,7 @@ async fn join_all_of_100_loads_over_10_keys_is_one_call() {
 }
 
 /// Several tasks a request spawns at the same moment share one batch on the
-/// multi-thread runtime.
+/// multi-thread runtime: keys from several tasks wait out the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loads_from_spawned_tasks_share_a_batch() {
     let provider = Fake::<u64>::new("batch/spawned");
@@ -200,8 +200,32 @@ async fn memo_is_consistent_for_the_loaders_life() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn batch_window_is_configurable() {
+async fn a_full_window_batches_loads_that_arrive_after_an_await() {
     let provider = Fake::<u64>::new("batch/window");
+    let cache = Cache::builder(provider.clone())
+        .batch_window(Duration::from_millis(50))
+        .wait_full_window(true)
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let late = {
+        let loader = loader.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            loader.load(2).await
+        }
+    };
+    let (a, b) = tokio::join!(loader.load(1), late);
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(provider.calls(), vec![vec![1, 2]], "30 ms < 50 ms window");
+}
+
+/// By default a window ends when the keys stop coming: a load that waits
+/// 30 ms first is not waited for, however long the window.
+#[tokio::test(start_paused = true)]
+async fn a_window_does_not_wait_for_loads_after_an_await() {
+    let provider = Fake::<u64>::new("batch/early");
     let cache = Cache::builder(provider.clone())
         .batch_window(Duration::from_millis(50))
         .build()
@@ -217,7 +241,98 @@ async fn batch_window_is_configurable() {
     let (a, b) = tokio::join!(loader.load(1), late);
     a.unwrap();
     b.unwrap();
-    assert_eq!(provider.calls(), vec![vec![1, 2]], "30 ms < 50 ms window");
+    assert_eq!(provider.calls(), vec![vec![1], vec![2]]);
+}
+
+/// With a window far longer than the test's limit, the loads one request
+/// task issues together (a `join_all`, a `load_many`, resolvers that yield
+/// or await ready futures before they load) are dispatched as one batch as
+/// soon as they are all in: the window is only an upper bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_issued_together_dispatch_in_one_batch_before_the_window_ends() {
+    let provider = Fake::<u64>::new("batch/together");
+    let cache = Cache::builder(provider.clone())
+        .batch_window(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    // A request handler, as a web server runs it: on a task of its own.
+    let request = async move {
+        // A join_all of loads.
+        let direct = join_all((0..10u64).map(|k| loader.load(k)));
+        // Several load_many.
+        let spawned = join_all((0..8u64).map(|t| loader.load_many(100 + t * 10..110 + t * 10)));
+        // Nested resolvers: each awaits something ready first (a yield, a
+        // ready future, a value a sibling sends) and then loads.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u64>();
+        let nested = async {
+            let after_yield = async {
+                tokio::task::yield_now().await;
+                loader.load(200).await
+            };
+            let after_ready = async {
+                futures::future::ready(()).await;
+                loader.load_many([201, 202]).await.map(|m| m.len())
+            };
+            let after_sibling = async {
+                let key = rx.await.expect("sibling");
+                loader.load(key).await
+            };
+            let sibling = async {
+                let _ = tx.send(203);
+                loader.load(204).await
+            };
+            tokio::join!(after_yield, after_ready, after_sibling, sibling)
+        };
+        tokio::join!(direct, spawned, nested)
+    };
+    let (direct, spawned, nested) =
+        tokio::time::timeout(Duration::from_secs(60), tokio::spawn(request))
+            .await
+            .expect("dispatched before the window ended")
+            .expect("request task");
+    assert!(direct.into_iter().all(|r| r.unwrap().is_some()));
+    for many in spawned {
+        assert_eq!(many.unwrap().len(), 10);
+    }
+    assert!(nested.0.unwrap().is_some());
+    assert_eq!(nested.1.unwrap(), 2);
+    assert!(nested.2.unwrap().is_some());
+    assert!(nested.3.unwrap().is_some());
+    let calls = provider.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].len(), 10 + 80 + 5);
+}
+
+/// A window that holds a full provider call dispatches it at once, even
+/// when it waits for full windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_holding_a_full_call_dispatches_at_once() {
+    let provider = Fake::<u64>::builder("batch/full").max_batch(10).build();
+    let cache = Cache::builder(provider.clone())
+        .batch_window(Duration::from_secs(3600))
+        .wait_full_window(true)
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let limit = Duration::from_secs(60);
+    // Filled in one call.
+    let all_at_once = tokio::time::timeout(limit, loader.load_many(0..10)).await;
+    assert_eq!(
+        all_at_once.expect("dispatched once full").unwrap().len(),
+        10
+    );
+    // Filled one key at a time.
+    let one_by_one = join_all((10..20u64).map(|k| loader.load(k)));
+    let one_by_one = tokio::time::timeout(limit, one_by_one).await;
+    assert!(one_by_one
+        .expect("dispatched once full")
+        .into_iter()
+        .all(|r| r.unwrap().is_some()));
+    assert_eq!(
+        provider.calls(),
+        vec![(0..10).collect::<Vec<u64>>(), (10..20).collect()]
+    );
 }
 
 #[tokio::test]

@@ -142,8 +142,10 @@ async fn dropping_some_callers_of_a_batch_does_not_stall_the_others() {
 #[tokio::test(start_paused = true)]
 async fn keys_nobody_waits_for_are_not_dispatched() {
     let provider = Fake::<u64>::new("coalesce/abandoned");
+    // The window stays open for its whole length, so callers can leave it.
     let cache = Cache::builder(provider.clone())
         .batch_window(Duration::from_millis(50))
+        .wait_full_window(true)
         .build()
         .unwrap();
     let loader = cache.loader();
@@ -166,8 +168,11 @@ fn runtime_shutdown_fails_waiters_instead_of_hanging() {
         let provider = Fake::<u64>::builder("coalesce/shutdown")
             .delay(Duration::from_secs(3600))
             .build();
+        // The window stays open for its whole length: with `settle` zero
+        // the runtime ends before it dispatched.
         let cache = Cache::builder(provider.clone())
             .batch_window(Duration::from_millis(5))
+            .wait_full_window(true)
             .build()
             .unwrap();
         let doomed = tokio::runtime::Builder::new_current_thread()
