@@ -37,11 +37,11 @@ async fn negative_ttl_is_separate() {
     assert_eq!(provider.call_count(), 3);
 }
 
-/// Expired entries are swept: `purge_expired` drops them, and a store never
-/// grows past what is fresh plus one sweep interval.
+/// Expired entries are swept: `purge_expired` drops them, and an unbounded
+/// store never grows past what is fresh plus one sweep interval.
 #[tokio::test(start_paused = true)]
 async fn expired_entries_are_swept() {
-    let store = MemoryStore::new();
+    let store = MemoryStore::unbounded();
     let provider = Fake::<u64>::new("mem/sweep");
     let cache = Cache::builder(provider)
         .store(store.clone())
@@ -64,8 +64,48 @@ async fn expired_entries_are_swept() {
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
+        // The sweep runs on a task of its own.
+        tokio::task::yield_now().await;
         assert!(store.len() <= 2048 + 1000, "{} entries", store.len());
     }
+}
+
+/// A bounded store keeps at most its capacity, whatever passes through it;
+/// an evicted key is a miss, fetched again, with a newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_store_keeps_at_most_its_capacity() {
+    let store = MemoryStore::with_capacity(1_000);
+    assert_eq!(store.capacity(), Some(1_000));
+    assert_eq!(
+        MemoryStore::new().capacity(),
+        Some(loadlock::store::DEFAULT_CAPACITY)
+    );
+    assert_eq!(MemoryStore::unbounded().capacity(), None);
+    let provider = Fake::<u64>::new("mem/bounded");
+    let cache = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let first = cache.loader().load_entry(0).await.unwrap().unwrap();
+    for round in 1..=20u64 {
+        cache
+            .loader()
+            .load_many(round * 1000..(round + 1) * 1000)
+            .await
+            .unwrap();
+        assert!(store.len() <= 1_000, "{} entries", store.len());
+    }
+    assert_eq!(cache.stats().in_flight, 0);
+    // At most 1,000 of these are held: the rest are misses, fetched again.
+    let before = provider.keys_fetched();
+    cache.loader().load_many(0..2_000).await.unwrap();
+    assert!(provider.keys_fetched() - before >= 1_000);
+    let fetches = provider.fetches_per_key();
+    let refetched = (0..2_000u64)
+        .find(|k| fetches.get(k).copied().unwrap_or(0) >= 2)
+        .expect("a key fetched again");
+    let again = cache.loader().load_entry(refetched).await.unwrap().unwrap();
+    assert!(again.version > first.version, "versions only grow");
 }
 
 /// A fill whose provider call fails releases its leases at once: another

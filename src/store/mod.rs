@@ -26,7 +26,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, DEFAULT_CAPACITY};
 
 use crate::limit::Prepaid;
 use crate::provider::ProviderCaller;

@@ -1,9 +1,9 @@
 //! [`MemoryStore`]: the embedded store, for one process.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +13,15 @@ use tokio::time::Instant;
 
 use super::{lock_id, Fill, Filled, Lookup, Store};
 use crate::{BatchFetch, Error, Invalidation, StoreEvent};
+
+mod entries;
+mod locks;
+
+use entries::{Entries, Stored};
+use locks::KeyLocks;
+
+/// The entries [`MemoryStore::new`] keeps at most: 100,000.
+pub const DEFAULT_CAPACITY: u64 = 100_000;
 
 /// The embedded store: entries in process memory, per-key locks and leases
 /// in process.
@@ -36,23 +45,34 @@ use crate::{BatchFetch, Error, Invalidation, StoreEvent};
 /// reading cache's `Value` (two providers given one namespace) reads as
 /// [`Lookup::Undecodable`]: a miss, fetched again and overwritten.
 ///
+/// # Capacity
+///
+/// [`MemoryStore::new`] keeps at most [`DEFAULT_CAPACITY`] entries,
+/// [`MemoryStore::with_capacity`] as many as you say: past it, the entries
+/// least likely to be asked again are evicted (moka's TinyLFU), and an
+/// evicted entry is a miss, filled again under a lease. Leases, locks and
+/// versions are kept apart from the entries, so eviction never weakens
+/// fill exclusion or lets a version go back. [`MemoryStore::unbounded`]
+/// keeps every entry until it expires: only for a key space known to be
+/// small.
+///
 /// Expiry uses [`tokio::time::Instant`], so tests with paused time can
-/// advance past a TTL. Expired entries are dropped lazily: overwritten on the
-/// next fill, and swept whenever the writes since the last sweep outnumber the
-/// entries that sweep left; [`purge_expired`](MemoryStore::purge_expired) sweeps on demand.
-#[derive(Clone, Default)]
+/// advance past a TTL. Expired entries are not dropped at their expiry
+/// (a cache may still serve them within its stale grace): they are
+/// overwritten on the next fill, evicted as the least used (bounded), or
+/// swept on a task of their own whenever the writes since the last sweep
+/// outnumber the entries that sweep left (unbounded);
+/// [`purge_expired`](MemoryStore::purge_expired) drops them on demand.
+#[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    entries: DashMap<String, Stored>,
+    entries: Entries,
     /// The last version given out; versions only grow, store-wide.
     versions: AtomicU64,
     locks: KeyLocks,
-    writes_since_sweep: AtomicUsize,
-    /// Entries left by the last sweep.
-    swept_len: AtomicUsize,
     /// Per namespace: fills and key invalidations hold it shared, a
     /// namespace invalidation exclusively.
     namespaces: DashMap<String, Arc<tokio::sync::RwLock<()>>>,
@@ -73,14 +93,12 @@ struct Leased {
     until: Instant,
 }
 
-impl Default for Inner {
-    fn default() -> Self {
+impl Inner {
+    fn new(entries: Entries) -> Self {
         Inner {
-            entries: DashMap::new(),
+            entries,
             versions: AtomicU64::new(0),
             locks: KeyLocks::default(),
-            writes_since_sweep: AtomicUsize::new(0),
-            swept_len: AtomicUsize::new(0),
             namespaces: DashMap::new(),
             events: broadcast::channel(1024).0,
             leases: Mutex::new(HashMap::new()),
@@ -90,20 +108,41 @@ impl Default for Inner {
     }
 }
 
-struct Stored {
-    /// `None` is a negative entry.
-    value: Option<Arc<dyn Any + Send + Sync>>,
-    /// Freshness, on tokio's clock (paused-time tests move it).
-    expires_at: Instant,
-    version: u64,
-    fetched_at: SystemTime,
-    expires_wall: SystemTime,
+impl Default for MemoryStore {
+    /// [`MemoryStore::new`].
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store of at most [`DEFAULT_CAPACITY`] entries.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+
+    /// An empty store of at most `capacity` entries (values and negative
+    /// entries alike); past it, the entries least likely to be asked again
+    /// are evicted (TinyLFU). See "Capacity" above.
+    pub fn with_capacity(capacity: u64) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner::new(Entries::bounded(capacity))),
+        }
+    }
+
+    /// An empty store without a bound: every entry stays until it expires
+    /// and is swept. Memory grows with the distinct keys loaded per TTL;
+    /// prefer [`with_capacity`](Self::with_capacity) unless that number is
+    /// known to be small.
+    pub fn unbounded() -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner::new(Entries::unbounded())),
+        }
+    }
+
+    /// The most entries this store keeps; `None` when unbounded.
+    pub fn capacity(&self) -> Option<u64> {
+        self.inner.entries.capacity()
     }
 
     /// The number of entries held, fresh or expired, negative ones included.
@@ -113,18 +152,30 @@ impl MemoryStore {
 
     /// Whether the store holds no entry.
     pub fn is_empty(&self) -> bool {
-        self.inner.entries.is_empty()
+        self.len() == 0
     }
 
     /// Drops every expired entry now; returns how many were dropped.
     pub fn purge_expired(&self) -> usize {
-        self.inner.writes_since_sweep.store(0, Ordering::Relaxed);
-        let now = Instant::now();
-        let before = self.inner.entries.len();
-        self.inner.entries.retain(|_, entry| entry.expires_at > now);
-        let after = self.inner.entries.len();
-        self.inner.swept_len.store(after, Ordering::Relaxed);
-        before.saturating_sub(after)
+        self.inner.entries.purge_expired(Instant::now())
+    }
+
+    /// Inserts an entry, sweeping expired ones on a task of their own when
+    /// an unbounded map is due (inline outside a runtime).
+    fn put(&self, entry_key: String, stored: Stored) {
+        if self.inner.entries.insert(entry_key, stored) {
+            let inner = Arc::clone(&self.inner);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        inner.entries.purge_expired(Instant::now());
+                    });
+                }
+                Err(_) => {
+                    inner.entries.purge_expired(Instant::now());
+                }
+            }
+        }
     }
 
     fn lookup<V: Clone + 'static>(
@@ -167,26 +218,13 @@ impl MemoryStore {
             },
         }
     }
-
-    fn note_writes(&self, n: usize) {
-        let writes = self
-            .inner
-            .writes_since_sweep
-            .fetch_add(n, Ordering::Relaxed)
-            + n;
-        // Sweep once the writes since the last sweep outnumber what it left
-        // (and 1,024): the map stays within about twice its live size, at an
-        // amortized constant cost per write.
-        if writes > self.inner.swept_len.load(Ordering::Relaxed).max(1024) {
-            self.purge_expired();
-        }
-    }
 }
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("entries", &self.inner.entries.len())
+            .field("capacity", &self.inner.entries.capacity())
             .finish_non_exhaustive()
     }
 }
@@ -244,9 +282,7 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         {
             let mut leases = self.leases();
             leases.retain(|key, _| !key.starts_with(&prefix));
-            self.inner
-                .entries
-                .retain(|key, _| !key.starts_with(&prefix));
+            self.inner.entries.remove_prefix(&prefix);
         }
         self.inner.lease_ended.notify_waiters();
         let _ = self
@@ -297,7 +333,7 @@ impl<F: BatchFetch> Store<F> for MemoryStore {
         {
             let mut leases = self.leases();
             leases.remove(&entry_key);
-            self.inner.entries.insert(entry_key, stored);
+            self.put(entry_key, stored);
         }
         self.inner.lease_ended.notify_waiters();
         let _ = self
@@ -570,11 +606,10 @@ impl MemoryStore {
                         stored.expires_wall,
                     )
                 });
-                self.inner.entries.insert(entry_key.clone(), stored);
+                self.put(entry_key.clone(), stored);
                 answers[i] = Some(Filled::Fetched(entry));
             }
         }
-        self.note_writes(leased.len() - lost.len());
         // Published or lost to another: nothing left to release.
         held.keys.clear();
         self.inner.lease_ended.notify_waiters();
@@ -664,84 +699,5 @@ impl MemoryStore {
             .inner
             .events
             .send(StoreEvent::new(namespace, Invalidation::Keys(keys)));
-    }
-}
-
-/// Per-key exclusive locks: the set of lock ids held, and one notification
-/// for every release. Taking a batch's locks costs one mutex acquisition
-/// when they are free; a waiter wakes on each release and tries again.
-#[derive(Default)]
-struct KeyLocks {
-    held: Mutex<HashSet<i64>>,
-    released: Notify,
-}
-
-impl KeyLocks {
-    /// Takes the locks of `ids` in ascending order (so two callers never
-    /// deadlock: whoever waits holds only lower ids than the one it waits
-    /// for). Cancel safe: whatever was taken is released on drop.
-    async fn lock_all(&self, mut ids: Vec<i64>) -> HeldLocks<'_> {
-        ids.sort_unstable();
-        ids.dedup();
-        let mut held = HeldLocks {
-            owner: self,
-            ids: Vec::with_capacity(ids.len()),
-        };
-        let mut next = 0;
-        loop {
-            // Registered before looking, so a release in between is not
-            // missed.
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            {
-                let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                while next < ids.len() && set.insert(ids[next]) {
-                    held.ids.push(ids[next]);
-                    next += 1;
-                }
-            }
-            if next == ids.len() {
-                return held;
-            }
-            released.await;
-        }
-    }
-}
-
-impl KeyLocks {
-    /// Takes the locks of `ids` if every one is free, at once; `None`
-    /// (holding nothing) otherwise.
-    fn try_lock_all(&self, mut ids: Vec<i64>) -> Option<HeldLocks<'_>> {
-        ids.sort_unstable();
-        ids.dedup();
-        let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if ids.iter().any(|id| set.contains(id)) {
-            return None;
-        }
-        set.extend(ids.iter().copied());
-        drop(set);
-        Some(HeldLocks { owner: self, ids })
-    }
-}
-
-/// The locks one fill holds; released on drop.
-struct HeldLocks<'a> {
-    owner: &'a KeyLocks,
-    ids: Vec<i64>,
-}
-
-impl Drop for HeldLocks<'_> {
-    fn drop(&mut self) {
-        if self.ids.is_empty() {
-            return;
-        }
-        {
-            let mut set = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
-            for id in &self.ids {
-                set.remove(id);
-            }
-        }
-        self.owner.released.notify_waiters();
     }
 }
