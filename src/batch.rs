@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use futures::future::join_all;
 
-use crate::cache::{CacheInner, Tally};
 use crate::inflight::{Claim, FailUnfinished, Flight, Lease};
+use crate::pipeline::{CacheInner, Tally};
 use crate::stats::Counters;
 use crate::store::Lookup;
 use crate::{BatchFetch, Entry, Error};

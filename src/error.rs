@@ -136,6 +136,12 @@ pub enum Error {
     #[error("the load was abandoned before it finished (runtime shutting down?)")]
     Closed,
 
+    /// A load was started outside a tokio runtime: its batch had no runtime
+    /// to run on. Load from within a runtime (a `#[tokio::main]`
+    /// application, a handler, a `Runtime::block_on`).
+    #[error("loads need a tokio runtime, and this one was started outside any")]
+    NoRuntime,
+
     /// An invalid setting was given to a builder.
     #[error("invalid configuration: {0}")]
     Config(Arc<str>),

@@ -106,7 +106,10 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod batch;
+mod builder;
 mod cache;
+mod caller;
+mod config;
 mod entry;
 mod error;
 mod events;
@@ -118,16 +121,18 @@ mod inflight;
 mod limit;
 mod loader;
 mod local;
-mod provider;
+mod pipeline;
 mod retry;
 mod stats;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use cache::{
-    Cache, CacheBuilder, CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL, MAX_NAMESPACE_LEN, MAX_TTL,
+pub use builder::CacheBuilder;
+pub use cache::Cache;
+pub use config::{
+    CacheConfig, DEFAULT_BATCH_WINDOW, DEFAULT_NEGATIVE_TTL, DEFAULT_PROVIDER_TIMEOUT, DEFAULT_TTL,
+    MAX_NAMESPACE_LEN, MAX_TTL,
 };
 pub use entry::Entry;
 pub use error::{Error, WriteError};

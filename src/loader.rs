@@ -15,8 +15,8 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::batch::{self, Batch};
-use crate::cache::CacheInner;
 use crate::inflight::{FailUnfinished, Flight, Waiter};
+use crate::pipeline::CacheInner;
 use crate::stats::Counters;
 use crate::{BatchFetch, Entry, Error};
 
@@ -32,7 +32,7 @@ use crate::{BatchFetch, Entry, Error};
 ///
 /// Loads need a tokio runtime: each batch runs on a task of its own, so a
 /// caller that stops waiting never cancels or stalls the other loads of its
-/// batch.
+/// batch. Outside a runtime, loads fail with [`Error::NoRuntime`].
 pub struct Loader<F: BatchFetch> {
     shared: Arc<LoaderShared<F>>,
 }
@@ -132,7 +132,8 @@ impl<F: BatchFetch> Loader<F> {
     ///
     /// [`Error::Provider`] / [`Error::ProviderPanicked`] when the provider
     /// call for the key's batch failed; [`Error::Store`] when the store did;
-    /// [`Error::Closed`] when the runtime shut down under the batch.
+    /// [`Error::Closed`] when the runtime shut down under the batch;
+    /// [`Error::NoRuntime`] when called outside a tokio runtime.
     pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {
         Ok(self.load_entry(key).await?.map(|entry| entry.value))
     }
@@ -423,7 +424,19 @@ pub(crate) fn spawn_window<F: BatchFetch>(loader: Arc<LoaderShared<F>>) {
         loader,
         taken: false,
     };
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // No runtime to run the batch on: its callers fail, none panics.
+        let (batch, followers) = pending.take();
+        for flight in batch
+            .into_iter()
+            .map(|(_, f)| f)
+            .chain(followers.into_iter().map(|(f, _)| f))
+        {
+            flight.complete(Err(Error::NoRuntime));
+        }
+        return;
+    };
+    runtime.spawn(async move {
         pending.loader.collect(window).await;
         let (batch, followers) = pending.take();
         if batch.is_empty() {

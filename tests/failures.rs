@@ -102,3 +102,23 @@ async fn errors_display_clearly() {
     );
     assert!(!cfg.is_provider());
 }
+
+/// A load started outside any tokio runtime fails with `Error::NoRuntime`
+/// (its batch would have nowhere to run); it never panics, and a load from
+/// within a runtime afterwards works.
+#[test]
+fn loading_outside_a_runtime_is_an_error() {
+    let provider = Fake::<u64>::new("fail/no-runtime");
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    let loader = cache.loader();
+    let outside = futures::executor::block_on(loader.load(1));
+    assert!(matches!(outside, Err(Error::NoRuntime)), "{outside:?}");
+    let many = futures::executor::block_on(loader.load_many([2, 3]));
+    assert!(matches!(many, Err(Error::NoRuntime)), "{many:?}");
+    assert_eq!(provider.call_count(), 0);
+    assert_eq!(cache.stats().in_flight, 0);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let inside = runtime.block_on(loader.load(1)).unwrap();
+    assert_eq!(inside, Some(value_of(&1)));
+}

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 pub use memory::{MemoryStore, DEFAULT_CAPACITY};
 
+use crate::caller::ProviderCaller;
 use crate::limit::Prepaid;
-use crate::provider::ProviderCaller;
 use crate::stats::Counters;
 use crate::{BatchFetch, Entry, Error, StoreEvent};
 

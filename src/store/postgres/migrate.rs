@@ -1,12 +1,29 @@
 //! [`PgStore::migrate`]: creates and upgrades the table, once, however many
 //! instances start at the same moment.
 
-use sqlx::Row;
+use sqlx::postgres::{PgPool, Postgres};
+use sqlx::{Row, Transaction};
 
 use super::sql::{history_table, MIGRATIONS};
+use super::table::TableName;
 use super::PgStore;
 use crate::store::lock_id;
 use crate::Error;
+
+/// Opens the transaction of a migration of `table`, holding the advisory
+/// lock that serializes every migration of that table (the cache table's
+/// and the rate limit table's alike), whichever instance runs it.
+pub(super) async fn begin_migration(
+    pool: &PgPool,
+    table: &TableName,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_id("loadlock/migrate", &table.to_string()))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
 
 impl PgStore {
     /// Creates the table (and its schema, if qualified) or upgrades it to the
@@ -31,16 +48,9 @@ impl PgStore {
         let table = &inner.table;
         let fail = |doing: &str, err| self.error(doing, err);
 
-        let mut tx = inner
-            .pool
-            .begin()
+        let mut tx = begin_migration(&inner.pool, table)
             .await
             .map_err(|e| fail("starting the migration", e))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_id("loadlock/migrate", &table.to_string()))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| fail("taking the migration lock", e))?;
         for statement in history_table(table) {
             sqlx::query(&statement)
                 .execute(&mut *tx)

@@ -8,7 +8,6 @@ use sqlx::postgres::PgPool;
 
 use super::table::TableName;
 use crate::limit::FleetLimiter;
-use crate::store::lock_id;
 use crate::{Error, Quota};
 
 /// A provider budget shared by every instance: one GCRA state row per
@@ -159,10 +158,7 @@ impl PgRateLimit {
             charge = table.quoted("_charge"),
         ));
         let fail = |e| Error::store(format!("migrating the rate limit table {table}"), e);
-        let mut tx = self.inner.pool.begin().await.map_err(fail)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_id("loadlock/migrate", &table.to_string()))
-            .execute(&mut *tx)
+        let mut tx = super::migrate::begin_migration(&self.inner.pool, table)
             .await
             .map_err(fail)?;
         for statement in statements {
@@ -175,10 +171,8 @@ impl PgRateLimit {
     }
 
     fn error(&self, doing: &str, err: sqlx::Error) -> Error {
-        let missing = err
-            .as_database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|code| code == "42P01" || code == "42883");
+        let missing =
+            super::store::sql_state(&err).is_some_and(|code| code == "42P01" || code == "42883");
         if missing {
             return Error::store(
                 format!(
