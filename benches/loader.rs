@@ -176,6 +176,23 @@ fn in_process(c: &mut Criterion) {
     }
 
     group.bench_function(
+        "1000_loads_100_keys/loadlock on an unbounded MemoryStore/0 us window",
+        |b| {
+            b.to_async(&rt).iter(|| {
+                on_a_task(async {
+                    let cache = Cache::builder(Echo)
+                        .store(loadlock::MemoryStore::unbounded())
+                        .batch_window(Duration::ZERO)
+                        .build()
+                        .unwrap();
+                    let loader = cache.loader();
+                    let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
+                    assert_eq!(results.len(), 1000);
+                })
+            })
+        },
+    );
+    group.bench_function(
         "1000_loads_100_keys/loadlock without a store/0 us window",
         |b| {
             b.to_async(&rt).iter(|| {

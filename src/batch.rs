@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use futures::future::join_all;
 
+use crate::entry::Shared;
 use crate::inflight::{Claim, FailUnfinished, Flight, Lease};
 use crate::pipeline::{CacheInner, Tally};
 use crate::stats::Counters;
@@ -32,7 +33,7 @@ pub(crate) type Batch<K, V> = Vec<(K, Arc<Flight<V>>)>;
 /// read before it.
 pub(crate) async fn run<F: BatchFetch>(
     cache: &Arc<CacheInner<F>>,
-    batch: Batch<F::Key, Entry<F::Value>>,
+    batch: Batch<F::Key, Shared<F::Value>>,
 ) {
     let started = Instant::now();
     Counters::add(&cache.counters.batches, 1);
@@ -41,7 +42,7 @@ pub(crate) async fn run<F: BatchFetch>(
 
     // Keys the provider or the store cannot take fail alone, never the
     // batch they came with.
-    let batch: Batch<F::Key, Entry<F::Value>> = batch
+    let batch: Batch<F::Key, Shared<F::Value>> = batch
         .into_iter()
         .filter_map(|(key, flight)| {
             let refused = cache
@@ -66,14 +67,21 @@ pub(crate) async fn run<F: BatchFetch>(
     // The process-local tier first, if there is one.
     let local = cache.local.as_deref();
     let epoch = local.map_or(0, |local| local.epoch());
+    // With a local tier, the keys' texts (its keys), each built once and
+    // aligned with the batch.
+    let mut texts = Vec::new();
     let batch = match local {
         Some(local) => {
             let mut rest = Vec::with_capacity(batch.len());
             let mut hits = Vec::new();
             for (key, flight) in batch {
-                match local.get(&key.to_string()) {
+                let text = key.to_string();
+                match local.get(&text) {
                     Some(entry) => hits.push((flight, entry)),
-                    None => rest.push((key, flight)),
+                    None => {
+                        rest.push((key, flight));
+                        texts.push(text);
+                    }
                 }
             }
             // Counted before the callers wake.
@@ -85,6 +93,7 @@ pub(crate) async fn run<F: BatchFetch>(
         }
         None => batch,
     };
+    let mut texts = texts.into_iter();
     if batch.is_empty() {
         return;
     }
@@ -110,21 +119,23 @@ pub(crate) async fn run<F: BatchFetch>(
     // Lease positions with a stale entry to serve if the refill fails.
     let mut fallbacks = Vec::new();
     for ((key, flight), lookup) in batch.into_iter().zip(looked) {
+        let text = texts.next();
         // What the store answered; otherwise the key is filled, keeping a
         // stale entry (within stale-if-error) to serve if the refill fails.
         let fallback = match lookup {
             Lookup::Hit(entry) => {
-                if let Some(local) = local {
+                let entry = Shared::new(entry);
+                if let (Some(local), Some(text)) = (local, text) {
                     let expires_at = entry.expires_at;
-                    local.insert(epoch, key.to_string(), Some(entry.clone()), expires_at);
+                    local.insert(epoch, text, Some(Shared::clone(&entry)), expires_at);
                 }
                 flight.complete(Ok(Some(entry)));
                 continue;
             }
             Lookup::NegativeHit => {
-                if let Some(local) = local {
+                if let (Some(local), Some(text)) = (local, text) {
                     let expires_at = now + cache.config.negative_ttl;
-                    local.insert(epoch, key.to_string(), None, expires_at);
+                    local.insert(epoch, text, None, expires_at);
                 }
                 flight.complete(Ok(None));
                 continue;
@@ -135,7 +146,7 @@ pub(crate) async fn run<F: BatchFetch>(
             {
                 Counters::add(&cache.counters.stale_served, 1);
                 Counters::add(&cache.counters.store_hits, 1);
-                flight.complete(Ok(Some(entry)));
+                flight.complete(Ok(Some(Shared::new(entry))));
                 to_refresh.push(key);
                 continue;
             }
@@ -233,7 +244,7 @@ fn stale_if_error_applies(err: &Error) -> bool {
 /// while this reads; later loads read the store themselves.
 async fn serve_stale_on_error<F: BatchFetch>(
     cache: &CacheInner<F>,
-    lease: &Lease<'_, F::Key, Entry<F::Value>>,
+    lease: &Lease<'_, F::Key, Shared<F::Value>>,
     fallbacks: Vec<(usize, Entry<F::Value>)>,
 ) {
     let everything: Vec<usize> = (0..lease.keys().len()).collect();
@@ -259,7 +270,7 @@ async fn serve_stale_on_error<F: BatchFetch>(
         match lookup {
             Lookup::Hit(fresh) => {
                 Counters::add(&cache.counters.store_hits, 1);
-                flight.complete(Ok(Some(fresh)));
+                flight.complete(Ok(Some(Shared::new(fresh))));
             }
             Lookup::NegativeHit => {
                 Counters::add(&cache.counters.store_hits, 1);
@@ -269,7 +280,7 @@ async fn serve_stale_on_error<F: BatchFetch>(
             Lookup::Stale(current) if current.version == entry.version => {
                 Counters::add(&cache.counters.store_hits, 1);
                 Counters::add(&cache.counters.stale_served, 1);
-                flight.complete(Ok(Some(entry)));
+                flight.complete(Ok(Some(Shared::new(entry))));
             }
             _ => {}
         }

@@ -37,3 +37,7 @@ impl<V> Entry<V> {
         }
     }
 }
+
+/// An entry shared by every in-process holder (flights, memos, the local
+/// tier): cloned out once, where the API hands a value out.
+pub(crate) type Shared<V> = std::sync::Arc<Entry<V>>;

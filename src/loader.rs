@@ -15,6 +15,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::batch::{self, Batch};
+use crate::entry::Shared;
 use crate::inflight::{FailUnfinished, Flight, Waiter};
 use crate::pipeline::CacheInner;
 use crate::stats::Counters;
@@ -39,7 +40,7 @@ pub struct Loader<F: BatchFetch> {
 
 pub(crate) struct LoaderShared<F: BatchFetch> {
     pub(crate) cache: Arc<CacheInner<F>>,
-    state: Mutex<LoaderState<F::Key, Entry<F::Value>>>,
+    state: Mutex<LoaderState<F::Key, Shared<F::Value>>>,
     /// Notified when the window comes to hold a full provider call.
     full: tokio::sync::Notify,
 }
@@ -69,7 +70,7 @@ struct LoaderState<K, V> {
 }
 
 /// A caller's claim on one key's answer.
-type EntryWaiter<F> = Waiter<Entry<<F as BatchFetch>::Value>>;
+type EntryWaiter<F> = Waiter<Shared<<F as BatchFetch>::Value>>;
 
 /// The flights of keys a window held twice (cleared and loaded again while
 /// pending), each with the flight of the same key the batch loads.
@@ -135,7 +136,7 @@ impl<F: BatchFetch> Loader<F> {
     /// [`Error::Closed`] when the runtime shut down under the batch;
     /// [`Error::NoRuntime`] when called outside a tokio runtime.
     pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {
-        Ok(self.load_entry(key).await?.map(|entry| entry.value))
+        Ok(self.load_shared(key).await?.map(value_of))
     }
 
     /// Loads one key with its version and times ([`Entry`]); `Ok(None)` when
@@ -150,6 +151,12 @@ impl<F: BatchFetch> Loader<F> {
     ///
     /// As [`load`](Loader::load).
     pub async fn load_entry(&self, key: F::Key) -> Result<Option<Entry<F::Value>>, Error> {
+        Ok(self.load_shared(key).await?.map(Shared::unwrap_or_clone))
+    }
+
+    /// One key's shared entry, for [`load`](Loader::load) and
+    /// [`load_entry`](Loader::load_entry) to clone out what they hand over.
+    async fn load_shared(&self, key: F::Key) -> Result<Option<Shared<F::Value>>, Error> {
         // A memo hit is answered here, without a waiter.
         if let Some(answer) = self.shared.answered(&key) {
             return Ok(answer);
@@ -184,7 +191,7 @@ impl<F: BatchFetch> Loader<F> {
         for (key, waiter) in waiters {
             match waiter.wait().await {
                 Ok(Some(entry)) => {
-                    found.insert(key, entry.value);
+                    found.insert(key, value_of(entry));
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -207,7 +214,9 @@ impl<F: BatchFetch> Loader<F> {
             _ => {
                 let now = std::time::SystemTime::now();
                 let entry = Entry::new(value, 0, now, now);
-                state.memo.insert(key, Flight::ready(Some(entry)));
+                state
+                    .memo
+                    .insert(key, Flight::ready(Some(Shared::new(entry))));
             }
         }
     }
@@ -228,8 +237,17 @@ impl<F: BatchFetch> Loader<F> {
     }
 }
 
+/// The value of a shared entry: taken when this was its last holder,
+/// cloned otherwise (the one clone a caller gets).
+fn value_of<V: Clone>(entry: Shared<V>) -> V {
+    match Shared::try_unwrap(entry) {
+        Ok(entry) => entry.value,
+        Err(shared) => shared.value.clone(),
+    }
+}
+
 impl<F: BatchFetch> LoaderShared<F> {
-    fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, Entry<F::Value>>> {
+    fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, Shared<F::Value>>> {
         // The state is consistent between statements; a panic elsewhere while
         // it was held does not poison the request.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -298,7 +316,7 @@ impl<F: BatchFetch> LoaderShared<F> {
     /// The memo's answer for `key`, if it has one already (counted as a
     /// load and a memo hit); `None` when the key is loading, failed or
     /// unknown.
-    fn answered(&self, key: &F::Key) -> Option<Option<Entry<F::Value>>> {
+    fn answered(&self, key: &F::Key) -> Option<Option<Shared<F::Value>>> {
         let answer = {
             let state = self.state();
             match state.memo.get(key)?.outcome()? {
@@ -379,7 +397,7 @@ impl<F: BatchFetch> LoaderShared<F> {
     /// twice (cleared and loaded again meanwhile) is loaded once, and its
     /// later flight follows the first. Keys whose every caller has gone are
     /// dropped (and forgotten) instead of dispatched.
-    pub(crate) fn take_batch(&self) -> Taken<F::Key, Entry<F::Value>> {
+    pub(crate) fn take_batch(&self) -> Taken<F::Key, Shared<F::Value>> {
         let mut state = self.state();
         let pending = mem::take(&mut state.pending);
         // Only a clear while keys were pending can repeat a key.
@@ -479,7 +497,7 @@ struct PendingGuard<F: BatchFetch> {
 }
 
 impl<F: BatchFetch> PendingGuard<F> {
-    fn take(&mut self) -> Taken<F::Key, Entry<F::Value>> {
+    fn take(&mut self) -> Taken<F::Key, Shared<F::Value>> {
         self.taken = true;
         self.loader.take_batch()
     }

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 
-use crate::{Entry, Invalidation, StoreEvent};
+use crate::entry::Shared;
+use crate::{Invalidation, StoreEvent};
 
 /// How many groups the keys' invalidation marks are kept in: an
 /// invalidation discards the inserts in flight of its keys' groups only.
@@ -29,7 +30,7 @@ fn shard_of(key: &str) -> usize {
 /// costs the inserts in flight of about `keys / SHARDS` of the keys, not
 /// all of them.
 pub(crate) struct LocalTier<V> {
-    entries: moka::sync::Cache<String, (Option<Entry<V>>, SystemTime)>,
+    entries: moka::sync::Cache<String, (Option<Shared<V>>, SystemTime)>,
     /// The number of the last invalidation heard.
     epoch: AtomicU64,
     /// Per shard, the number of the last invalidation of a key in it.
@@ -62,7 +63,7 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
     }
 
     /// A fresh entry (the store's expiry is honoured too).
-    pub(crate) fn get(&self, key: &str) -> Option<Option<Entry<V>>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Option<Shared<V>>> {
         let (entry, expires_at) = self.entries.get(key)?;
         (expires_at > SystemTime::now()).then_some(entry)
     }
@@ -81,7 +82,7 @@ impl<V: Clone + Send + Sync + 'static> LocalTier<V> {
         &self,
         epoch: u64,
         key: String,
-        entry: Option<Entry<V>>,
+        entry: Option<Shared<V>>,
         expires_at: SystemTime,
     ) {
         if self.invalidated_since(epoch, &key) {
@@ -162,13 +163,13 @@ mod tests {
         tier.insert(
             epoch,
             "1".into(),
-            Some(Entry::new(1, 1, later, later)),
+            Some(Shared::new(crate::Entry::new(1, 1, later, later))),
             later,
         );
         tier.insert(
             epoch,
             "2".into(),
-            Some(Entry::new(2, 1, later, later)),
+            Some(Shared::new(crate::Entry::new(2, 1, later, later))),
             later,
         );
         assert!(tier.get("1").is_some(), "another shard's insert is kept");

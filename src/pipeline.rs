@@ -5,17 +5,18 @@
 use std::sync::Arc;
 
 use crate::caller::ProviderCaller;
+use crate::entry::Shared;
 use crate::inflight::InFlight;
 use crate::limit::Prepaid;
 use crate::local::LocalTier;
 use crate::stats::Counters;
 use crate::store::{Fill, Filled, Lookup};
-use crate::{BatchFetch, CacheConfig, Entry, Error, Store};
+use crate::{BatchFetch, CacheConfig, Error, Store};
 
 pub(crate) struct CacheInner<F: BatchFetch> {
     pub(crate) provider: ProviderCaller<F>,
     pub(crate) store: Arc<dyn Store<F>>,
-    pub(crate) inflight: InFlight<F::Key, Entry<F::Value>>,
+    pub(crate) inflight: InFlight<F::Key, Shared<F::Value>>,
     pub(crate) counters: Counters,
     pub(crate) config: CacheConfig,
     pub(crate) local: Option<Arc<LocalTier<F::Value>>>,
@@ -72,7 +73,7 @@ impl<F: BatchFetch> CacheInner<F> {
         keys: &[F::Key],
         leave: &(dyn Fn(&[usize]) + Send + Sync),
         tally: &mut Tally,
-    ) -> Result<Vec<crate::inflight::Outcome<Entry<F::Value>>>, Error> {
+    ) -> Result<Vec<crate::inflight::Outcome<Shared<F::Value>>>, Error> {
         let prepaid = Prepaid::default();
         let fill = Fill {
             namespace: self.provider.namespace(),
@@ -103,11 +104,11 @@ impl<F: BatchFetch> CacheInner<F> {
                     tally.store_hits += 1;
                     tally.store_hits_after_lock += 1;
                     tally.negative_hits += usize::from(value.is_none());
-                    Ok(value)
+                    Ok(value.map(Shared::new))
                 }
                 Filled::Fetched(value) => {
                     tally.fetched += 1;
-                    Ok(value)
+                    Ok(value.map(Shared::new))
                 }
                 Filled::Failed(err) => Err(err),
             })
