@@ -267,19 +267,8 @@ impl<F: BatchFetch> LoaderShared<F> {
         let (start_window, filled) = {
             let mut state = self.state();
             let was_empty = state.pending.is_empty();
-            let was_full = state.pending.len() >= full;
-            let task = tokio::task::try_id();
-            if was_empty {
-                state.window_task = task;
-                // On a current-thread runtime nothing runs while a caller
-                // issues loads: every caller counts as one.
-                state.one_task = task.is_some()
-                    || tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
-                        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
-                    });
-            } else if task != state.window_task {
-                state.one_task = false;
-            }
+            let before = state.pending.len();
+            let was_full = before >= full;
             for key in keys {
                 let flight = match state.memo.get(&key) {
                     Some(flight) if !flight.has_failed() => {
@@ -296,6 +285,22 @@ impl<F: BatchFetch> LoaderShared<F> {
                 // Under the lock, so a batch dropping callerless keys never
                 // races a new caller of the same key.
                 waiters.push((key, flight.waiter()));
+            }
+            // Which task issued the window's keys (see `collect`); a call
+            // that only met the memo adds none.
+            if state.pending.len() > before {
+                let task = tokio::task::try_id();
+                if was_empty {
+                    state.window_task = task;
+                    // On a current-thread runtime nothing runs while a
+                    // caller issues loads: every caller counts as one.
+                    state.one_task = task.is_some()
+                        || tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+                            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+                        });
+                } else if task != state.window_task {
+                    state.one_task = false;
+                }
             }
             (
                 was_empty && !state.pending.is_empty(),
