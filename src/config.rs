@@ -16,34 +16,35 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default batch window: 500 µs, the longest a loader collects keys.
 ///
-/// A window ends early when nothing more can come: keys a request task
-/// issues by itself (a `join_all`, `load_many`, resolvers of one task) are
-/// dispatched as soon as that task stopped issuing them and no key came for
-/// 200 µs more, once a window holds a full provider call it is dispatched
-/// at once, and only keys from several tasks (tasks a request spawned at
-/// the same moment) or from outside any task wait out the whole window.
+/// A window ends early when nothing more can come: the keys one request
+/// task issues through one loader handle (a `join_all`, `load_many`,
+/// resolvers sharing `&loader`) are dispatched as soon as that task
+/// stopped issuing them and no key came for 200 µs more, and a window
+/// that holds a full provider call is dispatched at once. Keys of a loader
+/// cloned for other tasks (tasks a request spawns, which other worker
+/// threads may still be starting) or issued from outside any task wait
+/// out the whole window.
 ///
 /// Chosen by measurement (`cargo run --release --example batch_window`, 2
 /// cores, 2 worker threads): requests that spawn 8 tasks at once, each
-/// loading 10 keys, with an instant provider.
+/// with a clone of the request's loader, loading 10 keys, with an instant
+/// provider, on the default (bounded) `MemoryStore`.
 ///
 /// | window | batches / request | mean latency (1 request at a time) | with 16 concurrent requests |
 /// |---|---|---|---|
-/// | 0 | 7.82 | 0.14 ms | 7.95 batches, 0.94 ms |
-/// | 50 µs | 1.00 | 1.24 ms | 1.02 batches, 1.53 ms |
-/// | 500 µs | 1.00 | 1.80 ms | 1.00 batch, 3.67 ms |
-/// | 1 ms | 1.00 | 2.35 ms | 1.00 batch, 4.19 ms |
-/// | 5 ms | 1.01 | 6.44 ms | 1.02 batches, 8.37 ms |
+/// | 0 | 7.39 | 0.34 ms | 7.98 batches, 2.53 ms |
+/// | 50 µs | 1.00 | 1.53 ms | 1.01 batches, 4.63 ms |
+/// | 500 µs | 1.00 | 2.03 ms | 1.00 batch, 4.46 ms |
+/// | 1 ms | 1.00 | 2.59 ms | 1.00 batch, 5.42 ms |
+/// | 5 ms | 1.00 | 6.77 ms | 1.00 batch, 9.97 ms |
 ///
 /// A zero window splits such requests into several batches; a non-zero one
 /// batches them whole, because tokio's timer rounds every sleep up to its
-/// next 1 ms tick, unless all but the first task start their loads more
-/// than 200 µs after it (about 1 request in 100 at the longer windows
-/// here); [`CacheBuilder::wait_full_window`](crate::CacheBuilder::wait_full_window) waits the whole window for
-/// them. 500 µs leaves margin for tasks that do a little work before they
-/// load, at half a millisecond less latency than 1 ms. One task's loads do
-/// not wait for the timer at all: 1,000 concurrent loads of one request
-/// take 0.56x async-graphql's time (`cargo bench --bench loader`).
+/// next 1 ms tick. 500 µs leaves margin for tasks that do a little work
+/// before they load, at half a millisecond less latency than 1 ms. One
+/// task's loads do not wait for the timer at all: 1,000 concurrent loads
+/// of one request take 0.56x async-graphql's time (`cargo bench --bench
+/// loader`).
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(500);
 
 /// The longest [`BatchFetch::namespace`](crate::BatchFetch::namespace) a cache accepts, in bytes. Every

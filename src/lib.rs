@@ -68,10 +68,9 @@
 //!   call (or `ceil(n / max_batch_size)` calls), deduplicated, in first-asked
 //!   order. Duplicates and memo hits do not count against the cap. Loads
 //!   issued concurrently inside one request (`join_all`, or several tasks the
-//!   request spawned at the same moment) share a batch: one task's loads are
-//!   dispatched as soon as it stops issuing them, keys from several tasks
-//!   wait out the window (unless the others start more than 200 µs after
-//!   the first; `CacheBuilder::wait_full_window` waits for them).
+//!   request spawned at the same moment) share a batch: one task's loads
+//!   through one loader handle are dispatched as soon as it stops issuing
+//!   them; a loader cloned for spawned tasks waits out its window.
 //! * A key another loader of the process is filling is joined, never
 //!   fetched twice. With a store shared by several processes, fills take per-key
 //!   locks, so each missing key is fetched once per TTL among them.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::mem;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,14 +44,14 @@ pub(crate) struct LoaderShared<F: BatchFetch> {
     state: Mutex<LoaderState<F::Key, Shared<F::Value>>>,
     /// Notified when the window comes to hold a full provider call.
     full: tokio::sync::Notify,
+    /// The [`Loader`] handles alive: with more than one, other tasks (given
+    /// a clone) may still be about to load.
+    handles: AtomicUsize,
 }
 
 /// How long a window of one task's keys waits for more once a pass of the
-/// scheduler brought none: long enough for the usual case of tasks the
-/// request spawned at the same moment to start loading on another worker
-/// thread (their keys then make the window wait out its length), short
-/// next to a timer tick (1 ms). Chosen by measurement: `cargo run
-/// --release --example batch_window`.
+/// scheduler brought none (for resolvers of that task woken a little
+/// later), short next to a timer tick (1 ms).
 const QUIET: Duration = Duration::from_micros(200);
 
 struct LoaderState<K, V> {
@@ -81,9 +82,16 @@ pub(crate) type Taken<K, V> = (Batch<K, V>, Followers<V>);
 
 impl<F: BatchFetch> Clone for Loader<F> {
     fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::AcqRel);
         Loader {
             shared: Arc::clone(&self.shared),
         }
+    }
+}
+
+impl<F: BatchFetch> Drop for Loader<F> {
+    fn drop(&mut self) {
+        self.shared.handles.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -111,6 +119,7 @@ impl<F: BatchFetch> Loader<F> {
                     window_task: None,
                 }),
                 full: tokio::sync::Notify::new(),
+                handles: AtomicUsize::new(1),
             }),
         }
     }
@@ -335,25 +344,30 @@ impl<F: BatchFetch> LoaderShared<F> {
         Some(answer)
     }
 
-    /// How many keys the current window holds, and whether they all came
-    /// from the task that started it.
+    /// How many keys the current window holds, and whether it may end
+    /// early: its keys all came from the task that started it, and no
+    /// other handle of this loader exists (one handed to a spawned task
+    /// may be about to load).
     fn pending_len(&self) -> (usize, bool) {
         let state = self.state();
-        (state.pending.len(), state.one_task)
+        let alone = self.handles.load(Ordering::Acquire) <= 1;
+        (state.pending.len(), state.one_task && alone)
     }
 
     /// Collects the current window's keys: returns once it holds a full
     /// provider call (`max_batch_size` keys), once `window` has passed
     /// since its first key, and, when every key so far came from the task
     /// that started the window (a `join_all`, a `load_many`, resolvers of
-    /// one task), as soon as that task stopped issuing loads: the window
+    /// one task) and the loader has no other handle (no clone given to
+    /// another task), as soon as that task stopped issuing loads: the window
     /// task is spawned from it and so first runs when it yields; it then
     /// yields to the scheduler in turn, so that whatever that task's
     /// wake-ups issue comes first, and dispatches when no key arrived for
-    /// [`QUIET`]. Keys from several tasks (tasks a request spawned at the
-    /// same moment, which other worker threads may still be running) or
-    /// from outside any task on a multi-thread runtime (`block_on`) wait
-    /// out the window, as do all keys with
+    /// [`QUIET`]. Keys from several tasks, or of a loader cloned for
+    /// other tasks (tasks a request spawned at the same moment, which other
+    /// worker threads may still be running), or from outside any task on a
+    /// multi-thread runtime (`block_on`) wait out the window, as do all
+    /// keys with
     /// [`wait_full_window`](crate::CacheBuilder::wait_full_window).
     async fn collect(&self, window: Duration) {
         let config = &self.cache.config;

@@ -221,8 +221,9 @@ async fn a_full_window_batches_loads_that_arrive_after_an_await() {
     assert_eq!(provider.calls(), vec![vec![1, 2]], "30 ms < 50 ms window");
 }
 
-/// By default a window ends when the keys stop coming: a load that waits
-/// 30 ms first is not waited for, however long the window.
+/// By default a window of one task's loads (through one loader handle)
+/// ends when the keys stop coming: a load that waits 30 ms first is not
+/// waited for, however long the window.
 #[tokio::test(start_paused = true)]
 async fn a_window_does_not_wait_for_loads_after_an_await() {
     let provider = Fake::<u64>::new("batch/early");
@@ -231,12 +232,9 @@ async fn a_window_does_not_wait_for_loads_after_an_await() {
         .build()
         .unwrap();
     let loader = cache.loader();
-    let late = {
-        let loader = loader.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            loader.load(2).await
-        }
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        loader.load(2).await
     };
     let (a, b) = tokio::join!(loader.load(1), late);
     a.unwrap();
