@@ -315,3 +315,64 @@ async fn loads_do_not_join_a_fill_that_is_committing() {
     assert_eq!(first.await.unwrap().unwrap(), Some(value_of(&1)));
     assert_eq!(cache.stats().in_flight, 0);
 }
+
+/// A value that counts its clones.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Counted(u64);
+
+static CLONES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        CLONES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(self.0)
+    }
+}
+
+/// A provider of `Counted` values that answers once the test lets it.
+struct Gated(Arc<tokio::sync::Semaphore>);
+
+#[async_trait::async_trait]
+impl loadlock::BatchFetch for Gated {
+    type Key = u64;
+    type Value = Counted;
+    type Error = std::convert::Infallible;
+
+    fn namespace(&self) -> &str {
+        "coalesce/clones"
+    }
+
+    async fn fetch(
+        &self,
+        keys: &[u64],
+    ) -> Result<std::collections::HashMap<u64, Counted>, Self::Error> {
+        let _ = self.0.acquire().await;
+        Ok(keys.iter().map(|&k| (k, Counted(k))).collect())
+    }
+}
+
+/// A value is cloned where the API hands it out, not on its way there: a
+/// load that joins another loader's fill costs one clone (its own), on top
+/// of the store's copy and the first loader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_load_clones_the_value_once() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let cache = Cache::builder(Gated(gate.clone())).build().unwrap();
+    let (first, second) = (cache.loader(), cache.loader());
+    let leader = tokio::spawn(async move { first.load(7).await });
+    // The second load joins the first one's fill while it waits.
+    while cache.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let joined = tokio::spawn(async move { second.load(7).await });
+    while cache.stats().coalesced == 0 {
+        tokio::task::yield_now().await;
+    }
+    let before = CLONES.load(std::sync::atomic::Ordering::SeqCst);
+    gate.add_permits(1);
+    assert_eq!(leader.await.unwrap().unwrap(), Some(Counted(7)));
+    assert_eq!(joined.await.unwrap().unwrap(), Some(Counted(7)));
+    let clones = CLONES.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // The store's copy, and one for each of the two callers.
+    assert!(clones <= 3, "{clones} clones");
+}
