@@ -47,6 +47,7 @@ impl<F: BatchFetch> Cache<F> {
 /// | [`ttl`](CacheBuilder::ttl) | [`DEFAULT_TTL`], 5 min |
 /// | [`negative_ttl`](CacheBuilder::negative_ttl) | [`DEFAULT_NEGATIVE_TTL`], 1 min |
 /// | [`batch_window`](CacheBuilder::batch_window) | [`DEFAULT_BATCH_WINDOW`], 500 µs |
+/// | [`wait_full_window`](CacheBuilder::wait_full_window) | `false` (a window of one task's loads ends when they stop coming) |
 /// | [`provider_timeout`](CacheBuilder::provider_timeout) | [`DEFAULT_PROVIDER_TIMEOUT`], 10 s |
 /// | [`chunk_concurrency`](CacheBuilder::chunk_concurrency) | 1 |
 /// | [`retry`](CacheBuilder::retry) | [`RetryPolicy::default`] |
