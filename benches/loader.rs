@@ -114,6 +114,13 @@ impl Store<Echo> for PassThrough {
     }
 }
 
+/// One request: 1,000 concurrent loads over 100 keys through a new loader.
+async fn thousand_loads(cache: Cache<Echo>) {
+    let loader = cache.loader();
+    let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
+    assert_eq!(results.len(), 1000);
+}
+
 /// Runs one request on a task of its own, as a web server runs a handler
 /// (both loaders alike).
 async fn on_a_task(request: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -148,10 +155,7 @@ fn in_process(c: &mut Criterion) {
                         if let Some(w) = window_us {
                             builder = builder.batch_window(Duration::from_micros(w));
                         }
-                        let cache = builder.build().unwrap();
-                        let loader = cache.loader();
-                        let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
-                        assert_eq!(results.len(), 1000);
+                        thousand_loads(builder.build().unwrap()).await;
                     })
                 })
             },
@@ -185,9 +189,7 @@ fn in_process(c: &mut Criterion) {
                         .batch_window(Duration::ZERO)
                         .build()
                         .unwrap();
-                    let loader = cache.loader();
-                    let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
-                    assert_eq!(results.len(), 1000);
+                    thousand_loads(cache).await;
                 })
             })
         },
@@ -202,9 +204,7 @@ fn in_process(c: &mut Criterion) {
                         .batch_window(Duration::ZERO)
                         .build()
                         .unwrap();
-                    let loader = cache.loader();
-                    let results = join_all((0..1000u64).map(|i| loader.load(i % 100))).await;
-                    assert_eq!(results.len(), 1000);
+                    thousand_loads(cache).await;
                 })
             })
         },

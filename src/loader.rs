@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::batch::{self, Batch};
 use crate::entry::Shared;
-use crate::inflight::{FailUnfinished, Flight, Waiter};
+use crate::inflight::{FailUnfinished, Flight, Outcome, Waiter};
 use crate::pipeline::CacheInner;
 use crate::stats::Counters;
 use crate::{BatchFetch, Entry, Error};
@@ -70,8 +70,24 @@ struct LoaderState<K, V> {
     window_task: Option<tokio::task::Id>,
 }
 
-/// A caller's claim on one key's answer.
-type EntryWaiter<F> = Waiter<Shared<<F as BatchFetch>::Value>>;
+/// What registering a caller on one key gives: the memo's answer when it
+/// has one already (no waiter needed), or a claim on the key's flight.
+enum Registered<V> {
+    Answered(Option<V>),
+    Waiting(Waiter<V>),
+}
+
+impl<V: Clone> Registered<V> {
+    async fn outcome(self) -> Outcome<V> {
+        match self {
+            Registered::Answered(answer) => Ok(answer),
+            Registered::Waiting(waiter) => waiter.wait().await,
+        }
+    }
+}
+
+/// A caller's registration on one key of this loader's cache.
+type EntryRegistered<F> = Registered<Shared<<F as BatchFetch>::Value>>;
 
 /// The flights of keys a window held twice (cleared and loaded again while
 /// pending), each with the flight of the same key the batch loads.
@@ -145,7 +161,10 @@ impl<F: BatchFetch> Loader<F> {
     /// [`Error::Closed`] when the runtime shut down under the batch;
     /// [`Error::NoRuntime`] when called outside a tokio runtime.
     pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {
-        Ok(self.load_shared(key).await?.map(value_of))
+        Ok(self
+            .load_shared(key)
+            .await?
+            .map(|entry| Shared::unwrap_or_clone(entry).value))
     }
 
     /// Loads one key with its version and times ([`Entry`]); `Ok(None)` when
@@ -166,13 +185,11 @@ impl<F: BatchFetch> Loader<F> {
     /// One key's shared entry, for [`load`](Loader::load) and
     /// [`load_entry`](Loader::load_entry) to clone out what they hand over.
     async fn load_shared(&self, key: F::Key) -> Result<Option<Shared<F::Value>>, Error> {
-        // A memo hit is answered here, without a waiter.
-        if let Some(answer) = self.shared.answered(&key) {
-            return Ok(answer);
-        }
-        let waiter = self.shared.register(std::iter::once(key));
-        let outcome = match waiter.first() {
-            Some((_, waiter)) => waiter.wait().await,
+        let mut registered = None;
+        self.shared
+            .register(std::iter::once(key), |_, r| registered = Some(r));
+        let outcome = match registered {
+            Some(registered) => registered.outcome().await,
             None => Ok(None),
         };
         if outcome.is_err() {
@@ -195,12 +212,15 @@ impl<F: BatchFetch> Loader<F> {
         &self,
         keys: impl IntoIterator<Item = F::Key>,
     ) -> Result<HashMap<F::Key, F::Value>, Error> {
-        let waiters = self.shared.register(keys);
-        let mut found = HashMap::with_capacity(waiters.len());
-        for (key, waiter) in waiters {
-            match waiter.wait().await {
+        let keys = keys.into_iter();
+        let mut registered = Vec::with_capacity(keys.size_hint().0);
+        self.shared
+            .register(keys, |key, r| registered.push((key, r)));
+        let mut found = HashMap::with_capacity(registered.len());
+        for (key, registered) in registered {
+            match registered.outcome().await {
                 Ok(Some(entry)) => {
-                    found.insert(key, value_of(entry));
+                    found.insert(key, Shared::unwrap_or_clone(entry).value);
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -246,15 +266,6 @@ impl<F: BatchFetch> Loader<F> {
     }
 }
 
-/// The value of a shared entry: taken when this was its last holder,
-/// cloned otherwise (the one clone a caller gets).
-fn value_of<V: Clone>(entry: Shared<V>) -> V {
-    match Shared::try_unwrap(entry) {
-        Ok(entry) => entry.value,
-        Err(shared) => shared.value.clone(),
-    }
-}
-
 impl<F: BatchFetch> LoaderShared<F> {
     fn state(&self) -> MutexGuard<'_, LoaderState<F::Key, Shared<F::Value>>> {
         // The state is consistent between statements; a panic elsewhere while
@@ -262,15 +273,17 @@ impl<F: BatchFetch> LoaderShared<F> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers the caller on each key: on its memo entry if the loader has
-    /// one, else on a new flight added to the current batch window (starting
-    /// the window when it was empty).
+    /// Registers the caller on each key: answered by its memo entry if that
+    /// has an answer, waiting on it if it is loading, else on a new flight
+    /// added to the current batch window (starting the window when it was
+    /// empty). Hands each key's registration to `each` (under the loader's
+    /// lock: it only stores it).
     fn register(
         self: &Arc<Self>,
         keys: impl IntoIterator<Item = F::Key>,
-    ) -> Vec<(F::Key, EntryWaiter<F>)> {
-        let keys = keys.into_iter();
-        let mut waiters = Vec::with_capacity(keys.size_hint().0);
+        mut each: impl FnMut(F::Key, EntryRegistered<F>),
+    ) {
+        let mut loads = 0;
         let mut memo_hits = 0;
         let full = self.cache.config.max_batch_size;
         let (start_window, filled) = {
@@ -279,21 +292,25 @@ impl<F: BatchFetch> LoaderShared<F> {
             let before = state.pending.len();
             let was_full = before >= full;
             for key in keys {
-                let flight = match state.memo.get(&key) {
+                // A waiter is taken under the lock, so a batch dropping
+                // callerless keys never races a new caller of the same key.
+                let registered = match state.memo.get(&key) {
                     Some(flight) if !flight.has_failed() => {
                         memo_hits += 1;
-                        Arc::clone(flight)
+                        match flight.outcome() {
+                            Some(Ok(answer)) => Registered::Answered(answer.clone()),
+                            _ => Registered::Waiting(flight.waiter()),
+                        }
                     }
                     _ => {
                         let flight = Flight::pending();
                         state.memo.insert(key.clone(), Arc::clone(&flight));
                         state.pending.push((key.clone(), Arc::clone(&flight)));
-                        flight
+                        Registered::Waiting(flight.waiter())
                     }
                 };
-                // Under the lock, so a batch dropping callerless keys never
-                // races a new caller of the same key.
-                waiters.push((key, flight.waiter()));
+                loads += 1;
+                each(key, registered);
             }
             // Which task issued the window's keys (see `collect`); a call
             // that only met the memo adds none.
@@ -317,31 +334,13 @@ impl<F: BatchFetch> LoaderShared<F> {
             )
         };
         let counters = &self.cache.counters;
-        Counters::add(&counters.loads, waiters.len());
+        Counters::add(&counters.loads, loads);
         Counters::add(&counters.memo_hits, memo_hits);
         if start_window {
             spawn_window(Arc::clone(self));
         } else if filled {
             self.full.notify_waiters();
         }
-        waiters
-    }
-
-    /// The memo's answer for `key`, if it has one already (counted as a
-    /// load and a memo hit); `None` when the key is loading, failed or
-    /// unknown.
-    fn answered(&self, key: &F::Key) -> Option<Option<Shared<F::Value>>> {
-        let answer = {
-            let state = self.state();
-            match state.memo.get(key)?.outcome()? {
-                Ok(answer) => answer.clone(),
-                Err(_) => return None,
-            }
-        };
-        let counters = &self.cache.counters;
-        Counters::add(&counters.loads, 1);
-        Counters::add(&counters.memo_hits, 1);
-        Some(answer)
     }
 
     /// How many keys the current window holds, and whether it may end

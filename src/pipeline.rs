@@ -25,6 +25,25 @@ pub(crate) struct CacheInner<F: BatchFetch> {
 }
 
 impl<F: BatchFetch> CacheInner<F> {
+    /// What a store needs to fill `keys` for this cache.
+    fn fill_of<'a>(
+        &'a self,
+        keys: &'a [F::Key],
+        prepaid: &'a Prepaid,
+        leave: &'a (dyn Fn(&[usize]) + Send + Sync),
+    ) -> Fill<'a, F> {
+        Fill {
+            namespace: self.provider.namespace(),
+            keys,
+            ttl: self.config.ttl,
+            negative_ttl: self.config.negative_ttl,
+            provider: &self.provider,
+            prepaid,
+            counters: &self.counters,
+            leave,
+        }
+    }
+
     /// The optimistic read of `keys`; aligned with `keys`.
     pub(crate) async fn read(
         &self,
@@ -75,17 +94,7 @@ impl<F: BatchFetch> CacheInner<F> {
         tally: &mut Tally,
     ) -> Result<Vec<crate::inflight::Outcome<Shared<F::Value>>>, Error> {
         let prepaid = Prepaid::default();
-        let fill = Fill {
-            namespace: self.provider.namespace(),
-            keys,
-            ttl: self.config.ttl,
-            negative_ttl: self.config.negative_ttl,
-            provider: &self.provider,
-            prepaid: &prepaid,
-            counters: &self.counters,
-            leave,
-        };
-        let filled = self.store.fill(fill).await?;
+        let filled = self.store.fill(self.fill_of(keys, &prepaid, leave)).await?;
         if filled.len() != keys.len() {
             return Err(Error::Store {
                 message: format!(
@@ -147,17 +156,8 @@ impl<F: BatchFetch> CacheInner<F> {
     /// One background refresh; the number of keys it fetched.
     async fn refresh(&self, keys: &[F::Key]) -> Result<usize, Error> {
         let prepaid = Prepaid::default();
-        let fill = Fill {
-            namespace: self.provider.namespace(),
-            keys,
-            ttl: self.config.ttl,
-            negative_ttl: self.config.negative_ttl,
-            provider: &self.provider,
-            prepaid: &prepaid,
-            counters: &self.counters,
-            // Nobody joins a refresh.
-            leave: &|_: &[usize]| {},
-        };
+        // Nobody joins a refresh.
+        let fill = self.fill_of(keys, &prepaid, &|_: &[usize]| {});
         let filled = self.store.refresh(fill).await?;
         Ok(filled.map_or(0, |answers| {
             answers
