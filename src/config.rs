@@ -43,7 +43,7 @@ pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// next 1 ms tick. 500 µs leaves margin for tasks that do a little work
 /// before they load, at half a millisecond less latency than 1 ms. One
 /// task's loads do not wait for the timer at all: 1,000 concurrent loads
-/// of one request take 0.56x async-graphql's time (`cargo bench --bench
+/// of one request take 0.50x async-graphql's time (`cargo bench --bench
 /// loader`).
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(500);
 
