@@ -1,13 +1,14 @@
 //! [`Cache`]: the process-wide handle, shared by every loader of one
 //! provider: loaders, invalidation, writes, events and statistics.
 
+use std::fmt;
+use std::sync::Arc;
+
 use crate::pipeline::CacheInner;
 use crate::stats::Counters;
 use crate::{
     BatchFetch, CacheConfig, Error, Invalidation, Invalidations, Loader, Stats, WriteError,
 };
-use std::fmt;
-use std::sync::Arc;
 
 /// The process-wide cache of one provider: the in-flight table (tier 1) in
 /// front of a [`Store`](crate::Store) (tier 2) in front of the provider (tier 3).
