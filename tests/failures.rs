@@ -21,8 +21,12 @@ async fn provider_error_fails_the_whole_batch_and_is_not_cached() {
     // One batch: three keys in one loader, plus a second loader joining key 1.
     let loader = cache.loader();
     let other = cache.loader();
+    // Joins once the first loader's keys are in flight (a fixed sleep raced
+    // the first batch on a loaded machine).
     let joiner = async {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        while cache.stats().in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         other.load(1).await
     };
     let (a, b, c, joined) = tokio::join!(loader.load(1), loader.load(2), loader.load(3), joiner);
