@@ -211,13 +211,26 @@ impl<F: BatchFetch> CacheBuilder<F> {
     }
 
     /// Limits provider calls made by this cache (this process).
+    ///
+    /// Under any rate limit (this one, [`rate_limit_keys`](Self::rate_limit_keys)
+    /// or [`fleet_rate_limit`](Self::fleet_rate_limit)), a call that has to
+    /// wait for its budget takes in the keys of calls that start while it
+    /// waits, up to the provider's `max_batch_size`: when the limit binds,
+    /// each call the budget allows carries as many keys as it can
+    /// ([`Stats::merged_calls`](crate::Stats::merged_calls) counts the calls
+    /// saved). A call whose budget is there is made at once with its own
+    /// keys. Keys of different fills share that call's outcome: its retries,
+    /// and its error if it fails.
     pub fn rate_limit_calls(mut self, quota: Quota) -> Self {
         self.calls_quota = Some(quota);
         self
     }
 
     /// Limits keys sent to the provider by this cache (this process). The
-    /// quota's burst must be at least the provider's `max_batch_size`.
+    /// quota's burst must be at least the provider's `max_batch_size`. Keys
+    /// that join a waiting call (see
+    /// [`rate_limit_calls`](Self::rate_limit_calls)) are charged before it
+    /// is made.
     pub fn rate_limit_keys(mut self, quota: Quota) -> Self {
         self.keys_quota = Some(quota);
         self
@@ -225,6 +238,8 @@ impl<F: BatchFetch> CacheBuilder<F> {
 
     /// Limits provider calls across every instance sharing `limit`'s table,
     /// and pauses them all when the provider asks one of them to back off.
+    /// Calls waiting for this budget share calls as described at
+    /// [`rate_limit_calls`](Self::rate_limit_calls).
     #[cfg(feature = "postgres")]
     pub fn fleet_rate_limit(mut self, limit: crate::PgRateLimit) -> Self {
         self.fleet = Some(Arc::new(limit));

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 
 use crate::limit::{Limiter, Prepaid};
+use crate::merge::{Boarding, Maker, Seat};
 use crate::stats::Counters;
 use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
 
@@ -25,11 +26,13 @@ pub(crate) struct CallPolicy {
 }
 
 /// The provider with everything the cache puts in front of it.
-pub(crate) struct ProviderCaller<F> {
+pub(crate) struct ProviderCaller<F: BatchFetch> {
     provider: F,
     namespace: Arc<str>,
     max_batch_size: usize,
     policy: CallPolicy,
+    /// Calls waiting for the rate limiter's budget, open to more keys.
+    boarding: Arc<Boarding<F::Key, F::Value>>,
 }
 
 /// Why one attempt failed, and what to do about it.
@@ -47,6 +50,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
             namespace,
             max_batch_size,
             policy,
+            boarding: Arc::default(),
         }
     }
 
@@ -137,10 +141,53 @@ impl<F: BatchFetch> ProviderCaller<F> {
         Ok(all)
     }
 
-    /// One chunk: limiter, call, and retries as the error's class says.
+    /// One chunk: under a rate limit, rides on a call that waits for its
+    /// permit if one has room (see [`crate::merge`]), or makes one.
     async fn call_chunk(
         &self,
         chunk: &[F::Key],
+        prepaid: &Prepaid,
+        counters: &Counters,
+    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+        if self.policy.limiter.is_unlimited() || prepaid.covers(chunk.len()) {
+            return self.make_call(chunk, None, prepaid, counters).await;
+        }
+        loop {
+            match self.boarding.board(chunk, self.max_batch_size) {
+                Seat::Joined(joined) => {
+                    if let Some(answer) = joined.answered().await {
+                        return answer;
+                    }
+                    // Its maker was cancelled: another call.
+                }
+                Seat::Maker(maker) => {
+                    return self.make_call(chunk, Some(maker), prepaid, counters).await;
+                }
+            }
+        }
+    }
+
+    /// One call: limiter, call, and retries as the error's class says; with
+    /// `maker`, for every key that joined it while it waited for its permit
+    /// too.
+    async fn make_call(
+        &self,
+        chunk: &[F::Key],
+        mut maker: Option<Maker<F::Key, F::Value>>,
+        prepaid: &Prepaid,
+        counters: &Counters,
+    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+        let answer = self.call_keys(chunk, &mut maker, prepaid, counters).await;
+        match maker {
+            Some(maker) => maker.answer(answer),
+            None => answer,
+        }
+    }
+
+    async fn call_keys(
+        &self,
+        chunk: &[F::Key],
+        maker: &mut Option<Maker<F::Key, F::Value>>,
         prepaid: &Prepaid,
         counters: &Counters,
     ) -> Result<HashMap<F::Key, F::Value>, Error> {
@@ -149,12 +196,28 @@ impl<F: BatchFetch> ProviderCaller<F> {
         let mut attempt = 1;
         // When the first rate-limited answer of this call came.
         let mut throttled_since: Option<tokio::time::Instant> = None;
+        let mut merged: Option<Vec<F::Key>> = None;
         loop {
+            let asked = merged.as_deref().unwrap_or(chunk);
             policy
                 .limiter
-                .before_call(&self.namespace, chunk.len(), prepaid, counters)
+                .before_call(&self.namespace, asked.len(), prepaid, counters)
                 .await?;
-            let failure = match self.attempt(chunk, counters).await {
+            if let (Some(maker), None) = (maker.as_mut(), &merged) {
+                // Permitted: no more joiners. Keys that joined while it
+                // waited are charged to a keys quota now.
+                let all = maker.close();
+                if all.len() > chunk.len() {
+                    policy
+                        .limiter
+                        .charge_keys(&self.namespace, all.len() - chunk.len())
+                        .await?;
+                    Counters::add(&counters.merged_calls, maker.joiners());
+                }
+                merged = Some(all);
+            }
+            let asked = merged.as_deref().unwrap_or(chunk);
+            let failure = match self.attempt(asked, counters).await {
                 Ok(values) => return Ok(values),
                 Err(failure) => failure,
             };
@@ -259,7 +322,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
     }
 }
 
-impl<F> fmt::Debug for ProviderCaller<F> {
+impl<F: BatchFetch> fmt::Debug for ProviderCaller<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProviderCaller")
             .field("namespace", &self.namespace)

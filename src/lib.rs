@@ -120,6 +120,7 @@ mod inflight;
 mod limit;
 mod loader;
 mod local;
+mod merge;
 mod pipeline;
 mod retry;
 mod stats;

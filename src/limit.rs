@@ -13,6 +13,10 @@
 //! ([`Fill::prepay_first_call`](crate::store::Fill::prepay_first_call)); if
 //! its re-read then finds every key filled by someone else, that permit
 //! goes unused.
+//!
+//! A call that waits for its permit takes in the keys of calls that start
+//! meanwhile ([`crate::merge`]); those keys are charged to a keys quota
+//! once the permit is granted.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -182,6 +186,14 @@ pub(crate) struct Prepaid {
 }
 
 impl Prepaid {
+    /// Whether a prepaid permit covers `keys` keys.
+    pub(crate) fn covers(&self, keys: usize) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|paid| paid >= keys)
+    }
+
     /// Takes the prepaid permit if it covers `keys` keys.
     fn take(&self, keys: usize) -> bool {
         let mut slot = self.keys.lock().unwrap_or_else(|e| e.into_inner());
@@ -324,6 +336,19 @@ impl Limiter {
                 // would add to the calls the budget lets through after it.
                 return self.acquire(namespace, keys, counters).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Charges `keys` more keys to the keys quota, if there is one: the keys
+    /// that joined a call after its permit was counted.
+    pub(crate) async fn charge_keys(&self, namespace: &str, keys: usize) -> Result<(), Error> {
+        if let Some((gcra, burst)) = &self.keys {
+            let n = u32::try_from(keys)
+                .ok()
+                .and_then(NonZeroU32::new)
+                .map_or(NonZeroU32::MIN, |n| n.min(*burst));
+            self.wait_local(gcra, n, namespace).await?;
         }
         Ok(())
     }

@@ -61,6 +61,11 @@ pub struct Stats {
     /// fleet-wide rate limit, or a fleet pause), plus waits the provider
     /// asked for with a rate-limit answer.
     pub rate_limited_waits: u64,
+    /// Chunks of keys that waited for the rate limiter's budget on another
+    /// chunk's call instead of a call of their own (see
+    /// [`CacheBuilder::rate_limit_calls`](crate::CacheBuilder::rate_limit_calls)):
+    /// provider calls saved.
+    pub merged_calls: u64,
     /// `load` / `load_many` calls that returned an error.
     pub errors: u64,
     /// Keys invalidated through this cache.
@@ -120,6 +125,7 @@ pub(crate) struct Counters {
     pub(crate) provider_retries: AtomicU64,
     pub(crate) provider_timeouts: AtomicU64,
     pub(crate) rate_limited_waits: AtomicU64,
+    pub(crate) merged_calls: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) stale_served: AtomicU64,
@@ -162,6 +168,7 @@ impl Counters {
             provider_retries: self.provider_retries.load(Relaxed),
             provider_timeouts: self.provider_timeouts.load(Relaxed),
             rate_limited_waits: self.rate_limited_waits.load(Relaxed),
+            merged_calls: self.merged_calls.load(Relaxed),
             errors: self.errors.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),

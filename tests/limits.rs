@@ -102,14 +102,9 @@ async fn calls_quota_spaces_calls_on_tokio_time() {
         .build()
         .unwrap();
     let origin = Instant::now();
-    let loads: Vec<_> = (0..6u64)
-        .map(|k| {
-            let cache = cache.clone();
-            tokio::spawn(async move { cache.loader().load(k).await })
-        })
-        .collect();
-    for load in loads {
-        load.await.unwrap().unwrap();
+    // One at a time: loads that wait together share a call (below).
+    for k in 0..6u64 {
+        cache.loader().load(k).await.unwrap();
     }
     let times = provider.call_times(origin);
     assert_eq!(times.len(), 6);
@@ -122,6 +117,92 @@ async fn calls_quota_spaces_calls_on_tokio_time() {
         );
     }
     assert_eq!(cache.stats().rate_limited_waits, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn loads_waiting_for_the_budget_share_full_calls() {
+    let provider = Scripted::new(0, ErrorClass::Permanent);
+    let cache = Cache::builder(provider.clone())
+        .rate_limit_calls(Quota::per_second(n(4)))
+        .build()
+        .unwrap();
+    let origin = Instant::now();
+    // 250 requests, each its own loader and fill, all at once.
+    let loads: Vec<_> = (0..250u64)
+        .map(|k| {
+            let cache = cache.clone();
+            tokio::spawn(async move { (k, cache.loader().load(k).await) })
+        })
+        .collect();
+    for load in loads {
+        let (k, got) = load.await.unwrap();
+        assert_eq!(got.unwrap(), Some(k));
+    }
+    let calls = provider.started.lock().unwrap().clone();
+    let keys: Vec<usize> = calls.iter().map(|&(_, keys)| keys).collect();
+    assert_eq!(
+        keys.iter().sum::<usize>(),
+        250,
+        "each key asked once: {keys:?}"
+    );
+    assert!(keys.iter().all(|&k| k <= 100), "{keys:?}");
+    // The budget buys full calls: the first goes at once, the rest wait
+    // together, at most 100 keys each.
+    assert!(calls.len() <= 5, "{keys:?}");
+    for pair in calls.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
+            "{calls:?}"
+        );
+    }
+    assert!(
+        origin.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        origin.elapsed()
+    );
+    let stats = cache.stats();
+    assert_eq!(stats.provider_calls, calls.len() as u64);
+    assert_eq!(stats.merged_calls, 250 - calls.len() as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_that_share_a_call_are_charged_to_the_keys_quota() {
+    let provider = Scripted::new(0, ErrorClass::Permanent);
+    // 100 keys per second, a whole call at once.
+    let cache = Cache::builder(provider.clone())
+        .rate_limit_keys(Quota::per_second(n(100)).with_burst(n(100)))
+        .build()
+        .unwrap();
+    let origin = Instant::now();
+    let loads: Vec<_> = (0..300u64)
+        .map(|k| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.loader().load(k).await })
+        })
+        .collect();
+    for load in loads {
+        load.await.unwrap().unwrap();
+    }
+    let calls = provider.call_times(origin);
+    let keys: Vec<usize> = provider
+        .started
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(keys.iter().sum::<usize>(), 300);
+    assert!(calls.len() < 300, "some loads shared a call: {keys:?}");
+    // By any call, no more keys than the quota allows by then.
+    let mut asked = 0;
+    for (at, n) in calls.iter().zip(&keys) {
+        asked += n;
+        let allowed = 100.0 + 100.0 * at.as_secs_f64() + 1.0;
+        assert!(
+            asked as f64 <= allowed,
+            "{asked} keys by {at:?}: {calls:?} {keys:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
