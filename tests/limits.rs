@@ -298,20 +298,56 @@ async fn rate_limited_without_retry_after_backs_off_until_the_deadline() {
 /// however few attempts the policy allows for failures.
 #[tokio::test(start_paused = true)]
 async fn short_retry_afters_are_waited_out_beyond_the_attempts() {
+    // 50 answers in a row asking for 5 ms: 250 ms, within the deadline.
     let provider = Scripted::new(
-        6,
+        50,
         ErrorClass::RateLimited {
-            retry_after: Some(Duration::from_millis(4)),
+            retry_after: Some(Duration::from_millis(5)),
         },
     );
     let cache = Cache::builder(provider.clone())
         .retry(RetryPolicy::default().with_max_attempts(n(2)))
         .build()
         .unwrap();
+    let origin = Instant::now();
     assert_eq!(cache.loader().load(1).await.unwrap(), Some(1));
-    assert_eq!(provider.started.lock().unwrap().len(), 7);
-    assert_eq!(cache.stats().rate_limited_waits, 6);
-    assert_eq!(cache.stats().provider_retries, 6);
+    assert_eq!(provider.started.lock().unwrap().len(), 51);
+    assert!(
+        origin.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        origin.elapsed()
+    );
+    assert_eq!(cache.stats().rate_limited_waits, 50);
+    assert_eq!(cache.stats().provider_retries, 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_retry_afters_fail_the_load_past_the_deadline() {
+    let provider = Scripted::new(
+        usize::MAX,
+        ErrorClass::RateLimited {
+            retry_after: Some(Duration::from_millis(5)),
+        },
+    );
+    let cache = Cache::builder(provider.clone())
+        .retry(
+            RetryPolicy::default()
+                .with_max_attempts(n(2))
+                .with_rate_limit_deadline(Duration::from_millis(100)),
+        )
+        .build()
+        .unwrap();
+    let origin = Instant::now();
+    let err = cache.loader().load(1).await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+    let calls = provider.started.lock().unwrap().len();
+    // Waited out until the deadline (20 waits of 5 ms), not after 2 attempts.
+    assert!((19..=22).contains(&calls), "{calls} calls");
+    assert!(
+        origin.elapsed() <= Duration::from_millis(110),
+        "{:?}",
+        origin.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -3,7 +3,7 @@
 //!
 //! I instances (each its own pool) x R concurrent clients per instance, each
 //! client making requests of K keys drawn from Zipf(s) over N keys. The same
-//! workload (same seeds, same keys) runs under five strategies:
+//! workload (same seeds, same keys) runs under each strategy:
 //!
 //! * `per-key` — every load calls the provider (the naive client);
 //! * `dataloader` — per-request dedup and batching, no shared cache;
@@ -12,8 +12,16 @@
 //! * `loadlock` — fills under leases (the default protocol);
 //! * `loadlock-held` — fills in held transactions (the older protocol).
 //!
+//! By default the provider allows 100 calls/s for the whole fleet, a limit
+//! that binds: the baselines wait out its 429s, and loadlock is configured
+//! as the README tells users to, with `fleet_rate_limit` (a `PgRateLimit`
+//! at 95% of the limit). `--open` runs the scenario where the limit is out
+//! of reach (20,000 calls/s), with more load, every strategy, and no fleet
+//! budget.
+//!
 //! ```text
 //! cargo run --release --example hit_ratio
+//! cargo run --release --example hit_ratio -- --open
 //! cargo run --release --example hit_ratio -- --json
 //! cargo run --release --example hit_ratio -- --plot hit_ratio.svg --sweep-instances 1,2,4,8
 //! ```
@@ -23,10 +31,13 @@
 //! binaries (it stops itself shortly after the run).
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../tests/support/pg.rs"]
+#[path = "../../tests/support/pg.rs"]
 mod pg;
+mod plot;
+mod trace;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -35,20 +46,23 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::future::join_all;
 use indicatif::{ProgressBar, ProgressStyle};
-use loadlock::{BatchFetch, Cache, ErrorClass, FillMode, PgStore, RetryPolicy, Stats};
+use loadlock::{
+    BatchFetch, Cache, ErrorClass, FillMode, PgRateLimit, PgStore, Quota, RetryPolicy, Stats,
+};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
 use sqlx::PgPool;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Hit ratio and provider calls of loadlock next to the alternatives")]
-struct Args {
+struct Cli {
     /// Service instances, each a Cache on its own pool.
     #[arg(long, default_value_t = 8)]
     instances: usize,
-    /// Concurrent clients (requests in flight) per instance.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    /// Concurrent clients (requests in flight) per instance [default: 32;
+    /// with --open, 64].
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Keys loaded per request.
     #[arg(long, default_value_t = 20)]
     keys_per_request: usize,
@@ -58,27 +72,42 @@ struct Args {
     /// Zipf exponent of the key popularity.
     #[arg(long, default_value_t = 1.1)]
     zipf: f64,
-    /// Requests per client (ignored with --duration).
-    #[arg(long, default_value_t = 30)]
-    requests: usize,
+    /// Requests per client (ignored with --duration) [default: 5; with
+    /// --open, 30].
+    #[arg(long)]
+    requests: Option<usize>,
     /// Run each strategy for this many seconds instead of a request count;
     /// requests in flight at the end are completed and counted.
     #[arg(long)]
     duration: Option<f64>,
-    /// Provider latency per call, in milliseconds.
-    #[arg(long, default_value_t = 20)]
-    latency_ms: u64,
-    /// Provider rate limit, calls per second (it answers "429" beyond it).
-    #[arg(long, default_value_t = 20_000)]
-    rate_limit: u32,
+    /// Provider latency per call, in milliseconds [default: 50; with --open,
+    /// 20].
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Provider rate limit, calls per second, for the whole fleet (it
+    /// answers "429" beyond it) [default: 100; with --open, 20000].
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// The scenario where the provider's limit does not bind: 20,000
+    /// calls/s, 20 ms, 64 clients per instance, 30 requests each, every
+    /// strategy, and loadlock without a fleet budget. Flags given
+    /// explicitly still apply.
+    #[arg(long)]
+    open: bool,
+    /// Run loadlock without `fleet_rate_limit` (it is configured by default
+    /// unless --open: a `PgRateLimit` at 95% of --rate-limit).
+    #[arg(long)]
+    no_fleet_limit: bool,
     /// Provider's maximum keys per call.
     #[arg(long, default_value_t = 100)]
     max_batch: usize,
     /// Connections per instance pool.
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
-    /// Strategies to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["per-key".to_string(), "dataloader".to_string(), "cache-aside".to_string(), "loadlock".to_string(), "loadlock-held".to_string()])]
+    /// Strategies to run [default: dataloader, cache-aside, loadlock,
+    /// loadlock-held; with --open, per-key too (under a binding limit it
+    /// would take minutes)].
+    #[arg(long, value_delimiter = ',')]
     strategies: Vec<String>,
     /// Print one JSON object to stdout instead of the table.
     #[arg(long)]
@@ -93,6 +122,113 @@ struct Args {
     /// Seed of the key draws.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Replay this access log instead of drawing keys (CSV lines
+    /// `time,key[,request]`; see docs/sample_trace.csv): its requests at its
+    /// times, spread over the instances in turn.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Replay the trace this many times faster than it was logged (TTLs
+    /// shrink with it).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Time to live of cached entries, in seconds of the workload's time (a
+    /// trace's time before speeding it up).
+    #[arg(long, default_value_t = 3600.0)]
+    ttl: f64,
+    /// Also run loadlock with each of these TTLs (seconds, for example
+    /// 10,60,300) and report hit ratio and provider calls per TTL.
+    #[arg(long, value_delimiter = ',')]
+    sweep_ttl: Vec<f64>,
+}
+
+/// The workload with the scenario's defaults filled in.
+#[derive(Debug, Clone)]
+struct Args {
+    instances: usize,
+    concurrency: usize,
+    keys_per_request: usize,
+    key_space: u64,
+    zipf: f64,
+    requests: usize,
+    duration: Option<f64>,
+    latency_ms: u64,
+    rate_limit: u32,
+    /// Whether loadlock gets a fleet budget (`fleet_rate_limit`).
+    fleet_limit: bool,
+    max_batch: usize,
+    pool_size: u32,
+    strategies: Vec<String>,
+    json: bool,
+    plot: Option<PathBuf>,
+    sweep_instances: Vec<usize>,
+    seed: u64,
+    trace: Option<Arc<trace::Trace>>,
+    /// Where the trace came from, for the report.
+    trace_path: Option<PathBuf>,
+    speed: f64,
+    ttl: f64,
+    sweep_ttl: Vec<f64>,
+}
+
+impl Cli {
+    fn resolve(self) -> Args {
+        let bad = |message: String| -> ! {
+            eprintln!("{message}");
+            std::process::exit(2)
+        };
+        let trace = self.trace.as_ref().map(|path| {
+            let text = std::fs::read_to_string(path)
+                .unwrap_or_else(|e| bad(format!("cannot read {}: {e}", path.display())));
+            Arc::new(
+                trace::parse(&text).unwrap_or_else(|e| bad(format!("{}: {e}", path.display()))),
+            )
+        });
+        if !(self.speed.is_finite() && self.speed > 0.0) {
+            bad("--speed must be a positive number".into());
+        }
+        for ttl in std::iter::once(&self.ttl).chain(&self.sweep_ttl) {
+            if !(ttl.is_finite() && *ttl > 0.0) {
+                bad(format!(
+                    "a TTL must be a positive number of seconds, not {ttl}"
+                ));
+            }
+        }
+        let open = self.open;
+        let pick = |binding: u64, open_value: u64| if open { open_value } else { binding };
+        let strategies = if self.strategies.is_empty() {
+            let mut names = vec!["dataloader", "cache-aside", "loadlock", "loadlock-held"];
+            if open {
+                names.insert(0, "per-key");
+            }
+            names.into_iter().map(str::to_owned).collect()
+        } else {
+            self.strategies
+        };
+        Args {
+            instances: self.instances,
+            concurrency: self.concurrency.unwrap_or(pick(32, 64) as usize),
+            keys_per_request: self.keys_per_request,
+            key_space: self.key_space,
+            zipf: self.zipf,
+            requests: self.requests.unwrap_or(pick(5, 30) as usize),
+            duration: self.duration,
+            latency_ms: self.latency_ms.unwrap_or(pick(50, 20)),
+            rate_limit: self.rate_limit.unwrap_or(pick(100, 20_000) as u32),
+            fleet_limit: !open && !self.no_fleet_limit,
+            max_batch: self.max_batch,
+            pool_size: self.pool_size,
+            strategies,
+            json: self.json,
+            plot: self.plot,
+            sweep_instances: self.sweep_instances,
+            seed: self.seed,
+            trace,
+            trace_path: self.trace,
+            speed: self.speed,
+            ttl: self.ttl,
+            sweep_ttl: self.sweep_ttl,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- provider
@@ -109,6 +245,10 @@ struct Sim {
     calls: AtomicU64,
     keys: AtomicU64,
     refused: AtomicU64,
+    /// When the run started, and when each call came (seconds since), and
+    /// whether it was refused.
+    started: Mutex<Instant>,
+    log: Mutex<Vec<(f64, bool)>>,
 }
 
 #[derive(Debug)]
@@ -134,6 +274,8 @@ impl Sim {
             calls: AtomicU64::new(0),
             keys: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            started: Mutex::new(Instant::now()),
+            log: Mutex::new(Vec::new()),
         })
     }
 
@@ -142,7 +284,12 @@ impl Sim {
             let now = Instant::now();
             let mut tat = self.tat.lock().unwrap();
             let base = (*tat).max(now);
-            if base.duration_since(now) > self.tolerance {
+            let since = now
+                .duration_since(*self.started.lock().unwrap())
+                .as_secs_f64();
+            let refused = base.duration_since(now) > self.tolerance;
+            self.log.lock().unwrap().push((since, refused));
+            if refused {
                 self.refused.fetch_add(1, Relaxed);
                 return Err(Throttled(base.duration_since(now) - self.tolerance));
             }
@@ -253,6 +400,7 @@ enum Client {
         pool: PgPool,
         table: String,
         namespace: String,
+        ttl: Duration,
     },
     Loadlock(Cache<SimFetch>),
 }
@@ -288,6 +436,7 @@ impl Client {
                 pool,
                 table,
                 namespace,
+                ttl,
             } => {
                 let unique = dedup(keys);
                 let texts: Vec<String> = unique.iter().map(u64::to_string).collect();
@@ -323,7 +472,7 @@ impl Client {
                     let (ks, vs): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
                     sqlx::query(&format!(
                         "INSERT INTO {table} (namespace, key, value, fetched_at, expires_at) \
-                         SELECT $1, k, to_jsonb(v), now(), now() + interval '1 hour' \
+                         SELECT $1, k, to_jsonb(v), now(), now() + make_interval(secs => $4) \
                          FROM unnest($2::text[], $3::text[]) AS u(k, v) ORDER BY k \
                          ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, \
                            fetched_at = EXCLUDED.fetched_at, expires_at = EXCLUDED.expires_at"
@@ -331,6 +480,7 @@ impl Client {
                     .bind(namespace)
                     .bind(&ks)
                     .bind(&vs)
+                    .bind(ttl.as_secs_f64())
                     .execute(pool)
                     .await
                     .map_err(|e| loadlock::Error::store("cache-aside write", e))?;
@@ -346,6 +496,19 @@ impl Client {
             }
         }
     }
+}
+
+/// A broken setup (database down, too few connections) would only repeat:
+/// stop at the first failed request.
+fn fail(err: &loadlock::Error) -> ! {
+    let mut message = format!("request failed: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    std::process::exit(1);
 }
 
 fn dedup(keys: &[u64]) -> Vec<u64> {
@@ -375,13 +538,25 @@ struct Report {
     p99_ms: f64,
     max_ms: f64,
     wall_s: f64,
+    /// Calls the provider refused (its "429"s).
+    refused: u64,
+    /// Refused calls among all calls tried.
+    refused_share: f64,
+    /// Calls that waited for a budget: the client's own (loadlock's rate
+    /// limiter) or a 429's retry-after (the baselines).
     rate_limit_waits: u64,
+    /// Time to live, in seconds of the workload's time.
+    ttl_s: f64,
+    /// Calls made and refused in each second of the run.
+    calls_per_second: Vec<(u64, u64)>,
 }
 
 struct Env {
     args: Args,
     url: String,
     table: String,
+    /// The fleet budget's table, when loadlock gets one.
+    budget_table: Option<String>,
     run_id: String,
 }
 
@@ -403,8 +578,15 @@ async fn open_pools(url: &str, instances: usize, size: u32) -> Vec<PgPool> {
     pools
 }
 
-async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) -> Report {
+async fn run(
+    env: &Env,
+    kind: Kind,
+    instances: usize,
+    ttl_s: f64,
+    progress: &ProgressBar,
+) -> Report {
     let args = &env.args;
+    let ttl = Duration::from_secs_f64(ttl_s / args.speed);
     let sim = Sim::new(args);
     // A namespace of its own per run: no run starts with another's entries.
     static RUNS: AtomicU64 = AtomicU64::new(0);
@@ -425,6 +607,7 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
                 pool: pool.clone(),
                 table: env.table.clone(),
                 namespace: namespace.clone(),
+                ttl,
             },
             Kind::Loadlock(fill) => {
                 let store = PgStore::builder(pool.clone())
@@ -432,19 +615,38 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
                     .fill_mode(fill)
                     .build()
                     .expect("store");
+                let mut builder = Cache::builder(SimFetch {
+                    sim: sim.clone(),
+                    namespace: namespace.clone(),
+                });
+                if let Some(table) = &env.budget_table {
+                    // As the README tells users: one budget for the fleet,
+                    // at the provider's limit less a margin, on a pool of
+                    // its own.
+                    let budget_pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect(&env.url)
+                        .await
+                        .expect("budget pool");
+                    let per_second = (u64::from(args.rate_limit) * 95 / 100).max(1);
+                    let quota = Quota::per_second(
+                        NonZeroU32::new(u32::try_from(per_second).unwrap_or(u32::MAX))
+                            .expect("positive"),
+                    );
+                    builder = builder.fleet_rate_limit(
+                        PgRateLimit::with_table(budget_pool, quota, table).expect("budget"),
+                    );
+                }
                 Client::Loadlock(
-                    Cache::builder(SimFetch {
-                        sim: sim.clone(),
-                        namespace: namespace.clone(),
-                    })
-                    .store(store)
-                    .ttl(Duration::from_secs(3600))
-                    // Rate-limited answers are waited out (to the policy's
-                    // deadline) without spending attempts.
-                    .retry(RetryPolicy::default().with_max_retry_after(Duration::from_secs(5)))
-                    .provider_timeout(Duration::from_secs(5))
-                    .build()
-                    .expect("cache"),
+                    builder
+                        .store(store)
+                        .ttl(ttl)
+                        // Rate-limited answers are waited out (to the policy's
+                        // deadline) without spending attempts.
+                        .retry(RetryPolicy::default().with_max_retry_after(Duration::from_secs(5)))
+                        .provider_timeout(Duration::from_secs(5))
+                        .build()
+                        .expect("cache"),
                 )
             }
         }));
@@ -458,8 +660,32 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
     let zipf = Zipf::new(args.key_space, args.zipf).expect("zipf parameters");
     let started = Instant::now();
+    *sim.started.lock().unwrap() = started;
     let mut tasks = Vec::new();
-    for (i, client) in clients.iter().enumerate() {
+    if let Some(trace) = &args.trace {
+        // The log's requests at the log's times (sped up), spread over the
+        // instances in turn; as many in flight as the log says.
+        for (i, request) in trace.requests.iter().enumerate() {
+            let client = clients[i % clients.len()].clone();
+            let (waits, memo, store, progress) =
+                (waits.clone(), memo.clone(), store.clone(), progress.clone());
+            let at = started + Duration::from_secs_f64(request.at / args.speed);
+            let keys = request.keys.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                let t = Instant::now();
+                let tally = client
+                    .request(&keys, &waits)
+                    .await
+                    .unwrap_or_else(|e| fail(&e));
+                memo.fetch_add(tally.memo, Relaxed);
+                store.fetch_add(tally.store, Relaxed);
+                progress.inc(1);
+                (keys, vec![t.elapsed()])
+            }));
+        }
+    }
+    for (i, client) in clients.iter().enumerate().filter(|_| args.trace.is_none()) {
         for c in 0..args.concurrency {
             let (client, waits, memo, store, progress) = (
                 client.clone(),
@@ -492,18 +718,7 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
                             latencies.push(t.elapsed());
                             asked.extend_from_slice(&keys);
                         }
-                        Err(err) => {
-                            // A broken setup (database down, too few
-                            // connections) would only repeat: stop here.
-                            let mut message = format!("request failed: {err}");
-                            let mut source = std::error::Error::source(&err);
-                            while let Some(cause) = source {
-                                message.push_str(&format!(": {cause}"));
-                                source = cause.source();
-                            }
-                            eprintln!("{message}");
-                            std::process::exit(1);
-                        }
+                        Err(err) => fail(&err),
                     }
                     done += 1;
                     progress.inc(1);
@@ -525,6 +740,8 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
     let distinct = asked_all.iter().collect::<HashSet<_>>().len() as u64;
     let provider_keys = sim.keys.load(Relaxed);
     let provider_calls = sim.calls.load(Relaxed);
+    let refused = sim.refused.load(Relaxed);
+    let calls_per_second = per_second(&sim.log.lock().unwrap());
     let share = |n: u64| {
         if loads == 0 {
             0.0
@@ -591,19 +808,44 @@ async fn run(env: &Env, kind: Kind, instances: usize, progress: &ProgressBar) ->
         p99_ms: pct(0.99),
         max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         wall_s: wall.as_secs_f64(),
+        refused,
+        refused_share: if provider_calls + refused == 0 {
+            0.0
+        } else {
+            refused as f64 / (provider_calls + refused) as f64
+        },
         rate_limit_waits: waits,
+        ttl_s,
+        calls_per_second,
     }
+}
+
+/// Calls made and refused in each second since the start.
+fn per_second(log: &[(f64, bool)]) -> Vec<(u64, u64)> {
+    let mut seconds: Vec<(u64, u64)> = Vec::new();
+    for &(at, refused) in log {
+        let second = at.max(0.0) as usize;
+        if seconds.len() <= second {
+            seconds.resize(second + 1, (0, 0));
+        }
+        if refused {
+            seconds[second].1 += 1;
+        } else {
+            seconds[second].0 += 1;
+        }
+    }
+    seconds
 }
 
 fn print_table(reports: &[Report]) {
     println!(
-        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>7}",
+        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
         "strategy", "loads", "calls", "p.keys", "distinct", "dup", "hit", "ideal", "memo", "coal", "store",
-        "p50 ms", "p99 ms", "max ms", "wall s", "429s"
+        "p50 ms", "p99 ms", "max ms", "wall s", "429s", "429 %"
     );
     for r in reports {
         println!(
-            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>5.1}% {:>5.1}% {:>5.1}% {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7}",
+            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>5.1}% {:>5.1}% {:>5.1}% {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7} {:>6.2}%",
             r.name,
             r.loads,
             r.provider_calls,
@@ -619,14 +861,15 @@ fn print_table(reports: &[Report]) {
             r.p99_ms,
             r.max_ms,
             r.wall_s,
-            r.rate_limit_waits,
+            r.refused,
+            r.refused_share * 100.0,
         );
     }
 }
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args = Cli::parse().resolve();
     let kinds: Vec<Kind> = args
         .strategies
         .iter()
@@ -663,8 +906,10 @@ async fn main() {
         .fetch_one(&db.pool(1).await)
         .await
         .expect("reading max_connections");
-    // Each loadlock instance also keeps one listener connection.
-    let needed = max_instances as u64 * (u64::from(args.pool_size) + 1) + 5;
+    // Each loadlock instance also keeps one listener connection, and two
+    // for its fleet budget.
+    let extra = if args.fleet_limit { 3 } else { 1 };
+    let needed = max_instances as u64 * (u64::from(args.pool_size) + extra) + 5;
     if needed > max_connections.parse::<u64>().unwrap_or(u64::MAX) {
         eprintln!(
             "{max_instances} instances x {} connections need {needed} connections; \
@@ -682,17 +927,30 @@ async fn main() {
         .migrate()
         .await
         .expect("migrate");
+    let budget_table = if args.fleet_limit {
+        let table = format!("{}_budget", db.table());
+        PgRateLimit::with_table(admin.clone(), Quota::per_second(NonZeroU32::MIN), &table)
+            .expect("budget")
+            .migrate()
+            .await
+            .expect("migrate the budget table");
+        Some(table)
+    } else {
+        None
+    };
     admin.close().await;
     let env = Env {
         args: args.clone(),
         url: db.url.clone(),
         table: db.table(),
+        budget_table,
         run_id: std::process::id().to_string(),
     };
 
-    let per_run = |instances: usize| match args.duration {
-        None => (instances * args.concurrency * args.requests) as u64,
-        Some(_) => 0,
+    let per_run = |instances: usize| match (&args.trace, args.duration) {
+        (Some(trace), _) => trace.requests.len() as u64,
+        (None, None) => (instances * args.concurrency * args.requests) as u64,
+        (None, Some(_)) => 0,
     };
     let bar = |len: u64, label: String| {
         let pb = if len > 0 {
@@ -713,7 +971,7 @@ async fn main() {
     let mut reports = Vec::new();
     for &kind in &kinds {
         let pb = bar(per_run(args.instances), kind.name().to_string());
-        reports.push(run(&env, kind, args.instances, &pb).await);
+        reports.push(run(&env, kind, args.instances, args.ttl, &pb).await);
         pb.finish_and_clear();
     }
     let mut sweep = Vec::new();
@@ -727,32 +985,31 @@ async fn main() {
                 continue;
             }
             let pb = bar(per_run(n), format!("{} x{n}", kind.name()));
-            sweep.push(run(&env, kind, n, &pb).await);
+            sweep.push(run(&env, kind, n, args.ttl, &pb).await);
             pb.finish_and_clear();
         }
     }
+    let mut ttl_sweep = Vec::new();
+    for &ttl in &args.sweep_ttl {
+        let kind = Kind::Loadlock(FillMode::Lease);
+        let pb = bar(per_run(args.instances), format!("ttl {ttl} s"));
+        ttl_sweep.push(run(&env, kind, args.instances, ttl, &pb).await);
+        pb.finish_and_clear();
+    }
 
-    if args.json {
-        let out = serde_json::json!({
-            "workload": {
-                "instances": args.instances,
-                "concurrency": args.concurrency,
-                "keys_per_request": args.keys_per_request,
-                "key_space": args.key_space,
-                "zipf": args.zipf,
-                "requests_per_client": args.requests,
-                "duration_s": args.duration,
-                "latency_ms": args.latency_ms,
-                "rate_limit": args.rate_limit,
-                "max_batch": args.max_batch,
-            },
-            "strategies": reports,
-            "sweep": sweep,
-        });
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-    } else {
-        println!(
-            "{} instances x {} concurrent requests x {} keys, Zipf({}) over {} keys, {}; provider {} ms, {} calls/s, max batch {}\n",
+    let workload = match (&args.trace, &args.trace_path) {
+        (Some(trace), Some(path)) => format!(
+            "trace {}: {} loads of {} keys in {} requests over {:.0} s, replayed at {}x, over {} instances",
+            path.display(),
+            trace.loads,
+            trace.keys,
+            trace.requests.len(),
+            trace.span(),
+            args.speed,
+            args.instances,
+        ),
+        _ => format!(
+            "{} instances x {} concurrent requests x {} keys, Zipf({}) over {} keys, {}",
             args.instances,
             args.concurrency,
             args.keys_per_request,
@@ -762,172 +1019,68 @@ async fn main() {
                 Some(d) => format!("{d} s per strategy"),
                 None => format!("{} requests per client", args.requests),
             },
+        ),
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "workload": {
+                "description": workload,
+                "instances": args.instances,
+                "concurrency": args.concurrency,
+                "keys_per_request": args.keys_per_request,
+                "key_space": args.key_space,
+                "zipf": args.zipf,
+                "requests_per_client": args.requests,
+                "duration_s": args.duration,
+                "trace": args.trace_path,
+                "speed": args.speed,
+                "ttl_s": args.ttl,
+                "latency_ms": args.latency_ms,
+                "rate_limit": args.rate_limit,
+                "fleet_limit": args.fleet_limit,
+                "max_batch": args.max_batch,
+            },
+            "strategies": reports,
+            "sweep": sweep,
+            "ttl_sweep": ttl_sweep,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        println!(
+            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; loadlock {}\n",
             args.latency_ms,
             args.rate_limit,
-            args.max_batch
+            args.max_batch,
+            args.ttl,
+            if args.fleet_limit {
+                "with a fleet budget (PgRateLimit) at 95% of the limit"
+            } else {
+                "without a fleet budget"
+            }
         );
         print_table(&reports);
         if !sweep.is_empty() {
             println!("\nhit ratio by instance count:");
             print_table(&sweep);
         }
+        if !ttl_sweep.is_empty() {
+            println!("\nloadlock by TTL:");
+            println!(
+                "{:>10} {:>7} {:>8} {:>8} {:>8} {:>8}",
+                "ttl s", "hit", "calls", "p.keys", "p50 ms", "p99 ms"
+            );
+            for r in &ttl_sweep {
+                println!(
+                    "{:>10} {:>7.3} {:>8} {:>8} {:>8.1} {:>8.1}",
+                    r.ttl_s, r.hit_ratio, r.provider_calls, r.provider_keys, r.p50_ms, r.p99_ms
+                );
+            }
+        }
     }
     if let Some(path) = &args.plot {
-        plot::draw(path, &reports, &sweep).expect("plot");
+        let limit = f64::from(args.rate_limit);
+        plot::draw(path, &reports, &sweep, &ttl_sweep, limit).expect("plot");
         eprintln!("plot written to {}", path.display());
     }
     db.cleanup().await;
-}
-
-mod plot {
-    use plotters::prelude::*;
-
-    use super::Report;
-
-    const COLORS: [RGBColor; 4] = [
-        RGBColor(0x99, 0x99, 0x99),
-        RGBColor(0xe6, 0x9f, 0x00),
-        RGBColor(0xd5, 0x5e, 0x00),
-        RGBColor(0x00, 0x72, 0xb2),
-    ];
-
-    fn color(name: &str) -> RGBColor {
-        match name {
-            "per-key" => COLORS[0],
-            "dataloader" => COLORS[1],
-            "cache-aside" => COLORS[2],
-            _ => COLORS[3],
-        }
-    }
-
-    pub(super) fn draw(
-        path: &std::path::Path,
-        reports: &[Report],
-        sweep: &[Report],
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        let panels = if sweep.is_empty() { 2 } else { 3 };
-        let root = SVGBackend::new(path, (420 * panels, 380)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let areas = root.split_evenly((1, panels as usize));
-
-        // Hit ratio per strategy, with the ideal as a line.
-        let n = reports.len();
-        let mut chart = ChartBuilder::on(&areas[0])
-            .caption("hit ratio (line: ideal)", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(40)
-            .build_cartesian_2d(0f64..n as f64, 0f64..1f64)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_desc("share of loads without the provider")
-            .draw()?;
-        for (i, r) in reports.iter().enumerate() {
-            let x = i as f64;
-            chart.draw_series([Rectangle::new(
-                [(x + 0.15, 0.0), (x + 0.85, r.hit_ratio)],
-                color(r.name).filled(),
-            )])?;
-            chart.draw_series([PathElement::new(
-                [(x + 0.1, r.ideal_hit_ratio), (x + 0.9, r.ideal_hit_ratio)],
-                BLACK.stroke_width(2),
-            )])?;
-            chart.draw_series([Text::new(
-                r.name.to_string(),
-                (x + 0.18, 0.06),
-                ("sans-serif", 12).into_font().color(&BLACK),
-            )])?;
-            let (y, fg) = if r.hit_ratio > 0.85 {
-                (r.hit_ratio - 0.04, WHITE)
-            } else {
-                (r.hit_ratio + 0.06, BLACK)
-            };
-            chart.draw_series([Text::new(
-                format!("{:.3}", r.hit_ratio),
-                (x + 0.3, y),
-                ("sans-serif", 12).into_font().color(&fg),
-            )])?;
-        }
-
-        // Provider calls per strategy (log scale).
-        let max_calls = reports
-            .iter()
-            .map(|r| r.provider_calls)
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        let mut chart = ChartBuilder::on(&areas[1])
-            .caption("provider calls (log scale)", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n as f64, (1f64..max_calls * 3.0).log_scale())?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .draw()?;
-        for (i, r) in reports.iter().enumerate() {
-            let x = i as f64;
-            let calls = (r.provider_calls as f64).max(1.0);
-            chart.draw_series([Rectangle::new(
-                [(x + 0.15, 1.0), (x + 0.85, calls)],
-                color(r.name).filled(),
-            )])?;
-            chart.draw_series([Text::new(
-                r.provider_calls.to_string(),
-                (x + 0.2, calls * 1.4),
-                ("sans-serif", 12),
-            )])?;
-            chart.draw_series([Text::new(
-                r.name.to_string(),
-                (x + 0.18, 1.6),
-                ("sans-serif", 12),
-            )])?;
-        }
-
-        if !sweep.is_empty() {
-            let max_n = sweep.iter().map(|r| r.instances).max().unwrap_or(1) as f64;
-            let mut chart = ChartBuilder::on(&areas[2])
-                .caption("hit ratio by instances", ("sans-serif", 18))
-                .margin(12)
-                .x_label_area_size(30)
-                .y_label_area_size(40)
-                .build_cartesian_2d(0.5f64..max_n + 0.5, 0f64..1f64)?;
-            chart
-                .configure_mesh()
-                .x_desc("instances")
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .draw()?;
-            for name in ["dataloader", "cache-aside", "loadlock"] {
-                let points: Vec<(f64, f64)> = sweep
-                    .iter()
-                    .filter(|r| r.name == name)
-                    .map(|r| (r.instances as f64, r.hit_ratio))
-                    .collect();
-                if points.is_empty() {
-                    continue;
-                }
-                let c = color(name);
-                chart
-                    .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
-                    .label(name)
-                    .legend(move |(x, y)| {
-                        PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2))
-                    });
-                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
-        }
-        root.present()?;
-        Ok(())
-    }
 }
