@@ -401,7 +401,9 @@ async fn local_rate_limit_holds_in_every_window() {
         .await;
     let quota =
         Quota::per_period(NonZeroU32::new(10).unwrap(), Duration::from_millis(1050)).unwrap();
-    let cache = Cache::builder(provider(&server, "http/local-limit"))
+    // One key per call, so that waiting loads cannot share calls: every
+    // load is a call of its own.
+    let cache = Cache::builder(provider(&server, "http/local-limit").max_batch_size(1))
         .rate_limit_calls(quota)
         .build()
         .unwrap();

@@ -24,7 +24,11 @@
 //! cargo run --release --example hit_ratio -- --open
 //! cargo run --release --example hit_ratio -- --json
 //! cargo run --release --example hit_ratio -- --plot hit_ratio.svg --sweep-instances 1,2,4,8
+//! cargo run --release --example hit_ratio -- --trace docs/sample_trace.csv --speed 10 --sweep-ttl 5,30,120
 //! ```
+//!
+//! `--trace FILE` replays an access log instead of drawing keys; its format
+//! is described in `trace.rs` and the README.
 //!
 //! Postgres is found as the tests find it: `DATABASE_URL`, a local server on
 //! 127.0.0.1:5432, or a throwaway cluster started from the installed server
