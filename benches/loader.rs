@@ -295,7 +295,7 @@ fn postgres(c: &mut Criterion) {
     );
     group.bench_function("hand-written SELECT", |b| {
         b.to_async(&rt).iter(|| async {
-            let rows = sqlx::query(&sql)
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
                 .bind("bench/users")
                 .bind(&texts)
                 .fetch_all(&pool)

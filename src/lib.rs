@@ -143,6 +143,11 @@ pub use http::{HttpBatchProvider, HttpError};
 pub use limit::Quota;
 pub use loader::Loader;
 pub use retry::RetryPolicy;
+/// The sqlx loadlock speaks (0.9): name its types through this path (for
+/// example `loadlock::sqlx::PgPool`) to hand `PgStore::new` a pool of the
+/// same version, whatever else your application depends on.
+#[cfg(feature = "postgres")]
+pub use sqlx;
 pub use stats::Stats;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{FillMode, LockMode, PgRateLimit, PgStore, PgStoreBuilder};

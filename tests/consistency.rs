@@ -220,10 +220,10 @@ async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
     let namespace = format!("consistency/classic/{tag}");
     slow_reader_cannot_write_back(stores, meets, &namespace).await;
     // The table holds v2, never the v1 fetched before the invalidation.
-    let value: serde_json::Value = sqlx::query_scalar(&format!(
+    let value: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT value FROM {} WHERE namespace = $1 AND key = '1'",
         db.table()
-    ))
+    )))
     .bind(&namespace)
     .fetch_one(&pool)
     .await

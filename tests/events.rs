@@ -132,10 +132,10 @@ async fn an_invalidation_evicts_other_instances_local_tiers() {
     .unwrap();
     assert_eq!(killed, 1);
     let v3 = source.bump(7);
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {} SET expires_at = '-infinity' WHERE namespace = 'events/versions' AND key = '7'",
         db.table()
-    ))
+    )))
     .execute(&mut admin)
     .await
     .unwrap();

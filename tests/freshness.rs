@@ -252,11 +252,11 @@ async fn stale_if_error_honours_an_invalidation_that_came_in_meanwhile() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The invalidation: a tombstone, committed while the refill waits.
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {} SET value = NULL, expires_at = '-infinity' \
          WHERE namespace = 'freshness/generations' AND key = '1'",
         db.table()
-    ))
+    )))
     .execute(&mut *tx)
     .await
     .unwrap();

@@ -113,10 +113,10 @@ async fn a_killed_lease_holder_is_taken_over() {
         .spawn()
         .expect("spawn the holder");
     wait_for_file(&dir.join("calling")).await;
-    let leased: i64 = sqlx::query_scalar(&format!(
+    let leased: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {} WHERE lease_token IS NOT NULL",
         db.table()
-    ))
+    )))
     .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
     .await
     .unwrap();

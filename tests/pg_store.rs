@@ -46,10 +46,10 @@ async fn concurrent_migrate_applies_once() {
     stores[0].migrate().await.unwrap();
 
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    let history: Vec<(i32, String)> = sqlx::query_as(&format!(
+    let history: Vec<(i32, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT version, description FROM {}.cache_migrations ORDER BY version",
         db.schema
-    ))
+    )))
     .fetch_all(&mut conn)
     .await
     .unwrap();
@@ -107,21 +107,27 @@ async fn publishes_and_releases_never_scan_the_table_whatever_it_held_when_plann
     let mut session = PgConnection::connect(&db.url).await.unwrap();
     // Planned on the empty table.
     for call in &calls {
-        sqlx::query(call).execute(&mut session).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(call.to_string()))
+            .execute(&mut session)
+            .await
+            .unwrap();
     }
     let mut other = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {}.cache (namespace, key, value, fetched_at, expires_at) \
          SELECT 'ns', g::text, '1', now(), now() + interval '1 hour' \
          FROM generate_series(1, 5000) g",
         db.schema
-    ))
+    )))
     .execute(&mut other)
     .await
     .unwrap();
     for call in &calls {
         let mut tx = session.begin().await.unwrap();
-        sqlx::query(call).execute(&mut *tx).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(call.to_string()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         let scans: i64 = sqlx::query_scalar(
             "SELECT seq_scan FROM pg_stat_xact_user_tables \
              WHERE schemaname = $1 AND relname = 'cache'",
@@ -422,11 +428,11 @@ async fn an_undecodable_row_is_refetched() {
     let db = TestDb::new("corrupt").await;
     let store = db.store(LockMode::PerKey).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {} (namespace, key, value, fetched_at, expires_at) \
          VALUES ('pg/corrupt', '7', '{{\"old\": \"shape\"}}', now(), now() + interval '1 hour')",
         db.table()
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
@@ -440,10 +446,10 @@ async fn an_undecodable_row_is_refetched() {
     assert_eq!(provider.calls(), vec![vec![7]]);
     assert_eq!(cache.stats().undecodable, 1);
 
-    let stored: serde_json::Value = sqlx::query_scalar(&format!(
+    let stored: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT value FROM {} WHERE namespace = 'pg/corrupt' AND key = '7'",
         db.table()
-    ))
+    )))
     .fetch_one(&mut conn)
     .await
     .unwrap();
@@ -461,13 +467,13 @@ async fn a_row_whose_metadata_does_not_read_is_refetched() {
     let db = TestDb::new("bad_meta").await;
     let store = db.store(LockMode::PerKey).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {} (namespace, key, value, fetched_at, expires_at, version) VALUES \
          ('pg/bad-meta', '1', '\"hand-written\"', now(), now() + interval '1 hour', -5), \
          ('pg/bad-meta', '2', '\"hand-written\"', '-infinity', now() + interval '1 hour', 3), \
          ('pg/bad-meta', '3', '\"hand-written\"', now(), 'infinity', 4)",
         db.table()
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
@@ -508,14 +514,15 @@ async fn rows_are_readable_with_plain_sql() {
         .unwrap();
     cache.loader().load_many([1, 2]).await.unwrap();
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    let rows: Vec<(String, Option<serde_json::Value>, f64)> = sqlx::query_as(&format!(
-        "SELECT key, value, extract(epoch FROM expires_at - fetched_at)::float8 \
+    let rows: Vec<(String, Option<serde_json::Value>, f64)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT key, value, extract(epoch FROM expires_at - fetched_at)::float8 \
          FROM {} WHERE namespace = 'pg/rows' ORDER BY key",
-        db.table()
-    ))
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
+            db.table()
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(
         rows,
         vec![
@@ -610,10 +617,10 @@ async fn a_leased_key_is_awaited_not_fetched_again() {
     .await
     .unwrap();
     assert_eq!(idle_in_transaction, 0);
-    let leased: i64 = sqlx::query_scalar(&format!(
+    let leased: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {} WHERE lease_token IS NOT NULL AND lease_waiters",
         db.table()
-    ))
+    )))
     .fetch_one(&mut conn)
     .await
     .unwrap();
@@ -761,10 +768,10 @@ async fn purge_expired_deletes_in_bounded_batches_without_blocking() {
     // Another transaction holds one expired row: purge skips it, no waiting.
     let mut holder = PgConnection::connect(&db.url).await.unwrap();
     let mut tx = holder.begin().await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT 1 FROM {} WHERE namespace = 'pg/purge-short' AND key = '0' FOR UPDATE",
         db.table()
-    ))
+    )))
     .execute(&mut *tx)
     .await
     .unwrap();
@@ -779,10 +786,13 @@ async fn purge_expired_deletes_in_bounded_batches_without_blocking() {
     tx.rollback().await.unwrap();
     assert_eq!(store.purge_expired(1000).await.unwrap(), 1);
 
-    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", db.table()))
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
+    let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        db.table()
+    )))
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
     assert_eq!(left, 10, "fresh rows are kept");
     db.cleanup().await;
 }

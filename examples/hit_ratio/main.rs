@@ -449,17 +449,18 @@ impl Client {
                 // `key = ANY($2)` is planned, on a table without statistics
                 // yet (a new table, or autovacuum off), as a scan of the
                 // whole namespace, which would handicap this baseline.
-                let found: Vec<(String, sqlx::types::Json<String>)> = sqlx::query_as(&format!(
-                    "SELECT c.key, c.value FROM unnest($2::text[]) AS k(key) \
+                let found: Vec<(String, sqlx::types::Json<String>)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT c.key, c.value FROM unnest($2::text[]) AS k(key) \
                      CROSS JOIN LATERAL (SELECT key, value FROM {table} c \
                        WHERE c.namespace = $1 AND c.key = k.key AND c.expires_at > now() \
                        LIMIT 1) c"
-                ))
-                .bind(namespace)
-                .bind(&texts)
-                .fetch_all(pool)
-                .await
-                .map_err(|e| loadlock::Error::store("cache-aside read", e))?;
+                    )))
+                    .bind(namespace)
+                    .bind(&texts)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| loadlock::Error::store("cache-aside read", e))?;
                 let found: HashSet<String> = found.into_iter().map(|(key, _)| key).collect();
                 let missing: Vec<u64> = unique
                     .iter()
@@ -474,13 +475,13 @@ impl Client {
                         .collect();
                     rows.sort();
                     let (ks, vs): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
-                    sqlx::query(&format!(
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
                         "INSERT INTO {table} (namespace, key, value, fetched_at, expires_at) \
                          SELECT $1, k, to_jsonb(v), now(), now() + make_interval(secs => $4) \
                          FROM unnest($2::text[], $3::text[]) AS u(k, v) ORDER BY k \
                          ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, \
                            fetched_at = EXCLUDED.fetched_at, expires_at = EXCLUDED.expires_at"
-                    ))
+                    )))
                     .bind(namespace)
                     .bind(&ks)
                     .bind(&vs)

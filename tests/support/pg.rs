@@ -78,9 +78,11 @@ async fn with_test_database(admin_url: &str) -> String {
             .await
             .expect("listing databases");
     if !exists {
-        if let Err(err) = sqlx::query(&format!("CREATE DATABASE {TEST_DATABASE}"))
-            .execute(&mut conn)
-            .await
+        if let Err(err) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {TEST_DATABASE}"
+        )))
+        .execute(&mut conn)
+        .await
         {
             // Another test process created it first.
             let code = err.as_database_error().and_then(|e| e.code());
@@ -117,7 +119,7 @@ impl TestDb {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let mut conn = PgConnection::connect(&url).await.expect("connect");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&mut conn)
             .await
             .expect("create schema");
@@ -158,10 +160,13 @@ impl TestDb {
 
     pub async fn cleanup(self) {
         let mut conn = PgConnection::connect(&self.url).await.expect("connect");
-        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
-            .execute(&mut conn)
-            .await
-            .expect("drop schema");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop schema");
         let _ = conn.close().await;
     }
 }

@@ -586,7 +586,7 @@ impl MemoryStore {
             let mut leases = self.leases();
             for (&i, key) in leased.iter().zip(&keys) {
                 let entry_key = &entry_keys[i];
-                if !leases.get(entry_key).is_some_and(|l| l.token == held.token) {
+                if leases.get(entry_key).is_none_or(|l| l.token != held.token) {
                     lost.push(i);
                     continue;
                 }

@@ -107,7 +107,7 @@ impl PgStore {
             let fetched = fill.fetch(&missing_keys).await?;
             let rows = Encoded::new(displayed, &missing, &missing_keys, fetched)?;
             self.count_round_trips(1);
-            let written = sqlx::query(&inner.sql.upsert)
+            let written = sqlx::query(inner.sql.upsert.get())
                 .bind(namespace)
                 .bind(&rows.keys)
                 .bind(&rows.values)

@@ -53,7 +53,7 @@ impl PgStore {
             |conn| async {
                 let mut tx = self.lock(conn, namespace, Locks::Namespace).await?;
                 self.count_round_trips(1);
-                sqlx::query(&self.inner.sql.next_generation)
+                sqlx::query(self.inner.sql.next_generation.get())
                     .bind(namespace)
                     .execute(&mut *tx)
                     .await
@@ -84,7 +84,7 @@ impl PgStore {
                     .lock_keys(conn, namespace, keys.iter().map(String::as_str))
                     .await?;
                 self.count_round_trips(1);
-                let written: Option<i64> = sqlx::query_scalar(&self.inner.sql.put_if_version)
+                let written: Option<i64> = sqlx::query_scalar(self.inner.sql.put_if_version.get())
                     .bind(namespace)
                     .bind(&text)
                     .bind(expected_i64)
@@ -95,7 +95,7 @@ impl PgStore {
                     .map_err(|e| self.error("putting a value", e))?;
                 let Some(version) = written else {
                     self.count_round_trips(1);
-                    let actual: Option<i64> = sqlx::query_scalar(&self.inner.sql.version_of)
+                    let actual: Option<i64> = sqlx::query_scalar(self.inner.sql.version_of.get())
                         .bind(namespace)
                         .bind(&text)
                         .fetch_optional(&mut *tx)
@@ -124,7 +124,7 @@ impl PgStore {
         keys: &[String],
     ) -> Result<(), Error> {
         self.count_round_trips(1);
-        sqlx::query(&self.inner.sql.tombstone)
+        sqlx::query(self.inner.sql.tombstone.get())
             .bind(namespace)
             .bind(keys)
             .execute(&mut *tx)

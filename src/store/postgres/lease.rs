@@ -487,7 +487,7 @@ impl PgStore {
                 self.count_round_trips(1);
                 let (keys, namespace) = (&keys, &namespace);
                 async move {
-                    sqlx::query(&inner.sql.claim_tried)
+                    sqlx::query(inner.sql.claim_tried.get())
                         .bind(namespace)
                         .bind(keys)
                         .bind(ids)
@@ -600,7 +600,7 @@ impl PgStore {
             "claiming keys",
             budget,
             Some((namespace, keys.len())),
-            |conn| sqlx::query(&inner.sql.claim)
+            |conn| sqlx::query(inner.sql.claim.get())
                 .bind(namespace)
                 .bind(keys)
                 .bind(&ids)
@@ -683,7 +683,7 @@ impl PgStore {
                     let tokens: Vec<i64> = rows.iter().map(|r| r.2).collect();
                     self.count_round_trips(1);
                     async move {
-                        sqlx::query(&inner.sql.publish_many)
+                        sqlx::query(inner.sql.publish_many.get())
                             .bind(namespace)
                             .bind(keys)
                             .bind(values)
@@ -773,7 +773,7 @@ impl PgStore {
         let inner = &*self.inner;
         self.count_round_trips(1);
         on_conn!(self, "renewing leases", inner.lock_timeout, None, |conn| {
-            sqlx::query(&inner.sql.renew)
+            sqlx::query(inner.sql.renew.get())
                 .bind(namespace)
                 .bind(keys)
                 .bind(token)
@@ -789,7 +789,7 @@ impl PgStore {
         let inner = &*self.inner;
         self.count_round_trips(1);
         on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
-            sqlx::query(&inner.sql.release)
+            sqlx::query(inner.sql.release.get())
                 .bind(namespace)
                 .bind(keys)
                 .bind(token)

@@ -92,13 +92,13 @@ impl PgStore {
         }
         let budget = inner.lock_timeout.as_secs_f64();
         let locked = if whole_namespace {
-            sqlx::query(&inner.sql.lock_namespace)
+            sqlx::query(inner.sql.lock_namespace.get())
                 .bind(namespace_id)
                 .bind(budget)
                 .execute(&mut *tx)
                 .await
         } else {
-            sqlx::query(&inner.sql.lock)
+            sqlx::query(inner.sql.lock.get())
                 .bind(&ids)
                 .bind(namespace_id)
                 .bind(budget)

@@ -5,7 +5,7 @@ use sqlx::postgres::{PgPool, Postgres};
 use sqlx::{Row, Transaction};
 
 use super::sql::{history_table, MIGRATIONS};
-use super::table::TableName;
+use super::table::{Sql, TableName};
 use super::PgStore;
 use crate::store::lock_id;
 use crate::Error;
@@ -52,15 +52,18 @@ impl PgStore {
             .await
             .map_err(|e| fail("starting the migration", e))?;
         for statement in history_table(table) {
-            sqlx::query(&statement)
+            sqlx::query(Sql::new(statement).get())
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| fail("creating the migration history", e))?;
         }
-        let applied: i32 = sqlx::query(&format!(
-            "SELECT coalesce(max(version), 0) FROM {}",
-            table.quoted("_migrations")
-        ))
+        let applied: i32 = sqlx::query(
+            Sql::new(format!(
+                "SELECT coalesce(max(version), 0) FROM {}",
+                table.quoted("_migrations")
+            ))
+            .get(),
+        )
         .fetch_one(&mut *tx)
         .await
         .and_then(|row| row.try_get(0))
@@ -79,15 +82,18 @@ impl PgStore {
         }
         for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
             for statement in (migration.statements)(table, inner.unlogged) {
-                sqlx::query(&statement)
+                sqlx::query(Sql::new(statement).get())
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| fail(migration.description, e))?;
             }
-            sqlx::query(&format!(
-                "INSERT INTO {} (version, description) VALUES ($1, $2)",
-                table.quoted("_migrations")
-            ))
+            sqlx::query(
+                Sql::new(format!(
+                    "INSERT INTO {} (version, description) VALUES ($1, $2)",
+                    table.quoted("_migrations")
+                ))
+                .get(),
+            )
             .bind(migration.version)
             .bind(migration.description)
             .execute(&mut *tx)

@@ -225,3 +225,30 @@ mod waiters;
 pub use rate_limit::PgRateLimit;
 pub use store::{FillMode, LockMode, PgStore, PgStoreBuilder};
 pub use table::TableName;
+
+/// The most connections the pool of [`PgStore::connect`] keeps.
+pub const CONNECT_POOL_SIZE: u32 = 10;
+
+/// How long a load waits for a connection of [`PgStore::connect`]'s pool
+/// (and of [`PgRateLimit::connect`]'s) before it fails with
+/// [`Error::Store`](crate::Error::Store).
+pub const CONNECT_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A pool of at most `size` connections to `url`, one of them opened now.
+async fn connect_pool(url: &str, size: u32) -> Result<sqlx::PgPool, crate::Error> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(crate::Error::config(
+            "a Postgres connection URL starts with postgres:// or postgresql://",
+        ));
+    }
+    let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+        // The URL may hold a password: name the problem, not the URL.
+        crate::Error::config(format!("not a Postgres connection URL: {e}"))
+    })?;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(CONNECT_ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| crate::Error::store("connecting to Postgres", e))
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPool;
 
-use super::table::TableName;
+use super::table::{Sql, TableName};
 use crate::limit::FleetLimiter;
 use crate::{Error, Quota};
 
@@ -55,9 +55,9 @@ struct Inner {
     pool: PgPool,
     table: TableName,
     quota: Quota,
-    charge: String,
-    pause: String,
-    paused_for: String,
+    charge: Sql,
+    pause: Sql,
+    paused_for: Sql,
 }
 
 impl fmt::Debug for PgRateLimit {
@@ -70,6 +70,20 @@ impl fmt::Debug for PgRateLimit {
 }
 
 impl PgRateLimit {
+    /// Connects to `url` with a pool of its own (two connections, as
+    /// recommended above) and a budget of `quota` in the table
+    /// `loadlock_rate_limit`; no `sqlx` needed in your manifest. Call
+    /// [`migrate`](Self::migrate) next.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `url` is not a Postgres URL; [`Error::Store`]
+    /// when the server cannot be reached or refuses the connection.
+    pub async fn connect(url: &str, quota: Quota) -> Result<Self, Error> {
+        let pool = super::connect_pool(url, 2).await?;
+        Self::new(pool, quota)
+    }
+
     /// A fleet-wide budget of `quota` provider calls, in the table
     /// `loadlock_rate_limit`.
     ///
@@ -93,17 +107,17 @@ impl PgRateLimit {
             inner: Arc::new(Inner {
                 pool,
                 quota,
-                charge: format!("SELECT {charge_fn}($1, $2, $3)"),
-                pause: format!(
+                charge: Sql::new(format!("SELECT {charge_fn}($1, $2, $3)")),
+                pause: Sql::new(format!(
                     "INSERT INTO {t} AS r (namespace, tat, blocked_until) \
                      VALUES ($1, clock_timestamp(), clock_timestamp() + make_interval(secs => $2)) \
                      ON CONFLICT (namespace) DO UPDATE SET blocked_until = \
                        greatest(coalesce(r.blocked_until, '-infinity'), EXCLUDED.blocked_until)"
-                ),
-                paused_for: format!(
+                )),
+                paused_for: Sql::new(format!(
                     "SELECT coalesce(greatest(extract(epoch FROM blocked_until - clock_timestamp()), 0), 0)::float8 \
                      FROM {t} WHERE namespace = $1"
-                ),
+                )),
                 table,
             }),
         })
@@ -162,7 +176,7 @@ impl PgRateLimit {
             .await
             .map_err(fail)?;
         for statement in statements {
-            sqlx::query(&statement)
+            sqlx::query(Sql::new(statement).get())
                 .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
@@ -192,7 +206,7 @@ impl FleetLimiter for PgRateLimit {
         let quota = self.inner.quota;
         let emission = quota.emission_interval();
         let tolerance = quota.tolerance();
-        let wait: f64 = sqlx::query_scalar(&self.inner.charge)
+        let wait: f64 = sqlx::query_scalar(self.inner.charge.get())
             .bind(namespace)
             .bind(emission.as_secs_f64())
             .bind(tolerance.as_secs_f64())
@@ -210,7 +224,7 @@ impl FleetLimiter for PgRateLimit {
     }
 
     async fn paused_for(&self, namespace: &str) -> Result<Duration, Error> {
-        let wait: Option<f64> = sqlx::query_scalar(&self.inner.paused_for)
+        let wait: Option<f64> = sqlx::query_scalar(self.inner.paused_for.get())
             .bind(namespace)
             .fetch_optional(&self.inner.pool)
             .await
@@ -221,7 +235,7 @@ impl FleetLimiter for PgRateLimit {
     }
 
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error> {
-        sqlx::query(&self.inner.pause)
+        sqlx::query(self.inner.pause.get())
             .bind(namespace)
             .bind(delay.as_secs_f64())
             .execute(&self.inner.pool)

@@ -2,7 +2,7 @@
 //! (validated, quoted) table, and the schema's migrations. Every value is a
 //! bound parameter; only validated identifiers are spliced.
 
-use super::table::TableName;
+use super::table::{Sql, TableName};
 
 /// The statements a [`PgStore`](super::PgStore) runs.
 #[derive(Debug)]
@@ -11,7 +11,7 @@ pub(crate) struct Statements {
     /// namespace's current generation, fresh or expired less than the grace
     /// ago, with a `fresh` flag; by the database clock at the statement's
     /// start (not the transaction's: the re-read runs after a lock wait).
-    pub(crate) select_fresh: String,
+    pub(crate) select_fresh: Sql,
     /// `$1` key lock ids, `$2` the namespace's lock id, `$3` the seconds the
     /// whole statement may wait: the namespace's lock shared (so a namespace
     /// invalidation waits for this transaction), then every key's
@@ -20,18 +20,18 @@ pub(crate) struct Statements {
     /// evaluated after the sort); the lock functions are never in a `WHERE`.
     /// Each lock waits at most the time left of the statement's budget, so
     /// the statement as a whole is bounded, not each lock.
-    pub(crate) lock: String,
+    pub(crate) lock: Sql,
     /// `$1` key lock ids, `$2` the namespace's lock id: only trying; true
     /// when every lock was taken.
     pub(crate) try_lock: &'static str,
     /// `$1` the namespace's lock id, `$2` the seconds it may wait,
     /// exclusively: namespace-mode fills and namespace invalidations.
-    pub(crate) lock_namespace: String,
+    pub(crate) lock_namespace: Sql,
     /// The same, only trying.
     pub(crate) try_lock_namespace: &'static str,
     /// `$1` namespace: starts its next generation, which makes every row of
     /// the older ones a miss (and revokes their leases) in one row write.
-    pub(crate) next_generation: String,
+    pub(crate) next_generation: Sql,
     /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
     /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
     pub(crate) bound_transaction: &'static str,
@@ -39,31 +39,31 @@ pub(crate) struct Statements {
     /// NULL for negative entries, `$4` TTL seconds, `$5` negative TTL
     /// seconds. Expiry is computed from the database clock; any lease on the
     /// rows is revoked (the held-transaction protocol).
-    pub(crate) upsert: String,
+    pub(crate) upsert: Sql,
     /// `$1` how many expired rows to delete at most.
-    pub(crate) purge_expired: String,
+    pub(crate) purge_expired: Sql,
     /// `$1` namespace, `$2` keys (deduplicated, sorted): tombstones, rows
     /// that are never fresh (`expires_at = -infinity`), so never served; their
     /// leases are revoked.
-    pub(crate) tombstone: String,
+    pub(crate) tombstone: Sql,
     /// `$1` namespace, `$2` key, `$3` expected version, `$4` JSON value,
     /// `$5` TTL seconds: the compare-and-set (revoking a lease); returns the
     /// new version.
-    pub(crate) put_if_version: String,
+    pub(crate) put_if_version: Sql,
     /// `$1` namespace, `$2` key: the current version.
-    pub(crate) version_of: String,
+    pub(crate) version_of: Sql,
     /// The lease claim, one round trip; see the `_claim` function.
-    pub(crate) claim: String,
+    pub(crate) claim: Sql,
     /// The lease release, one round trip; see the `_release` function.
-    pub(crate) release: String,
+    pub(crate) release: Sql,
     /// `$1` namespace, `$2` keys, `$3` lease token, `$4` seconds: the rows
     /// of `$2` still leased by `$3` leased for `$4` from now, locked in key
     /// order (as claims and publishes lock rows).
-    pub(crate) renew: String,
+    pub(crate) renew: Sql,
     /// The claim of several fills, only trying locks; see `_claim_tried`.
-    pub(crate) claim_tried: String,
+    pub(crate) claim_tried: Sql,
     /// The publish of several fills; see `_publish_many`.
-    pub(crate) publish_many: String,
+    pub(crate) publish_many: Sql,
 }
 
 /// The locks of the rows `s(id, shared)`, in one statement, ascending,
@@ -122,7 +122,7 @@ impl Statements {
             // One primary-key probe per key (the `LIMIT` keeps the lateral
             // subquery a parameterized scan), whatever the table's statistics
             // say about the namespace.
-            select_fresh: format!(
+            select_fresh: Sql::new(format!(
                 "SELECT k.key, c.value, c.expires_at > statement_timestamp(), \
                         c.version, date_part('epoch', c.fetched_at), \
                         date_part('epoch', c.expires_at) \
@@ -131,34 +131,34 @@ impl Statements {
                      WHERE c.namespace = $1 AND c.key = k.key \
                        AND c.expires_at > statement_timestamp() - make_interval(secs => $3::float8) \
                        AND c.generation = {generation} LIMIT 1) c"
-            ),
-            lock: bounded_locks(
+            )),
+            lock: Sql::new(bounded_locks(
                 "$1",
                 "$2",
                 "(statement_timestamp() + make_interval(secs => $3::float8))",
-            ),
+            )),
             try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
                          SELECT CASE WHEN s.shared THEN pg_try_advisory_xact_lock_shared(s.id) \
                                 ELSE pg_try_advisory_xact_lock(s.id) END AS taken \
                          FROM (SELECT $2::bigint AS id, true AS shared \
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
                          ORDER BY s.shared DESC, s.id) t",
-            lock_namespace: format!(
+            lock_namespace: Sql::new(format!(
                 "SELECT pg_advisory_xact_lock({})",
                 bounded(
                     "$1::bigint",
                     "(statement_timestamp() + make_interval(secs => $2::float8))"
                 )
-            ),
+            )),
             try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
-            next_generation: format!(
+            next_generation: Sql::new(format!(
                 "INSERT INTO {ns} AS n (namespace, generation) VALUES ($1, 1) \
                  ON CONFLICT (namespace) DO UPDATE SET generation = n.generation + 1",
                 ns = table.quoted("_namespaces")
-            ),
+            )),
             bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
                                 set_config('idle_in_transaction_session_timeout', $2, true)",
-            upsert: format!(
+            upsert: Sql::new(format!(
                 "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                        generation) \
                  SELECT $1, u.key, u.value::jsonb, statement_timestamp(), \
@@ -172,8 +172,8 @@ impl Statements {
                      expires_at = EXCLUDED.expires_at, version = EXCLUDED.version, \
                      generation = EXCLUDED.generation, {revoke} \
                  RETURNING key, {meta}"
-            ),
-            tombstone: format!(
+            )),
+            tombstone: Sql::new(format!(
                 "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                        generation) \
                  SELECT $1, k, NULL, statement_timestamp(), '-infinity', {next_version}, \
@@ -182,20 +182,20 @@ impl Statements {
                  ON CONFLICT (namespace, key) DO UPDATE \
                  SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity', \
                      version = EXCLUDED.version, generation = EXCLUDED.generation, {revoke}"
-            ),
-            put_if_version: format!(
+            )),
+            put_if_version: Sql::new(format!(
                 "UPDATE {t} SET value = $4::jsonb, fetched_at = statement_timestamp(), \
                    expires_at = statement_timestamp() + make_interval(secs => $5::float8), \
                    version = {next_version}, {revoke} \
                  WHERE namespace = $1 AND key = $2 AND version = $3 \
                    AND generation = {generation} \
                  RETURNING version"
-            ),
-            version_of: format!(
+            )),
+            version_of: Sql::new(format!(
                 "SELECT version FROM {t} WHERE namespace = $1 AND key = $2 \
                    AND generation = {generation}"
-            ),
-            purge_expired: format!(
+            )),
+            purge_expired: Sql::new(format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
                      SELECT c.ctid FROM {t} c \
                      WHERE (c.expires_at <= now() \
@@ -203,31 +203,31 @@ impl Statements {
                        AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= now()) \
                      LIMIT $1 FOR UPDATE SKIP LOCKED))",
                 old = generation_of(table, "c.namespace")
-            ),
-            claim: format!(
+            )),
+            claim: Sql::new(format!(
                 "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6, $7)",
                 table.quoted("_claim")
-            ),
-            release: format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release")),
-            renew: format!(
+            )),
+            release: Sql::new(format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release"))),
+            renew: Sql::new(format!(
                 "UPDATE {t} c \
                  SET lease_expires_at = clock_timestamp() + make_interval(secs => $4::float8) \
                  FROM (SELECT r.ctid AS tid FROM {t} r \
                        WHERE r.namespace = $1 AND r.key = ANY($2::text[]) AND r.lease_token = $3 \
                        ORDER BY r.key FOR UPDATE) l \
                  WHERE c.ctid = l.tid AND c.lease_token = $3"
-            ),
-            claim_tried: format!(
+            )),
+            claim_tried: Sql::new(format!(
                 "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6)",
                 table.quoted("_claim_tried")
-            ),
-            publish_many: format!(
+            )),
+            publish_many: Sql::new(format!(
                 "SELECT key, token, version, fetched_at, expires_at \
                  FROM {}($1, $2, $3, $4, $5, $6, $7, $8)",
                 table.quoted("_publish_many")
-            ),
+            )),
         }
     }
 }

@@ -155,6 +155,29 @@ impl fmt::Debug for PgStore {
 }
 
 impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`)
+    /// with a pool of its own, and a store on it with every default; no
+    /// `sqlx` needed in your manifest. Call [`migrate`](Self::migrate) next.
+    ///
+    /// The pool keeps at most [`CONNECT_POOL_SIZE`](super::CONNECT_POOL_SIZE)
+    /// connections and waits at most
+    /// [`CONNECT_ACQUIRE_TIMEOUT`](super::CONNECT_ACQUIRE_TIMEOUT) for one (a load then fails with
+    /// [`Error::Store`] rather than waiting on). One connection is opened
+    /// now, so a wrong URL or an unreachable server is an error here, not at
+    /// the first load. For other settings (TLS, pool size, timeouts), build
+    /// a pool with [`sqlx`](crate::sqlx) and hand it to [`new`](Self::new)
+    /// or [`builder`](Self::builder). The store also opens one listener
+    /// connection of its own for events.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `url` is not a Postgres URL; [`Error::Store`]
+    /// when the server cannot be reached or refuses the connection.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let pool = super::connect_pool(url, super::CONNECT_POOL_SIZE).await?;
+        Ok(PgStore::new(pool))
+    }
+
     /// A store on `pool` with every default (see [`PgStoreBuilder`]).
     pub fn new(pool: PgPool) -> Self {
         PgStore::builder(pool)
@@ -237,7 +260,7 @@ impl PgStore {
         self.count_round_trips(1);
         let sql = &self.inner.sql.purge_expired;
         let done = on_conn!(self, "purging expired rows", Duration::ZERO, None, |conn| {
-            sqlx::query(sql).bind(limit).execute(conn)
+            sqlx::query(sql.get()).bind(limit).execute(conn)
         })?;
         Ok(done.rows_affected())
     }

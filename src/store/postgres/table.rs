@@ -1,6 +1,10 @@
-//! [`TableName`]: a validated, optionally schema-qualified table name.
+//! [`TableName`]: a validated, optionally schema-qualified table name, and
+//! [`Sql`], the statements built around it.
 
 use std::fmt;
+use std::sync::Arc;
+
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 use crate::Error;
 
@@ -71,6 +75,33 @@ impl fmt::Display for TableName {
             Some(schema) => write!(f, "{schema}.{}", self.table),
             None => f.write_str(&self.table),
         }
+    }
+}
+
+/// A statement built by this crate: its text is the crate's own, with no
+/// part from outside it but identifiers a [`TableName`] validated and
+/// quoted; every value is a bound parameter. This is the one place such a
+/// text is vouched for to sqlx ([`AssertSqlSafe`]), so it is built once per
+/// store and shared (cloning it does not copy the text).
+#[derive(Clone)]
+pub(crate) struct Sql(SqlStr);
+
+impl Sql {
+    /// `text` must come from this crate's statement templates and
+    /// [`TableName::quoted`], never from a caller's input.
+    pub(super) fn new(text: String) -> Self {
+        Sql(AssertSqlSafe(Arc::<str>::from(text)).into_sql_str())
+    }
+
+    /// The statement, for `sqlx::query` and its siblings.
+    pub(crate) fn get(&self) -> SqlStr {
+        self.0.clone()
+    }
+}
+
+impl fmt::Debug for Sql {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 

@@ -73,7 +73,7 @@ impl Waiters {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         for (ns, slots) in map.iter() {
-            if namespace.map_or(true, |wanted| wanted == ns) {
+            if namespace.is_none_or(|wanted| wanted == ns) {
                 slots.values().flatten().for_each(|n| n.notify_one());
             }
         }
