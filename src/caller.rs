@@ -16,6 +16,16 @@ use crate::merge::{Boarding, Maker, Seat};
 use crate::stats::Counters;
 use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
 
+/// What a provider call answered for each key it was asked (a key absent:
+/// not found).
+pub(crate) type Answers<K, V> = HashMap<K, Result<V, Error>>;
+
+/// The calls of `F` open to more keys.
+type MergedCalls<F> = Boarding<<F as BatchFetch>::Key, Result<<F as BatchFetch>::Value, Error>>;
+
+/// The maker of a merged call (see [`crate::merge`]) of `F`'s keys.
+type CallMaker<F> = Maker<<F as BatchFetch>::Key, Result<<F as BatchFetch>::Value, Error>>;
+
 /// The provider's settings as the cache enforces them.
 #[derive(Debug)]
 pub(crate) struct CallPolicy {
@@ -32,7 +42,7 @@ pub(crate) struct ProviderCaller<F: BatchFetch> {
     max_batch_size: usize,
     policy: CallPolicy,
     /// Calls waiting for the rate limiter's budget, open to more keys.
-    boarding: Arc<Boarding<F::Key, F::Value>>,
+    boarding: Arc<MergedCalls<F>>,
 }
 
 /// Why one attempt failed, and what to do about it.
@@ -119,14 +129,16 @@ impl<F: BatchFetch> ProviderCaller<F> {
     }
 
     /// Fetches `keys` in chunks of at most `max_batch_size`, at most
-    /// `chunk_concurrency` at a time, in order. The first failing chunk fails
-    /// the whole call.
+    /// `chunk_concurrency` at a time, in order; each key answered on its own
+    /// (absent: not found). A chunk that fails as a whole fails its keys and
+    /// stops the chunks not yet started (their keys fail with its error);
+    /// the error alone when no key was answered.
     pub(crate) async fn call(
         &self,
         keys: &[F::Key],
         prepaid: &Prepaid,
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+    ) -> Result<Answers<F::Key, F::Value>, Error> {
         // Collected first: a stream of futures built by a closure trips the
         // compiler's `Send` inference in async traits.
         let calls: Vec<_> = keys
@@ -135,8 +147,19 @@ impl<F: BatchFetch> ProviderCaller<F> {
             .collect();
         let mut results = futures::stream::iter(calls).buffered(self.policy.chunk_concurrency);
         let mut all = HashMap::with_capacity(keys.len());
-        while let Some(values) = results.next().await {
-            all.extend(values?);
+        while let Some(answers) = results.next().await {
+            match answers {
+                Ok(answers) => all.extend(answers),
+                Err(err) if all.is_empty() => return Err(err),
+                Err(err) => {
+                    for key in keys {
+                        if !all.contains_key(key) {
+                            all.insert(key.clone(), Err(err.clone()));
+                        }
+                    }
+                    break;
+                }
+            }
         }
         Ok(all)
     }
@@ -148,7 +171,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
         chunk: &[F::Key],
         prepaid: &Prepaid,
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+    ) -> Result<Answers<F::Key, F::Value>, Error> {
         if self.policy.limiter.is_unlimited() || prepaid.covers(chunk.len()) {
             return self.make_call(chunk, None, prepaid, counters).await;
         }
@@ -173,10 +196,10 @@ impl<F: BatchFetch> ProviderCaller<F> {
     async fn make_call(
         &self,
         chunk: &[F::Key],
-        mut maker: Option<Maker<F::Key, F::Value>>,
+        mut maker: Option<CallMaker<F>>,
         prepaid: &Prepaid,
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+    ) -> Result<Answers<F::Key, F::Value>, Error> {
         let answer = self.call_keys(chunk, &mut maker, prepaid, counters).await;
         match maker {
             Some(maker) => maker.answer(answer),
@@ -187,45 +210,102 @@ impl<F: BatchFetch> ProviderCaller<F> {
     async fn call_keys(
         &self,
         chunk: &[F::Key],
-        maker: &mut Option<Maker<F::Key, F::Value>>,
+        maker: &mut Option<CallMaker<F>>,
         prepaid: &Prepaid,
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Error> {
+    ) -> Result<Answers<F::Key, F::Value>, Error> {
         let policy = &self.policy;
         let mut backoff = policy.retry.backoff();
         let mut attempt = 1;
         // When the first rate-limited answer of this call came.
         let mut throttled_since: Option<tokio::time::Instant> = None;
-        let mut merged: Option<Vec<F::Key>> = None;
+        // The keys this call asks for: the chunk, then (once permitted)
+        // every key that joined it, then only the keys that failed alone
+        // with a retryable error.
+        let mut asked: Vec<F::Key> = chunk.to_vec();
+        let mut closed = maker.is_none();
+        let mut done: Answers<F::Key, F::Value> = HashMap::with_capacity(chunk.len());
         loop {
-            let asked = merged.as_deref().unwrap_or(chunk);
             policy
                 .limiter
                 .before_call(&self.namespace, asked.len(), prepaid, counters)
                 .await?;
-            if let (Some(maker), None) = (maker.as_mut(), &merged) {
+            if let (Some(maker), false) = (maker.as_mut(), closed) {
                 // Permitted: no more joiners. Keys that joined while it
                 // waited are charged to a keys quota now.
                 let all = maker.close();
-                if all.len() > chunk.len() {
+                if all.len() > asked.len() {
                     policy
                         .limiter
-                        .charge_keys(&self.namespace, all.len() - chunk.len())
+                        .charge_keys(&self.namespace, all.len() - asked.len())
                         .await?;
                     Counters::add(&counters.merged_calls, maker.joiners());
                 }
-                merged = Some(all);
+                asked = all;
+                closed = true;
             }
-            let asked = merged.as_deref().unwrap_or(chunk);
-            let failure = match self.attempt(asked, counters).await {
-                Ok(values) => return Ok(values),
+            let failure = match self.attempt(&asked, counters).await {
+                Ok(answers) => {
+                    let mut again = Vec::new();
+                    let mut delay = None;
+                    for (key, answer) in answers {
+                        match answer {
+                            Ok(value) => {
+                                done.insert(key, Ok(value));
+                            }
+                            Err(source) => {
+                                let class = self.provider.classify(&source);
+                                let err = Error::Provider {
+                                    namespace: self.namespace.clone(),
+                                    source: Arc::new(source),
+                                };
+                                let retry = match class {
+                                    ErrorClass::Transient => Some(None),
+                                    ErrorClass::RateLimited { retry_after } => {
+                                        Some(retry_after.filter(|after| {
+                                            *after <= policy.retry.max_retry_after()
+                                        }))
+                                    }
+                                    _ => None,
+                                };
+                                match retry {
+                                    Some(after) if attempt < policy.retry.max_attempts().get() => {
+                                        delay = delay.max(after);
+                                        again.push(key.clone());
+                                        done.insert(key, Err(err));
+                                    }
+                                    _ => {
+                                        done.insert(key, Err(err));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if again.is_empty() {
+                        return Ok(done);
+                    }
+                    // Only the keys that failed alone, once more.
+                    attempt += 1;
+                    let delay = delay.or_else(|| backoff.next()).unwrap_or_default();
+                    Counters::add(&counters.provider_retries, 1);
+                    tracing::debug!(
+                        namespace = %self.namespace,
+                        attempt,
+                        keys = again.len(),
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying the keys a provider call failed alone"
+                    );
+                    asked = again;
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
                 Err(failure) => failure,
             };
             let delay = match failure {
-                Failure::Fail(err) => return Err(err),
+                Failure::Fail(err) => return Self::failed(done, &asked, err),
                 Failure::Retry(err) => {
                     if attempt >= policy.retry.max_attempts().get() {
-                        return Err(err);
+                        return Self::failed(done, &asked, err);
                     }
                     attempt += 1;
                     backoff.next().unwrap_or_default()
@@ -240,7 +320,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                     if delay > policy.retry.max_retry_after() {
                         tracing::warn!(namespace = %self.namespace, retry_after_ms = delay.as_millis() as u64,
                             "provider asked to back off longer than max_retry_after");
-                        return Err(rate_limited);
+                        return Self::failed(done, &asked, rate_limited);
                     }
                     // Every instance pauses, also when this one gives up.
                     policy.limiter.pause_fleet(&self.namespace, delay).await?;
@@ -248,7 +328,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                     if since.elapsed().saturating_add(delay) > policy.retry.rate_limit_deadline() {
                         tracing::debug!(namespace = %self.namespace, error = %err,
                             "still rate limited at the rate-limit deadline");
-                        return Err(rate_limited);
+                        return Self::failed(done, &asked, rate_limited);
                     }
                     Counters::add(&counters.rate_limited_waits, 1);
                     delay
@@ -265,16 +345,33 @@ impl<F: BatchFetch> ProviderCaller<F> {
         }
     }
 
+    /// A call that failed as a whole: the error alone when no key was
+    /// answered before (by an earlier attempt), else the answers with
+    /// `asked` failed.
+    fn failed(
+        mut done: Answers<F::Key, F::Value>,
+        asked: &[F::Key],
+        err: Error,
+    ) -> Result<Answers<F::Key, F::Value>, Error> {
+        if done.values().all(Result::is_err) {
+            return Err(err);
+        }
+        for key in asked {
+            done.insert(key.clone(), Err(err.clone()));
+        }
+        Ok(done)
+    }
+
     /// One provider call, bounded by the timeout, panics caught.
     async fn attempt(
         &self,
         chunk: &[F::Key],
         counters: &Counters,
-    ) -> Result<HashMap<F::Key, F::Value>, Failure> {
+    ) -> Result<HashMap<F::Key, Result<F::Value, F::Error>>, Failure> {
         Counters::add(&counters.provider_calls, 1);
         Counters::add(&counters.provider_keys, chunk.len());
         tracing::trace!(namespace = %self.namespace, keys = chunk.len(), "provider call");
-        let call = AssertUnwindSafe(self.provider.fetch(chunk)).catch_unwind();
+        let call = AssertUnwindSafe(self.provider.fetch_each(chunk)).catch_unwind();
         let outcome = match tokio::time::timeout(self.policy.timeout, call).await {
             Ok(outcome) => outcome,
             Err(_) => {

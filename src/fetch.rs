@@ -105,6 +105,40 @@ pub trait BatchFetch: Send + Sync + 'static {
         keys: &[Self::Key],
     ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error>;
 
+    /// Fetches `keys`, answering each key on its own: `Ok(value)`, or
+    /// `Err` for a key the provider failed alone (one bad id in a batch)
+    /// while the others of the call succeed. A key absent from the map is
+    /// not found, as with [`fetch`](Self::fetch); an `Err` of the whole call
+    /// fails every key of it.
+    ///
+    /// The cache calls this method. The default calls `fetch` and answers
+    /// every key it returned with `Ok`: override it for a provider whose
+    /// batch answers carry errors per item.
+    ///
+    /// A failed key's loads fail with
+    /// [`Error::Provider`](crate::Error::Provider), its error as the
+    /// source; the other keys are answered and cached, and nothing is cached
+    /// for the failed one, so its next load asks again. Its error is
+    /// classified with [`classify`](Self::classify): a
+    /// [`Transient`](ErrorClass::Transient) or
+    /// [`RateLimited`](ErrorClass::RateLimited) key is asked again (the
+    /// failed keys of a call together, in one call) after the policy's
+    /// backoff or its `retry_after`, within the policy's
+    /// [`max_attempts`](crate::RetryPolicy::with_max_attempts), without
+    /// pausing the fleet; a [`Permanent`](ErrorClass::Permanent) one fails
+    /// at once.
+    async fn fetch_each(
+        &self,
+        keys: &[Self::Key],
+    ) -> Result<HashMap<Self::Key, Result<Self::Value, Self::Error>>, Self::Error> {
+        Ok(self
+            .fetch(keys)
+            .await?
+            .into_iter()
+            .map(|(key, value)| (key, Ok(value)))
+            .collect())
+    }
+
     /// Says how the cache should treat an error of `fetch`: wait and retry
     /// ([`ErrorClass::RateLimited`]), retry with backoff
     /// ([`ErrorClass::Transient`]), or fail at once
@@ -175,6 +209,13 @@ impl<F: BatchFetch + ?Sized> BatchFetch for Arc<F> {
         keys: &[Self::Key],
     ) -> Result<HashMap<Self::Key, Self::Value>, Self::Error> {
         (**self).fetch(keys).await
+    }
+
+    async fn fetch_each(
+        &self,
+        keys: &[Self::Key],
+    ) -> Result<HashMap<Self::Key, Result<Self::Value, Self::Error>>, Self::Error> {
+        (**self).fetch_each(keys).await
     }
 
     fn classify(&self, error: &Self::Error) -> ErrorClass {

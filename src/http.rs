@@ -31,6 +31,28 @@ use crate::{BatchFetch, Error, ErrorClass};
 /// | 5xx, connection errors, timeouts | [`ErrorClass::Transient`] |
 /// | other 4xx, an undecodable body | [`ErrorClass::Permanent`] |
 ///
+/// # Errors per item
+///
+/// An item that does not decode into `V` fails only its own key
+/// ([`HttpError::Decode`]), not the call. An API that reports failures per
+/// item, as `{"items": [{"id": 1, …}, {"id": 2, "error": {"status": 503,
+/// "message": "shard down"}}]}`, names that field with
+/// [`item_error_field`](Self::item_error_field): an item whose field is
+/// present and not `null` fails only its key with [`HttpError::Item`]. The
+/// field may be an object with an optional numeric `status` (or `code`) and
+/// a `message`, or a string (the message). By its status, the key is:
+///
+/// | item error | key |
+/// |---|---|
+/// | status 404 | not found (`Ok(None)`, cached as a negative entry) |
+/// | status 429 | [`ErrorClass::RateLimited`]: asked again |
+/// | status 5xx | [`ErrorClass::Transient`]: asked again |
+/// | any other, or none | [`ErrorClass::Permanent`]: fails at once |
+///
+/// Keys asked again are asked alone (with the other failed keys of the
+/// call) within the cache's retry policy; see
+/// [`BatchFetch::fetch_each`].
+///
 /// ```no_run
 /// # fn run() -> Result<(), loadlock::Error> {
 /// use loadlock::{Cache, HttpBatchProvider};
@@ -59,6 +81,7 @@ pub struct HttpBatchProvider<K, V> {
     ids_param: String,
     id_field: String,
     items_path: Vec<String>,
+    item_error_field: Option<String>,
     max_batch_size: usize,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -71,6 +94,7 @@ impl<K, V> fmt::Debug for HttpBatchProvider<K, V> {
             .field("ids_param", &self.ids_param)
             .field("id_field", &self.id_field)
             .field("items_path", &self.items_path)
+            .field("item_error_field", &self.item_error_field)
             .field("max_batch_size", &self.max_batch_size)
             .finish_non_exhaustive()
     }
@@ -94,6 +118,7 @@ impl<K, V> HttpBatchProvider<K, V> {
             ids_param: "ids".into(),
             id_field: "id".into(),
             items_path: vec!["items".into()],
+            item_error_field: None,
             max_batch_size: 100,
             _types: PhantomData,
         })
@@ -125,6 +150,16 @@ impl<K, V> HttpBatchProvider<K, V> {
         self
     }
 
+    /// The field of an item that, when present and not `null`, reports that
+    /// the API failed this item alone (see [Errors per
+    /// item](HttpBatchProvider#errors-per-item)). None by default: every
+    /// item is a value.
+    #[must_use]
+    pub fn item_error_field(mut self, name: impl Into<String>) -> Self {
+        self.item_error_field = Some(name.into());
+        self
+    }
+
     /// The most ids per request (the API's limit). Zero is rejected when the
     /// cache is built.
     #[must_use]
@@ -153,8 +188,19 @@ pub enum HttpError {
     },
     /// The request did not complete: connection refused or reset, timeout.
     Transport(reqwest::Error),
-    /// The body was not the expected JSON.
+    /// The body was not the expected JSON (for a whole call), or an item
+    /// did not decode into the value type (for that item's key).
     Decode(String),
+    /// The API failed this item alone (see [Errors per
+    /// item](HttpBatchProvider#errors-per-item)).
+    Item {
+        /// The item's id, as the API wrote it.
+        id: String,
+        /// The status the API gave the item, if any.
+        status: Option<u16>,
+        /// What the API said.
+        message: String,
+    },
 }
 
 impl Display for HttpError {
@@ -167,6 +213,16 @@ impl Display for HttpError {
             HttpError::Status { status, body } => write!(f, "HTTP {status}: {body}"),
             HttpError::Transport(err) => write!(f, "request failed: {err}"),
             HttpError::Decode(why) => write!(f, "undecodable answer: {why}"),
+            HttpError::Item {
+                id,
+                status: Some(status),
+                message,
+            } => write!(f, "item {id} failed ({status}): {message}"),
+            HttpError::Item {
+                id,
+                status: None,
+                message,
+            } => write!(f, "item {id} failed: {message}"),
         }
     }
 }
@@ -189,6 +245,30 @@ pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// An item's error field as an [`HttpError::Item`].
+fn item_error(id: &str, error: &serde_json::Value) -> HttpError {
+    let (status, message) = match error {
+        serde_json::Value::Object(fields) => {
+            let status = ["status", "code"]
+                .iter()
+                .find_map(|name| fields.get(*name).and_then(serde_json::Value::as_u64))
+                .and_then(|status| u16::try_from(status).ok());
+            let message = fields
+                .get("message")
+                .and_then(serde_json::Value::as_str)
+                .map_or_else(|| error.to_string(), str::to_owned);
+            (status, message)
+        }
+        serde_json::Value::String(message) => (None, message.clone()),
+        other => (None, other.to_string()),
+    };
+    HttpError::Item {
+        id: id.to_owned(),
+        status,
+        message,
+    }
 }
 
 /// The text an id is matched by.
@@ -229,6 +309,14 @@ where
     }
 
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, V>, HttpError> {
+        self.fetch_each(keys)
+            .await?
+            .into_iter()
+            .map(|(key, answer)| answer.map(|value| (key, value)))
+            .collect()
+    }
+
+    async fn fetch_each(&self, keys: &[K]) -> Result<HashMap<K, Result<V, HttpError>>, HttpError> {
         let by_text: HashMap<String, &K> = keys.iter().map(|k| (k.to_string(), k)).collect();
         if let Some(bad) = by_text.keys().find(|text| text.contains(',')) {
             return Err(HttpError::Decode(format!(
@@ -288,9 +376,22 @@ where
             let Some(key) = by_text.get(&id).copied() else {
                 continue; // not asked for
             };
-            let value = serde_json::from_value(item)
-                .map_err(|e| HttpError::Decode(format!("item {key}: {e}")))?;
-            found.insert(key.clone(), value);
+            let failure = self
+                .item_error_field
+                .as_deref()
+                .and_then(|field| item.get(field))
+                .filter(|error| !error.is_null())
+                .map(|error| item_error(&id, error));
+            let answer = match failure {
+                // The API says it has no such item: not found.
+                Some(HttpError::Item {
+                    status: Some(404), ..
+                }) => continue,
+                Some(failure) => Err(failure),
+                None => serde_json::from_value(item)
+                    .map_err(|e| HttpError::Decode(format!("item {key}: {e}"))),
+            };
+            found.insert(key.clone(), answer);
         }
         Ok(found)
     }
@@ -301,6 +402,13 @@ where
                 retry_after: *retry_after,
             },
             HttpError::Status { status, .. } if status.is_server_error() => ErrorClass::Transient,
+            HttpError::Item {
+                status: Some(429), ..
+            } => ErrorClass::RateLimited { retry_after: None },
+            HttpError::Item {
+                status: Some(500..=599),
+                ..
+            } => ErrorClass::Transient,
             HttpError::Transport(err) if !err.is_builder() => ErrorClass::Transient,
             _ => ErrorClass::Permanent,
         }

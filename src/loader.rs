@@ -157,7 +157,8 @@ impl<F: BatchFetch> Loader<F> {
     /// # Errors
     ///
     /// [`Error::Provider`] / [`Error::ProviderPanicked`] when the provider
-    /// call for the key's batch failed; [`Error::Store`] when the store did;
+    /// call for the key's batch failed, or failed this key alone (see
+    /// [`BatchFetch::fetch_each`]); [`Error::Store`] when the store did;
     /// [`Error::Closed`] when the runtime shut down under the batch;
     /// [`Error::NoRuntime`] when called outside a tokio runtime.
     pub async fn load(&self, key: F::Key) -> Result<Option<F::Value>, Error> {

@@ -7,8 +7,8 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use futures::future::join_all;
-use loadlock::{Cache, Error};
-use support::{value_of, Fake, FakeError};
+use loadlock::{Cache, Error, RetryPolicy};
+use support::{value_of, Fake, FakeError, KeyError, PerKey};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn provider_error_fails_the_whole_batch_and_is_not_cached() {
@@ -125,4 +125,34 @@ fn loading_outside_a_runtime_is_an_error() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let inside = runtime.block_on(loader.load(1)).unwrap();
     assert_eq!(inside, Some(value_of(&1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_the_provider_fails_alone_fail_alone() {
+    let provider = PerKey::new("fail/per-key", [7, 42, 99], []);
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    support::three_keys_of_a_hundred_fail(&cache, &provider).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_failed_by_a_blip_is_asked_again_alone() {
+    let provider = PerKey::new("fail/per-key-blip", [], [(5, 2)]);
+    let cache = Cache::builder(provider.clone()).build().unwrap();
+    let got = cache.loader().load_many(0..10).await.unwrap();
+    assert_eq!(got.len(), 10);
+    assert_eq!(provider.calls(), vec![(0..10).collect(), vec![5], vec![5]]);
+    assert_eq!(cache.stats().provider_retries, 2);
+
+    // Out of attempts: the key fails, the others of its call do not.
+    let provider = PerKey::new("fail/per-key-blips", [], [(5, 5)]);
+    let cache = Cache::builder(provider.clone())
+        .retry(RetryPolicy::default().with_max_attempts(std::num::NonZeroU32::new(2).unwrap()))
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let (five, six) = tokio::join!(loader.load(5), loader.load(6));
+    assert_eq!(six.unwrap(), Some(value_of(&6u64)));
+    let err = five.unwrap_err();
+    assert_eq!(err.provider_error::<KeyError>(), Some(&KeyError::Blip(5)));
+    assert_eq!(provider.calls(), vec![vec![5, 6], vec![5]]);
 }

@@ -669,3 +669,91 @@ async fn a_key_containing_the_separator_fails_only_itself() {
         .collect();
     assert_eq!(asked, vec![vec![1, 4]]);
 }
+
+/// Answers with errors per item, the first time for id 2 only: 2 fails with
+/// 503 once, 3 with 400, 4 with 404, 5 does not decode; the rest are items.
+#[derive(Clone, Default)]
+struct ErrorsPerItem {
+    requests: Arc<Mutex<Vec<Vec<u64>>>>,
+}
+
+impl Respond for ErrorsPerItem {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let ids = ids_of(request);
+        let first = {
+            let mut requests = self.requests.lock().unwrap();
+            requests.push(ids.clone());
+            requests.len() == 1
+        };
+        let items: Vec<serde_json::Value> = ids
+            .into_iter()
+            .map(|id| match id {
+                2 if first => serde_json::json!({
+                    "id": id, "error": {"status": 503, "message": "shard down"}
+                }),
+                3 => serde_json::json!({"id": id, "error": {"code": 400, "message": "bad id"}}),
+                4 => serde_json::json!({"id": id, "error": {"status": 404}}),
+                5 => serde_json::json!({"id": id, "name": 5}),
+                _ => serde_json::json!(item(id)),
+            })
+            .collect();
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "items": items }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_that_fail_alone_fail_only_their_keys() {
+    let server = MockServer::start().await;
+    let responder = ErrorsPerItem::default();
+    Mock::given(method("GET"))
+        .respond_with(responder.clone())
+        .mount(&server)
+        .await;
+    let cache = Cache::builder(provider(&server, "http/per-item").item_error_field("error"))
+        .retry(quick_retries())
+        .build()
+        .unwrap();
+    let loader = cache.loader();
+    let (one, two, three, four, five) = tokio::join!(
+        loader.load(1),
+        loader.load(2),
+        loader.load(3),
+        loader.load(4),
+        loader.load(5)
+    );
+    assert_eq!(one.unwrap(), Some(item(1)));
+    // A 503 for the item: asked again, alone with the other retryable one.
+    assert_eq!(two.unwrap(), Some(item(2)));
+    let err = three.unwrap_err();
+    assert!(
+        matches!(
+            err.provider_error::<HttpError>(),
+            Some(HttpError::Item { id, status: Some(400), message }) if id == "3" && message == "bad id"
+        ),
+        "{err:?}"
+    );
+    assert_eq!(four.unwrap(), None, "a 404 item is not found");
+    let err = five.unwrap_err();
+    assert!(
+        matches!(
+            err.provider_error::<HttpError>(),
+            Some(HttpError::Decode(_))
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        responder.requests.lock().unwrap().clone(),
+        vec![vec![1, 2, 3, 4, 5], vec![2]]
+    );
+    // Only the failed keys are asked for again; 1, 2 and 4 are cached.
+    let loader = cache.loader();
+    let (_, _, three, _, five) = tokio::join!(
+        loader.load(1),
+        loader.load(2),
+        loader.load(3),
+        loader.load(4),
+        loader.load(5)
+    );
+    assert!(three.is_err() && five.is_err());
+    assert_eq!(responder.requests.lock().unwrap()[2], vec![3, 5]);
+}

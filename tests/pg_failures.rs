@@ -388,3 +388,32 @@ async fn expect_event(
     .await
     .expect("the expected event never came");
 }
+
+/// Keys the provider fails alone fail alone on Postgres too, in both fill
+/// modes: the others are published, the failed ones leave no fresh row
+/// (not even a negative entry) and no lease behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_the_provider_fails_alone_fail_alone_on_postgres() {
+    let db = TestDb::new("per_key_fail").await;
+    for fill in [FillMode::Lease, FillMode::HeldTransaction] {
+        let namespace = format!("pg/per-key/{fill:?}");
+        let provider = support::PerKey::new(&namespace, [7, 42, 99], []);
+        let cache = Cache::builder(provider.clone())
+            .store(db.store_with(LockMode::PerKey, fill).await)
+            .build()
+            .unwrap();
+        support::three_keys_of_a_hundred_fail(&cache, &provider).await;
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let (rows, leased): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FILTER (WHERE expires_at > now()), count(lease_token) \
+             FROM {} WHERE namespace = $1",
+            db.table()
+        )))
+        .bind(&namespace)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!((rows, leased), (97, 0), "{fill:?}");
+    }
+    db.cleanup().await;
+}

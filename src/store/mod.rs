@@ -439,7 +439,34 @@ impl<F: BatchFetch> Fill<'_, F> {
     /// [`Error::Provider`], [`Error::ProviderPanicked`],
     /// [`Error::ProviderTimeout`] or [`Error::RateLimited`]; the store must
     /// then write nothing from this fill and return the error.
+    ///
+    /// A key the provider failed alone (see
+    /// [`BatchFetch::fetch_each`]) fails the
+    /// whole answer here, with its error: a store that can answer keys on
+    /// their own uses [`fetch_each`](Self::fetch_each).
     pub async fn fetch(&self, keys: &[F::Key]) -> Result<HashMap<F::Key, F::Value>, Error> {
+        self.fetch_each(keys)
+            .await?
+            .into_iter()
+            .map(|(key, answer)| answer.map(|value| (key, value)))
+            .collect()
+    }
+
+    /// [`fetch`](Self::fetch), answering each key on its own: `Ok(value)`,
+    /// or `Err` for a key that failed alone (or whose chunk failed after
+    /// other chunks were answered); a key absent from the map is not found.
+    /// Write nothing for a failed key (not even a negative entry), release
+    /// what the fill holds of it, and answer it [`Filled::Failed`] with its
+    /// error.
+    ///
+    /// # Errors
+    ///
+    /// As [`fetch`](Self::fetch), when the call failed before any key was
+    /// answered.
+    pub async fn fetch_each(
+        &self,
+        keys: &[F::Key],
+    ) -> Result<HashMap<F::Key, Result<F::Value, Error>>, Error> {
         self.provider.call(keys, self.prepaid, self.counters).await
     }
 }
@@ -542,6 +569,26 @@ pub(crate) fn unsettled() -> Error {
 /// answers and the rest [`Filled::Failed`], so a failure reaches only the
 /// keys it concerns (the error alone when nothing was answered, or for a
 /// refresh).
+/// Splits a fill's per-key answers into what to write (values; a key
+/// absent is not found) and the keys that failed, with their errors.
+pub(crate) fn split_failed<K: Eq + std::hash::Hash, V>(
+    answers: HashMap<K, Result<V, Error>>,
+) -> (HashMap<K, V>, HashMap<K, Error>) {
+    let mut values = HashMap::with_capacity(answers.len());
+    let mut failed = HashMap::new();
+    for (key, answer) in answers {
+        match answer {
+            Ok(value) => {
+                values.insert(key, value);
+            }
+            Err(err) => {
+                failed.insert(key, err);
+            }
+        }
+    }
+    (values, failed)
+}
+
 pub(crate) fn fill_answers<V>(
     rounds: Result<bool, Error>,
     answers: Vec<Option<Filled<V>>>,

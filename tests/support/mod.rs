@@ -194,3 +194,124 @@ where
             .collect())
     }
 }
+
+/// A provider that fails some keys alone, the way a batch API answers one
+/// bad id among good ones: `permanent` keys always, `transient` keys the
+/// given number of times before answering. Records every call.
+#[derive(Clone)]
+pub struct PerKey {
+    namespace: String,
+    permanent: Arc<HashSet<u64>>,
+    transient: Arc<Mutex<HashMap<u64, usize>>>,
+    calls: Arc<Mutex<Vec<Vec<u64>>>>,
+}
+
+/// Why [`PerKey`] failed a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    Gone(u64),
+    Blip(u64),
+}
+
+impl Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::Gone(key) => write!(f, "item {key} cannot be read"),
+            KeyError::Blip(key) => write!(f, "item {key} timed out upstream"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+impl PerKey {
+    pub fn new(
+        namespace: &str,
+        permanent: impl IntoIterator<Item = u64>,
+        transient: impl IntoIterator<Item = (u64, usize)>,
+    ) -> Self {
+        PerKey {
+            namespace: namespace.to_owned(),
+            permanent: Arc::new(permanent.into_iter().collect()),
+            transient: Arc::new(Mutex::new(transient.into_iter().collect())),
+            calls: Arc::default(),
+        }
+    }
+
+    pub fn calls(&self) -> Vec<Vec<u64>> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BatchFetch for PerKey {
+    type Key = u64;
+    type Value = String;
+    type Error = KeyError;
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn fetch(&self, _: &[u64]) -> Result<HashMap<u64, String>, KeyError> {
+        unreachable!("the cache calls fetch_each")
+    }
+
+    async fn fetch_each(
+        &self,
+        keys: &[u64],
+    ) -> Result<HashMap<u64, Result<String, KeyError>>, KeyError> {
+        self.calls.lock().unwrap().push(keys.to_vec());
+        let mut transient = self.transient.lock().unwrap();
+        Ok(keys
+            .iter()
+            .map(|&key| {
+                let answer = if self.permanent.contains(&key) {
+                    Err(KeyError::Gone(key))
+                } else if let Some(left) = transient.get_mut(&key).filter(|n| **n > 0) {
+                    *left -= 1;
+                    Err(KeyError::Blip(key))
+                } else {
+                    Ok(value_of(&key))
+                };
+                (key, answer)
+            })
+            .collect())
+    }
+
+    fn classify(&self, error: &KeyError) -> loadlock::ErrorClass {
+        match error {
+            KeyError::Gone(_) => loadlock::ErrorClass::Permanent,
+            KeyError::Blip(_) => loadlock::ErrorClass::Transient,
+        }
+    }
+}
+
+/// 100 keys in one batch, 3 of them failed alone by the provider: the 97
+/// others are answered and cached, the 3 fail with their own error, and
+/// the next loads ask the provider for the 3 alone.
+pub async fn three_keys_of_a_hundred_fail(cache: &loadlock::Cache<PerKey>, provider: &PerKey) {
+    const FAILING: [u64; 3] = [7, 42, 99];
+    for round in 0..2 {
+        let loader = cache.loader();
+        let answers = futures::future::join_all((0..100u64).map(|k| loader.load(k))).await;
+        for (key, answer) in (0..100u64).zip(answers) {
+            if FAILING.contains(&key) {
+                let err = answer.unwrap_err();
+                assert!(matches!(err, loadlock::Error::Provider { .. }), "{err:?}");
+                assert_eq!(err.provider_error::<KeyError>(), Some(&KeyError::Gone(key)));
+            } else {
+                assert_eq!(answer.unwrap(), Some(value_of(&key)), "round {round}");
+            }
+        }
+    }
+    let mut calls = provider.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].len(), 100);
+    calls[1].sort_unstable();
+    assert_eq!(
+        calls[1],
+        FAILING.to_vec(),
+        "only the failed keys are asked again"
+    );
+}

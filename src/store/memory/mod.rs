@@ -576,10 +576,11 @@ impl MemoryStore {
         };
         // A failed fetch (or a cancelled fill) drops `held`, which releases
         // the leases at once.
-        let mut fetched = tokio::select! {
-            fetched = fill.fetch(&keys) => fetched?,
+        let fetched = tokio::select! {
+            fetched = fill.fetch_each(&keys) => fetched?,
             never = renewal => never,
         };
+        let (mut fetched, mut failed) = crate::store::split_failed(fetched);
         fill.about_to_commit(leased);
         let mut lost = Vec::new();
         {
@@ -591,6 +592,12 @@ impl MemoryStore {
                     continue;
                 }
                 leases.remove(entry_key);
+                if let Some(err) = failed.remove(key) {
+                    // Failed alone: answered with its error, nothing
+                    // stored, its lease given up with the others.
+                    answers[i] = Some(Filled::Failed(err));
+                    continue;
+                }
                 let value = fetched.remove(key);
                 let ttl = if value.is_some() {
                     fill.ttl()

@@ -374,7 +374,7 @@ impl PgStore {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
         let renewal = self.renew_while_fetching(&held, lease);
-        let fetched = fill.fetch(&keys).await;
+        let fetched = fill.fetch_each(&keys).await;
         drop(renewal);
         let fetched = match fetched {
             Ok(fetched) => fetched,
@@ -388,6 +388,39 @@ impl PgStore {
                 return Err(err);
             }
         };
+        let (fetched, mut failed) = crate::store::split_failed(fetched);
+        let (leased, keys) = if failed.is_empty() {
+            (leased.to_vec(), keys)
+        } else {
+            // Keys the provider failed alone: answered with their error,
+            // nothing written, and their leases released at once so that
+            // waiters claim them instead of waiting for the expiry.
+            let mut kept = (Vec::new(), Vec::new());
+            let mut dropped = Vec::new();
+            for (&i, key) in leased.iter().zip(keys) {
+                match failed.remove(&key) {
+                    Some(err) => {
+                        answers[i] = Some(Filled::Failed(err));
+                        dropped.push(texts[i].clone());
+                    }
+                    None => {
+                        kept.0.push(i);
+                        kept.1.push(key);
+                    }
+                }
+            }
+            dropped.sort_unstable();
+            if let Err(release) = self.release(namespace, &dropped, held.token).await {
+                tracing::warn!(namespace, error = %release,
+                    "could not release the leases of failed keys; they expire on their own");
+            }
+            kept
+        };
+        if leased.is_empty() {
+            held.settled();
+            return Ok(Vec::new());
+        }
+        let leased = &leased[..];
         let mut rows = Encoded::new(texts, leased, &keys, fetched)?;
         // Joiners from now on read the store: the publish is what they see.
         fill.about_to_commit(leased);
