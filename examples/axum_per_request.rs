@@ -2,14 +2,15 @@
 //!
 //! `GET /users/{id}` loads one user; `GET /feed` loads 50 users per request
 //! (with repeats, as a real feed has); `GET /stats` shows what each tier
-//! answered. The provider is the crate's `HttpBatchProvider`, pointed at a
+//! answered; `GET /metrics` is the cache's `metrics` counters and histograms
+//! for Prometheus. The provider is the crate's `HttpBatchProvider`, pointed at a
 //! small simulated upstream (`GET /upstream/users?ids=…`) served by the same
 //! process. Entries are kept in a `MemoryStore`, or in Postgres when
 //! `DATABASE_URL` is set.
 //!
 //! ```text
-//! cargo run --example axum_per_request --features http
-//! cargo run --example axum_per_request --features http -- --demo   # makes a few requests itself, then exits
+//! cargo run --example axum_per_request --features http,metrics
+//! cargo run --example axum_per_request --features http,metrics -- --demo   # makes a few requests itself, then exits
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use loadlock::{Cache, HttpBatchProvider, Loader, PgStore};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +39,7 @@ type Users = HttpBatchProvider<u64, User>;
 struct AppState {
     users: Cache<Users>,
     upstream_calls: Arc<AtomicU64>,
+    prometheus: PrometheusHandle,
 }
 
 impl FromRef<AppState> for Cache<Users> {
@@ -123,6 +126,11 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Every `loadlock_*` metric, in Prometheus' text format.
+async fn metrics(State(state): State<AppState>) -> String {
+    state.prometheus.render()
+}
+
 #[derive(Deserialize)]
 struct UpstreamQuery {
     ids: String,
@@ -152,6 +160,8 @@ async fn upstream(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let demo = std::env::args().any(|a| a == "--demo");
+    // Installed before the cache is built: its counters register then.
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
 
@@ -170,12 +180,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = AppState {
         users: builder.build()?,
         upstream_calls: Arc::new(AtomicU64::new(0)),
+        prometheus,
     };
 
     let app = Router::new()
         .route("/users/{id}", get(user))
         .route("/feed", get(feed))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/upstream/users", get(upstream))
         .with_state(state);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -185,6 +197,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  curl {base}/users/5000        # 404: the upstream has no such user");
     println!("  curl '{base}/feed?page=3'");
     println!("  curl {base}/stats");
+    println!("  curl {base}/metrics");
 
     if demo {
         let client = reqwest::Client::new();
@@ -209,6 +222,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let (_, body) = get(format!("{base}/stats")).await?;
         println!("after 20 concurrent feeds of 50 users: {body}");
+        let (_, body) = get(format!("{base}/metrics")).await?;
+        let ours: Vec<&str> = body
+            .lines()
+            .filter(|line| line.starts_with("loadlock_") && !line.contains("_bucket"))
+            .collect();
+        assert!(
+            ours.iter().any(|l| l.starts_with("loadlock_loads_total")),
+            "{body}"
+        );
+        println!("GET /metrics ->\n{}", ours.join("\n"));
         return Ok(());
     }
     server.await??;

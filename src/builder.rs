@@ -359,12 +359,13 @@ impl<F: BatchFetch> CacheBuilder<F> {
             chunk_concurrency: self.chunk_concurrency,
             retry: self.retry,
         };
+        let counters = Counters::new(provider.namespace());
         Ok(Cache {
             inner: Arc::new(CacheInner {
                 provider,
                 store,
                 inflight: InFlight::new(),
-                counters: Counters::default(),
+                counters,
                 config,
                 local,
                 refreshing: dashmap::DashMap::new(),

@@ -372,7 +372,10 @@ impl<F: BatchFetch> ProviderCaller<F> {
         Counters::add(&counters.provider_keys, chunk.len());
         tracing::trace!(namespace = %self.namespace, keys = chunk.len(), "provider call");
         let call = AssertUnwindSafe(self.provider.fetch_each(chunk)).catch_unwind();
-        let outcome = match tokio::time::timeout(self.policy.timeout, call).await {
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(self.policy.timeout, call).await;
+        counters.record_provider_call(started.elapsed());
+        let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(_) => {
                 Counters::add(&counters.provider_timeouts, 1);

@@ -94,7 +94,10 @@ impl<F: BatchFetch> CacheInner<F> {
         tally: &mut Tally,
     ) -> Result<Vec<crate::inflight::Outcome<Shared<F::Value>>>, Error> {
         let prepaid = Prepaid::default();
-        let filled = self.store.fill(self.fill_of(keys, &prepaid, leave)).await?;
+        let started = tokio::time::Instant::now();
+        let filled = self.store.fill(self.fill_of(keys, &prepaid, leave)).await;
+        self.counters.record_fill(started.elapsed());
+        let filled = filled?;
         if filled.len() != keys.len() {
             return Err(Error::Store {
                 message: format!(

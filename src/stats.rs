@@ -105,48 +105,188 @@ impl Stats {
     }
 }
 
+/// One counter of a cache: its value for [`Stats`], and with the `metrics`
+/// feature the same increments to the [`metrics`] facade.
+#[derive(Debug)]
+pub(crate) struct Counter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::Counter::noop(),
+        }
+    }
+}
+
+impl Counter {
+    pub(crate) fn load(&self, order: std::sync::atomic::Ordering) -> u64 {
+        self.value.load(order)
+    }
+
+    fn add(&self, n: u64) {
+        self.value.fetch_add(n, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+}
+
+/// The durations the `metrics` feature reports as histograms.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+struct Histograms {
+    fill: metrics::Histogram,
+    lock_wait: metrics::Histogram,
+    provider_call: metrics::Histogram,
+}
+
+#[cfg(feature = "metrics")]
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            fill: metrics::Histogram::noop(),
+            lock_wait: metrics::Histogram::noop(),
+            provider_call: metrics::Histogram::noop(),
+        }
+    }
+}
+
 /// The live counters behind [`Stats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) loads: AtomicU64,
-    pub(crate) memo_hits: AtomicU64,
-    pub(crate) coalesced: AtomicU64,
-    pub(crate) store_hits: AtomicU64,
-    pub(crate) local_hits: AtomicU64,
-    pub(crate) negative_hits: AtomicU64,
-    pub(crate) store_hits_after_lock: AtomicU64,
-    pub(crate) undecodable: AtomicU64,
-    pub(crate) lock_waits: AtomicU64,
+    pub(crate) loads: Counter,
+    pub(crate) memo_hits: Counter,
+    pub(crate) coalesced: Counter,
+    pub(crate) store_hits: Counter,
+    pub(crate) local_hits: Counter,
+    pub(crate) negative_hits: Counter,
+    pub(crate) store_hits_after_lock: Counter,
+    pub(crate) undecodable: Counter,
+    pub(crate) lock_waits: Counter,
     pub(crate) lock_wait_total_us: AtomicU64,
     pub(crate) lock_wait_max_us: AtomicU64,
-    pub(crate) batches: AtomicU64,
-    pub(crate) provider_calls: AtomicU64,
-    pub(crate) provider_keys: AtomicU64,
-    pub(crate) provider_retries: AtomicU64,
-    pub(crate) provider_timeouts: AtomicU64,
-    pub(crate) rate_limited_waits: AtomicU64,
-    pub(crate) merged_calls: AtomicU64,
-    pub(crate) errors: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) stale_served: AtomicU64,
-    pub(crate) refreshes: AtomicU64,
-    pub(crate) lease_waits: AtomicU64,
-    pub(crate) lease_takeovers: AtomicU64,
-    pub(crate) leases_revoked: AtomicU64,
+    pub(crate) batches: Counter,
+    pub(crate) provider_calls: Counter,
+    pub(crate) provider_keys: Counter,
+    pub(crate) provider_retries: Counter,
+    pub(crate) provider_timeouts: Counter,
+    pub(crate) rate_limited_waits: Counter,
+    pub(crate) merged_calls: Counter,
+    pub(crate) errors: Counter,
+    pub(crate) invalidations: Counter,
+    pub(crate) stale_served: Counter,
+    pub(crate) refreshes: Counter,
+    pub(crate) lease_waits: Counter,
+    pub(crate) lease_takeovers: Counter,
+    pub(crate) leases_revoked: Counter,
+    #[cfg(feature = "metrics")]
+    histograms: Histograms,
 }
 
 impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+    /// The counters of a cache of `namespace`; with the `metrics` feature,
+    /// registered with the recorder installed now, labelled by namespace.
+    pub(crate) fn new(namespace: &str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = namespace;
+        #[allow(unused_mut)]
+        let mut counters = Counters::default();
+        #[cfg(feature = "metrics")]
+        counters.register(namespace);
+        counters
+    }
+
+    #[cfg(feature = "metrics")]
+    fn register(&mut self, namespace: &str) {
+        describe();
+        let ns = namespace.to_owned();
+        let counters = self;
+        counters.loads.metric =
+            metrics::counter!("loadlock_loads_total", "namespace" => ns.clone());
+        counters.memo_hits.metric =
+            metrics::counter!("loadlock_hits_total", "namespace" => ns.clone(), "tier" => "memo");
+        counters.coalesced.metric = metrics::counter!("loadlock_hits_total", "namespace" => ns.clone(), "tier" => "coalesced");
+        counters.store_hits.metric =
+            metrics::counter!("loadlock_hits_total", "namespace" => ns.clone(), "tier" => "store");
+        counters.local_hits.metric =
+            metrics::counter!("loadlock_hits_total", "namespace" => ns.clone(), "tier" => "local");
+        counters.negative_hits.metric =
+            metrics::counter!("loadlock_negative_hits_total", "namespace" => ns.clone());
+        counters.store_hits_after_lock.metric =
+            metrics::counter!("loadlock_hits_after_lock_total", "namespace" => ns.clone());
+        counters.undecodable.metric =
+            metrics::counter!("loadlock_undecodable_total", "namespace" => ns.clone());
+        counters.lock_waits.metric =
+            metrics::counter!("loadlock_lock_waits_total", "namespace" => ns.clone());
+        counters.batches.metric =
+            metrics::counter!("loadlock_batches_total", "namespace" => ns.clone());
+        counters.provider_calls.metric =
+            metrics::counter!("loadlock_provider_calls_total", "namespace" => ns.clone());
+        counters.provider_keys.metric =
+            metrics::counter!("loadlock_provider_keys_total", "namespace" => ns.clone());
+        counters.provider_retries.metric =
+            metrics::counter!("loadlock_provider_retries_total", "namespace" => ns.clone());
+        counters.provider_timeouts.metric =
+            metrics::counter!("loadlock_provider_timeouts_total", "namespace" => ns.clone());
+        counters.rate_limited_waits.metric =
+            metrics::counter!("loadlock_rate_limited_waits_total", "namespace" => ns.clone());
+        counters.merged_calls.metric =
+            metrics::counter!("loadlock_merged_calls_total", "namespace" => ns.clone());
+        counters.errors.metric =
+            metrics::counter!("loadlock_errors_total", "namespace" => ns.clone());
+        counters.invalidations.metric =
+            metrics::counter!("loadlock_invalidations_total", "namespace" => ns.clone());
+        counters.stale_served.metric =
+            metrics::counter!("loadlock_stale_served_total", "namespace" => ns.clone());
+        counters.refreshes.metric =
+            metrics::counter!("loadlock_refreshes_total", "namespace" => ns.clone());
+        counters.lease_waits.metric =
+            metrics::counter!("loadlock_lease_waits_total", "namespace" => ns.clone());
+        counters.lease_takeovers.metric =
+            metrics::counter!("loadlock_lease_takeovers_total", "namespace" => ns.clone());
+        counters.leases_revoked.metric =
+            metrics::counter!("loadlock_leases_revoked_total", "namespace" => ns.clone());
+        counters.histograms = Histograms {
+            fill: metrics::histogram!("loadlock_fill_duration_seconds", "namespace" => ns.clone()),
+            lock_wait: metrics::histogram!("loadlock_lock_wait_seconds", "namespace" => ns.clone()),
+            provider_call: metrics::histogram!("loadlock_provider_call_duration_seconds", "namespace" => ns),
+        };
+    }
+
+    pub(crate) fn add(counter: &Counter, n: usize) {
         if n > 0 {
-            counter.fetch_add(n as u64, Relaxed);
+            counter.add(n as u64);
         }
     }
 
     pub(crate) fn record_lock_wait(&self, waited: Duration) {
         let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        self.lock_waits.fetch_add(1, Relaxed);
+        self.lock_waits.add(1);
         self.lock_wait_total_us.fetch_add(micros, Relaxed);
         self.lock_wait_max_us.fetch_max(micros, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.histograms.lock_wait.record(waited.as_secs_f64());
+    }
+
+    /// How long a store took to fill a batch's misses.
+    pub(crate) fn record_fill(&self, took: Duration) {
+        #[cfg(feature = "metrics")]
+        self.histograms.fill.record(took.as_secs_f64());
+        #[cfg(not(feature = "metrics"))]
+        let _ = took;
+    }
+
+    /// How long one provider call took (until its answer or failure).
+    pub(crate) fn record_provider_call(&self, took: Duration) {
+        #[cfg(feature = "metrics")]
+        self.histograms.provider_call.record(took.as_secs_f64());
+        #[cfg(not(feature = "metrics"))]
+        let _ = took;
     }
 
     pub(crate) fn snapshot(&self, in_flight: usize) -> Stats {
@@ -179,4 +319,102 @@ impl Counters {
             in_flight: in_flight as u64,
         }
     }
+}
+
+/// What each metric means, for the recorder (Prometheus' `HELP`).
+#[cfg(feature = "metrics")]
+fn describe() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        "loadlock_loads_total",
+        "Keys asked for through loaders (each key of a load_many, duplicates too)."
+    );
+    describe_counter!(
+        "loadlock_hits_total",
+        "Loads answered without the provider, by tier: memo, coalesced, local, store."
+    );
+    describe_counter!(
+        "loadlock_negative_hits_total",
+        "Store hits that were negative entries (not found)."
+    );
+    describe_counter!(
+        "loadlock_hits_after_lock_total",
+        "Keys another instance filled while this fill waited for their locks."
+    );
+    describe_counter!(
+        "loadlock_undecodable_total",
+        "Stored rows that did not decode into the value type (refetched)."
+    );
+    describe_counter!(
+        "loadlock_lock_waits_total",
+        "Claims and locks taken by fills."
+    );
+    describe_counter!("loadlock_batches_total", "Batches dispatched by loaders.");
+    describe_counter!(
+        "loadlock_provider_calls_total",
+        "Provider calls made (each attempt counts)."
+    );
+    describe_counter!(
+        "loadlock_provider_keys_total",
+        "Keys sent to the provider (each attempt counts)."
+    );
+    describe_counter!(
+        "loadlock_provider_retries_total",
+        "Provider calls repeated after a transient error, a timeout or a rate-limited answer."
+    );
+    describe_counter!(
+        "loadlock_provider_timeouts_total",
+        "Provider calls that exceeded the provider timeout."
+    );
+    describe_counter!(
+        "loadlock_rate_limited_waits_total",
+        "Provider calls that waited for the budget, and rate-limited answers waited out."
+    );
+    describe_counter!(
+        "loadlock_merged_calls_total",
+        "Chunks that rode on another chunk's call while waiting for the budget (calls saved)."
+    );
+    describe_counter!(
+        "loadlock_errors_total",
+        "load and load_many calls that returned an error."
+    );
+    describe_counter!(
+        "loadlock_invalidations_total",
+        "Keys invalidated through this cache."
+    );
+    describe_counter!(
+        "loadlock_stale_served_total",
+        "Expired entries served (stale-while-revalidate, stale-if-error)."
+    );
+    describe_counter!(
+        "loadlock_refreshes_total",
+        "Keys refreshed in the background."
+    );
+    describe_counter!(
+        "loadlock_lease_waits_total",
+        "Keys a fill found leased by another holder and waited for."
+    );
+    describe_counter!(
+        "loadlock_lease_takeovers_total",
+        "Leases taken over after their holder's lease expired."
+    );
+    describe_counter!(
+        "loadlock_leases_revoked_total",
+        "Keys whose lease was revoked while they were fetched (claimed again)."
+    );
+    describe_histogram!(
+        "loadlock_fill_duration_seconds",
+        Unit::Seconds,
+        "How long a store took to fill a batch's misses, provider call included."
+    );
+    describe_histogram!(
+        "loadlock_lock_wait_seconds",
+        Unit::Seconds,
+        "How long a fill's claim or lock statement took, waits for other holders' locks included."
+    );
+    describe_histogram!(
+        "loadlock_provider_call_duration_seconds",
+        Unit::Seconds,
+        "How long one provider call took, until its answer, failure or timeout."
+    );
 }
