@@ -113,6 +113,8 @@ mod entry;
 mod error;
 mod events;
 mod fetch;
+// Used by the Postgres store only.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod handoff;
 #[cfg(feature = "http")]
 mod http;
