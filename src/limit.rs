@@ -112,6 +112,7 @@ impl Quota {
 
     /// The GCRA's tolerance: how far ahead of the rate a burst may go,
     /// `emission_interval * (burst - 1)`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn tolerance(&self) -> Duration {
         self.emission_interval()
             .checked_mul(self.burst.get() - 1)
