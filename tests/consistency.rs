@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, RetryPolicy, Store};
+use loadlock::store::ShardedStore;
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, PgStore, RetryPolicy, Store};
 use rand::{Rng, SeedableRng};
 use support::pg::TestDb;
 use tokio::sync::Semaphore;
@@ -717,4 +718,56 @@ async fn write_through_postgres() {
     ];
     write_through(stores, "write-pg").await;
     db.cleanup().await;
+}
+
+/// An instance's store sharded over two tables (`a` and `b`).
+async fn sharded(a: &TestDb, b: &TestDb) -> ShardedStore<PgStore> {
+    ShardedStore::new([
+        ("a", a.store(LockMode::PerKey).await),
+        ("b", b.store(LockMode::PerKey).await),
+    ])
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_sharded_postgres() {
+    let (a, b) = (
+        TestDb::new("history_sa").await,
+        TestDb::new("history_sb").await,
+    );
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(sharded(&a, &b).await);
+    }
+    let (mut loads, mut invalidations) = (0, 0);
+    for seed in 0..5 {
+        let (l, i, _) = history(stores.clone(), &format!("sharded{seed}"), seed, None).await;
+        loads += l;
+        invalidations += i;
+    }
+    eprintln!("sharded postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
+    a.cleanup().await;
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespace_invalidation_sharded_postgres() {
+    let (a, b) = (
+        TestDb::new("nsinval_sa").await,
+        TestDb::new("nsinval_sb").await,
+    );
+    let stores = vec![sharded(&a, &b).await, sharded(&a, &b).await];
+    namespace_invalidation(stores, "ns-sharded").await;
+    a.cleanup().await;
+    b.cleanup().await;
+}
+
+/// Writes whose keys span both shards hold both shards' locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_through_sharded_postgres() {
+    let (a, b) = (TestDb::new("write_sa").await, TestDb::new("write_sb").await);
+    let stores = vec![sharded(&a, &b).await, sharded(&a, &b).await];
+    write_through(stores, "write-sharded").await;
+    a.cleanup().await;
+    b.cleanup().await;
 }

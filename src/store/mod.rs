@@ -20,6 +20,7 @@
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod sharded;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use memory::{MemoryStore, DEFAULT_CAPACITY};
+pub use sharded::ShardedStore;
 
 use crate::caller::ProviderCaller;
 use crate::limit::Prepaid;
