@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::future::join_all;
 use indicatif::{ProgressBar, ProgressStyle};
+use loadlock::store::ShardedStore;
 use loadlock::{
     BatchFetch, Cache, ErrorClass, FillMode, PgRateLimit, PgStore, Quota, RetryPolicy, Stats,
 };
@@ -143,6 +144,15 @@ struct Cli {
     /// 10,60,300) and report hit ratio and provider calls per TTL.
     #[arg(long, value_delimiter = ',')]
     sweep_ttl: Vec<f64>,
+    /// Spread loadlock's store over this many Postgres servers (a
+    /// `ShardedStore`): the first is the one the run found or started, the
+    /// others throwaway clusters started for the run (or --shard-urls).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// The servers of the shards after the first, as Postgres URLs, instead
+    /// of throwaway clusters.
+    #[arg(long, value_delimiter = ',')]
+    shard_urls: Vec<String>,
 }
 
 /// The workload with the scenario's defaults filled in.
@@ -172,6 +182,8 @@ struct Args {
     speed: f64,
     ttl: f64,
     sweep_ttl: Vec<f64>,
+    shards: usize,
+    shard_urls: Vec<String>,
 }
 
 impl Cli {
@@ -187,6 +199,16 @@ impl Cli {
                 trace::parse(&text).unwrap_or_else(|e| bad(format!("{}: {e}", path.display()))),
             )
         });
+        if self.shards == 0 {
+            bad("--shards must be at least 1".into());
+        }
+        if !self.shard_urls.is_empty() && self.shard_urls.len() + 1 != self.shards {
+            bad(format!(
+                "--shards {} needs {} --shard-urls (the first shard is the run's own server)",
+                self.shards,
+                self.shards.saturating_sub(1)
+            ));
+        }
         if !(self.speed.is_finite() && self.speed > 0.0) {
             bad("--speed must be a positive number".into());
         }
@@ -231,6 +253,8 @@ impl Cli {
             speed: self.speed,
             ttl: self.ttl,
             sweep_ttl: self.sweep_ttl,
+            shards: self.shards,
+            shard_urls: self.shard_urls,
         }
     }
 }
@@ -554,6 +578,10 @@ struct Report {
     ttl_s: f64,
     /// Calls made and refused in each second of the run.
     calls_per_second: Vec<(u64, u64)>,
+    /// Requests answered per second of the run.
+    throughput: f64,
+    /// Distinct keys per shard of loadlock's store (empty for the others).
+    shard_keys: Vec<u64>,
 }
 
 struct Env {
@@ -562,6 +590,9 @@ struct Env {
     table: String,
     /// The fleet budget's table, when loadlock gets one.
     budget_table: Option<String>,
+    /// The shards after the first (URL and table), when loadlock's store is
+    /// sharded.
+    more_shards: Vec<(String, String)>,
     run_id: String,
 }
 
@@ -602,6 +633,8 @@ async fn run(
         RUNS.fetch_add(1, Relaxed)
     );
     let pools = open_pools(&env.url, instances, args.pool_size).await;
+    let mut extra_pools = Vec::new();
+    let mut routers: Vec<ShardedStore<PgStore>> = Vec::new();
     let mut clients = Vec::new();
     for pool in &pools {
         clients.push(Arc::new(match kind {
@@ -620,6 +653,19 @@ async fn run(
                     .fill_mode(fill)
                     .build()
                     .expect("store");
+                let mut shards = vec![("shard-0".to_string(), store)];
+                for (i, (url, table)) in env.more_shards.iter().enumerate() {
+                    let pool = open_pools(url, 1, args.pool_size).await.remove(0);
+                    extra_pools.push(pool.clone());
+                    let store = PgStore::builder(pool)
+                        .table(table.clone())
+                        .fill_mode(fill)
+                        .build()
+                        .expect("store");
+                    shards.push((format!("shard-{}", i + 1), store));
+                }
+                let store = ShardedStore::new(shards).expect("shards");
+                routers.push(store.clone());
                 let mut builder = Cache::builder(SimFetch {
                     sim: sim.clone(),
                     namespace: namespace.clone(),
@@ -781,7 +827,19 @@ async fn run(
         ),
     };
     drop(clients);
-    for pool in &pools {
+    // Where loadlock's distinct keys live, per shard.
+    let shard_keys: Vec<u64> = match routers.first() {
+        Some(router) => {
+            let mut per_shard = vec![0; router.shard_names().count()];
+            for key in asked_all.iter().collect::<HashSet<_>>() {
+                per_shard[router.shard_of(&namespace, key)] += 1;
+            }
+            per_shard
+        }
+        None => Vec::new(),
+    };
+    drop(routers);
+    for pool in pools.iter().chain(&extra_pools) {
         pool.close().await;
     }
     latencies.sort();
@@ -822,6 +880,8 @@ async fn run(
         rate_limit_waits: waits,
         ttl_s,
         calls_per_second,
+        throughput: latencies.len() as f64 / wall.as_secs_f64().max(f64::EPSILON),
+        shard_keys,
     }
 }
 
@@ -844,13 +904,13 @@ fn per_second(log: &[(f64, bool)]) -> Vec<(u64, u64)> {
 
 fn print_table(reports: &[Report]) {
     println!(
-        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
         "strategy", "loads", "calls", "p.keys", "distinct", "dup", "hit", "ideal", "memo", "coal", "store",
-        "p50 ms", "p99 ms", "max ms", "wall s", "429s", "429 %"
+        "p50 ms", "p99 ms", "max ms", "wall s", "req/s", "429s", "429 %"
     );
     for r in reports {
         println!(
-            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>5.1}% {:>5.1}% {:>5.1}% {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7} {:>6.2}%",
+            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>5.1}% {:>5.1}% {:>5.1}% {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.0} {:>7} {:>6.2}%",
             r.name,
             r.loads,
             r.provider_calls,
@@ -866,9 +926,25 @@ fn print_table(reports: &[Report]) {
             r.p99_ms,
             r.max_ms,
             r.wall_s,
+            r.throughput,
             r.refused,
             r.refused_share * 100.0,
         );
+    }
+    for r in reports.iter().filter(|r| r.shard_keys.len() > 1) {
+        let total: u64 = r.shard_keys.iter().sum();
+        let split: Vec<String> = r
+            .shard_keys
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                format!(
+                    "shard-{i} {n} ({:.0}%)",
+                    *n as f64 * 100.0 / total.max(1) as f64
+                )
+            })
+            .collect();
+        println!("{}: distinct keys per shard: {}", r.name, split.join(", "));
     }
 }
 
@@ -944,11 +1020,46 @@ async fn main() {
         None
     };
     admin.close().await;
+    // The other shards' servers: given, or throwaway clusters of the run.
+    let mut clusters = Vec::new();
+    let mut more_shards = Vec::new();
+    for i in 1..args.shards {
+        let url = match args.shard_urls.get(i - 1) {
+            Some(url) => url.clone(),
+            None => {
+                let cluster = pg::PrivateCluster::start();
+                let url = cluster.url();
+                clusters.push(cluster);
+                url
+            }
+        };
+        // A schema of the run's own, dropped at the end.
+        let schema = format!("loadlock_bench_{}", std::process::id());
+        let table = format!("{schema}.cache");
+        let pool = open_pools(&url, 1, 1).await.remove(0);
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}"
+        )))
+        .execute(&pool)
+        .await
+        .expect("a shard's schema");
+        PgStore::builder(pool.clone())
+            .table(table.clone())
+            .unlogged(true)
+            .build()
+            .expect("store")
+            .migrate()
+            .await
+            .expect("migrate a shard");
+        pool.close().await;
+        more_shards.push((url, table));
+    }
     let env = Env {
         args: args.clone(),
         url: db.url.clone(),
         table: db.table(),
         budget_table,
+        more_shards,
         run_id: std::process::id().to_string(),
     };
 
@@ -1043,6 +1154,7 @@ async fn main() {
                 "latency_ms": args.latency_ms,
                 "rate_limit": args.rate_limit,
                 "fleet_limit": args.fleet_limit,
+                "shards": args.shards,
                 "max_batch": args.max_batch,
             },
             "strategies": reports,
@@ -1052,7 +1164,7 @@ async fn main() {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!(
-            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; loadlock {}\n",
+            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; loadlock {}, on {} shard{}\n",
             args.latency_ms,
             args.rate_limit,
             args.max_batch,
@@ -1061,7 +1173,9 @@ async fn main() {
                 "with a fleet budget (PgRateLimit) at 95% of the limit"
             } else {
                 "without a fleet budget"
-            }
+            },
+            args.shards,
+            if args.shards == 1 { "" } else { "s" },
         );
         print_table(&reports);
         if !sweep.is_empty() {
@@ -1087,5 +1201,14 @@ async fn main() {
         plot::draw(path, &reports, &sweep, &ttl_sweep, limit).expect("plot");
         eprintln!("plot written to {}", path.display());
     }
+    for (url, table) in &env.more_shards {
+        let schema = table.split('.').next().unwrap_or_default();
+        let pool = open_pools(url, 1, 1).await.remove(0);
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await;
+        pool.close().await;
+    }
+    drop(clusters);
     db.cleanup().await;
 }
