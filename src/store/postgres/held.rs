@@ -126,7 +126,10 @@ impl PgStore {
             }
             let rows = Encoded::new(displayed, &missing, &missing_keys, fetched)?;
             self.count_round_trips(1);
-            let written = sqlx::query(inner.sql.upsert.get())
+            let written = inner
+                .sql
+                .upsert
+                .query()
                 .bind(namespace)
                 .bind(&rows.keys)
                 .bind(&rows.values)

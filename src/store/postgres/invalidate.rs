@@ -53,7 +53,10 @@ impl PgStore {
             |conn| async {
                 let mut tx = self.lock(conn, namespace, Locks::Namespace).await?;
                 self.count_round_trips(1);
-                sqlx::query(self.inner.sql.next_generation.get())
+                self.inner
+                    .sql
+                    .next_generation
+                    .query()
                     .bind(namespace)
                     .execute(&mut *tx)
                     .await
@@ -84,7 +87,11 @@ impl PgStore {
                     .lock_keys(conn, namespace, keys.iter().map(String::as_str))
                     .await?;
                 self.count_round_trips(1);
-                let written: Option<i64> = sqlx::query_scalar(self.inner.sql.put_if_version.get())
+                let written: Option<i64> = self
+                    .inner
+                    .sql
+                    .put_if_version
+                    .query_scalar()
                     .bind(namespace)
                     .bind(&text)
                     .bind(expected_i64)
@@ -95,7 +102,11 @@ impl PgStore {
                     .map_err(|e| self.error("putting a value", e))?;
                 let Some(version) = written else {
                     self.count_round_trips(1);
-                    let actual: Option<i64> = sqlx::query_scalar(self.inner.sql.version_of.get())
+                    let actual: Option<i64> = self
+                        .inner
+                        .sql
+                        .version_of
+                        .query_scalar()
                         .bind(namespace)
                         .bind(&text)
                         .fetch_optional(&mut *tx)
@@ -124,7 +135,10 @@ impl PgStore {
         keys: &[String],
     ) -> Result<(), Error> {
         self.count_round_trips(1);
-        sqlx::query(self.inner.sql.tombstone.get())
+        self.inner
+            .sql
+            .tombstone
+            .query()
             .bind(namespace)
             .bind(keys)
             .execute(&mut *tx)
@@ -142,7 +156,10 @@ impl PgStore {
         keys: Option<&[String]>,
     ) -> Result<(), Error> {
         self.count_round_trips(1);
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        self.inner
+            .sql
+            .notify
+            .query()
             .bind(&self.inner.channel)
             .bind(super::events::payloads(namespace, keys))
             .execute(tx)

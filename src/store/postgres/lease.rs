@@ -520,7 +520,10 @@ impl PgStore {
                 self.count_round_trips(1);
                 let (keys, namespace) = (&keys, &namespace);
                 async move {
-                    sqlx::query(inner.sql.claim_tried.get())
+                    inner
+                        .sql
+                        .claim_tried
+                        .query()
                         .bind(namespace)
                         .bind(keys)
                         .bind(ids)
@@ -633,7 +636,10 @@ impl PgStore {
             "claiming keys",
             budget,
             Some((namespace, keys.len())),
-            |conn| sqlx::query(inner.sql.claim.get())
+            |conn| inner
+                .sql
+                .claim
+                .query()
                 .bind(namespace)
                 .bind(keys)
                 .bind(&ids)
@@ -716,7 +722,10 @@ impl PgStore {
                     let tokens: Vec<i64> = rows.iter().map(|r| r.2).collect();
                     self.count_round_trips(1);
                     async move {
-                        sqlx::query(inner.sql.publish_many.get())
+                        inner
+                            .sql
+                            .publish_many
+                            .query()
                             .bind(namespace)
                             .bind(keys)
                             .bind(values)
@@ -806,7 +815,10 @@ impl PgStore {
         let inner = &*self.inner;
         self.count_round_trips(1);
         on_conn!(self, "renewing leases", inner.lock_timeout, None, |conn| {
-            sqlx::query(inner.sql.renew.get())
+            inner
+                .sql
+                .renew
+                .query()
                 .bind(namespace)
                 .bind(keys)
                 .bind(token)
@@ -822,7 +834,10 @@ impl PgStore {
         let inner = &*self.inner;
         self.count_round_trips(1);
         on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
-            sqlx::query(inner.sql.release.get())
+            inner
+                .sql
+                .release
+                .query()
                 .bind(namespace)
                 .bind(keys)
                 .bind(token)

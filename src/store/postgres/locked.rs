@@ -66,7 +66,10 @@ impl PgStore {
             .await
             .map_err(|e| self.error("starting a transaction", e))?;
         self.count_round_trips(1);
-        sqlx::query(inner.sql.bound_transaction)
+        inner
+            .sql
+            .bound_transaction
+            .query()
             .bind(pg_millis(inner.lock_timeout))
             .bind(pg_millis(inner.idle_in_transaction_timeout))
             .execute(&mut *tx)
@@ -75,12 +78,18 @@ impl PgStore {
         self.count_round_trips(1);
         if try_only {
             let taken: bool = if whole_namespace {
-                sqlx::query_scalar(inner.sql.try_lock_namespace)
+                inner
+                    .sql
+                    .try_lock_namespace
+                    .query_scalar()
                     .bind(namespace_id)
                     .fetch_one(&mut *tx)
                     .await
             } else {
-                sqlx::query_scalar(inner.sql.try_lock)
+                inner
+                    .sql
+                    .try_lock
+                    .query_scalar()
                     .bind(&ids)
                     .bind(namespace_id)
                     .fetch_one(&mut *tx)
@@ -92,13 +101,19 @@ impl PgStore {
         }
         let budget = inner.lock_timeout.as_secs_f64();
         let locked = if whole_namespace {
-            sqlx::query(inner.sql.lock_namespace.get())
+            inner
+                .sql
+                .lock_namespace
+                .query()
                 .bind(namespace_id)
                 .bind(budget)
                 .execute(&mut *tx)
                 .await
         } else {
-            sqlx::query(inner.sql.lock.get())
+            inner
+                .sql
+                .lock
+                .query()
                 .bind(&ids)
                 .bind(namespace_id)
                 .bind(budget)

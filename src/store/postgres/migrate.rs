@@ -16,9 +16,11 @@ use crate::Error;
 pub(super) async fn begin_migration(
     pool: &PgPool,
     table: &TableName,
+    prepared: bool,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+    Sql::fixed("SELECT pg_advisory_xact_lock($1)", prepared)
+        .query()
         .bind(lock_id("loadlock/migrate", &table.to_string()))
         .execute(&mut *tx)
         .await?;
@@ -48,22 +50,24 @@ impl PgStore {
         let table = &inner.table;
         let fail = |doing: &str, err| self.error(doing, err);
 
-        let mut tx = begin_migration(&inner.pool, table)
+        let mut tx = begin_migration(&inner.pool, table, inner.prepared)
             .await
             .map_err(|e| fail("starting the migration", e))?;
         for statement in history_table(table) {
-            sqlx::query(Sql::new(statement).get())
+            Sql::new(statement, inner.prepared)
+                .query()
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| fail("creating the migration history", e))?;
         }
-        let applied: i32 = sqlx::query(
-            Sql::new(format!(
+        let applied: i32 = Sql::new(
+            format!(
                 "SELECT coalesce(max(version), 0) FROM {}",
                 table.quoted("_migrations")
-            ))
-            .get(),
+            ),
+            inner.prepared,
         )
+        .query()
         .fetch_one(&mut *tx)
         .await
         .and_then(|row| row.try_get(0))
@@ -82,18 +86,20 @@ impl PgStore {
         }
         for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
             for statement in (migration.statements)(table, inner.unlogged) {
-                sqlx::query(Sql::new(statement).get())
+                Sql::new(statement, inner.prepared)
+                    .query()
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| fail(migration.description, e))?;
             }
-            sqlx::query(
-                Sql::new(format!(
+            Sql::new(
+                format!(
                     "INSERT INTO {} (version, description) VALUES ($1, $2)",
                     table.quoted("_migrations")
-                ))
-                .get(),
+                ),
+                inner.prepared,
             )
+            .query()
             .bind(migration.version)
             .bind(migration.description)
             .execute(&mut *tx)

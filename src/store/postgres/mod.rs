@@ -190,7 +190,9 @@ macro_rules! in_conn {
 
 /// [`in_conn!`] for one statement's future (`Result<T, sqlx::Error>`); a
 /// lock timeout becomes [`Error::LockTimeout`](crate::Error::LockTimeout)
-/// when `$locks` names what was being locked.
+/// when `$locks` names what was being locked. Without prepared statements
+/// the statement runs in a transaction of its own, so that a transaction
+/// pooler keeps one server connection for its parse and its execution.
 macro_rules! on_conn {
     ($store:expr, $doing:expr, $extra:expr, $locks:expr, |$conn:ident| $work:expr) => {
         on_conn!($store, $doing, $extra, $locks,
@@ -201,8 +203,26 @@ macro_rules! on_conn {
         let store = $store;
         let doing = $doing;
         let locks = $locks;
-        in_conn!(store, doing, $extra, then $then, |$conn| async {
-            $work.await.map_err(|e| store.db_error(doing, locks, e))
+        in_conn!(store, doing, $extra, then $then, |whole| async {
+            let pinned = !store.inner.prepared;
+            if pinned {
+                sqlx::raw_sql("BEGIN")
+                    .execute(&mut *whole)
+                    .await
+                    .map_err(|e| store.db_error(doing, locks, e))?;
+            }
+            let result = {
+                let $conn: &mut sqlx::PgConnection = &mut *whole;
+                $work.await
+            };
+            if pinned {
+                let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+                let ended = sqlx::raw_sql(end).execute(&mut *whole).await;
+                if let (Ok(_), Err(e)) = (&result, ended) {
+                    return Err(store.db_error(doing, locks, e));
+                }
+            }
+            result.map_err(|e| store.db_error(doing, locks, e))
         })
     }};
 }

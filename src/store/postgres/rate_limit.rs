@@ -58,6 +58,7 @@ struct Inner {
     charge: Sql,
     pause: Sql,
     paused_for: Sql,
+    prepared: bool,
 }
 
 impl fmt::Debug for PgRateLimit {
@@ -100,25 +101,46 @@ impl PgRateLimit {
     ///
     /// [`Error::Config`] for an invalid table name.
     pub fn with_table(pool: PgPool, quota: Quota, table: &str) -> Result<Self, Error> {
-        let table = TableName::parse(table)?;
+        Self::build(pool, quota, TableName::parse(table)?, true)
+    }
+
+    /// The same budget with its statements prepared once per connection
+    /// (the default) or not: turn it off behind a transaction pooler that
+    /// does not keep prepared statements, as
+    /// [`PgStoreBuilder::prepared_statements`](super::PgStoreBuilder::prepared_statements)
+    /// explains (each charge then runs in a transaction of its own).
+    #[must_use]
+    pub fn prepared_statements(self, prepared: bool) -> Self {
+        let inner = &self.inner;
+        Self::build(
+            inner.pool.clone(),
+            inner.quota,
+            inner.table.clone(),
+            prepared,
+        )
+        .expect("an already validated table")
+    }
+
+    fn build(pool: PgPool, quota: Quota, table: TableName, prepared: bool) -> Result<Self, Error> {
         let t = table.quoted("");
         let charge_fn = table.quoted("_charge");
         Ok(PgRateLimit {
             inner: Arc::new(Inner {
                 pool,
                 quota,
-                charge: Sql::new(format!("SELECT {charge_fn}($1, $2, $3)")),
+                charge: Sql::new(format!("SELECT {charge_fn}($1, $2, $3)"), prepared),
                 pause: Sql::new(format!(
                     "INSERT INTO {t} AS r (namespace, tat, blocked_until) \
                      VALUES ($1, clock_timestamp(), clock_timestamp() + make_interval(secs => $2)) \
                      ON CONFLICT (namespace) DO UPDATE SET blocked_until = \
                        greatest(coalesce(r.blocked_until, '-infinity'), EXCLUDED.blocked_until)"
-                )),
+                ), prepared),
                 paused_for: Sql::new(format!(
                     "SELECT coalesce(greatest(extract(epoch FROM blocked_until - clock_timestamp()), 0), 0)::float8 \
                      FROM {t} WHERE namespace = $1"
-                )),
+                ), prepared),
                 table,
+                prepared,
             }),
         })
     }
@@ -172,11 +194,12 @@ impl PgRateLimit {
             charge = table.quoted("_charge"),
         ));
         let fail = |e| Error::store(format!("migrating the rate limit table {table}"), e);
-        let mut tx = super::migrate::begin_migration(&self.inner.pool, table)
+        let mut tx = super::migrate::begin_migration(&self.inner.pool, table, self.inner.prepared)
             .await
             .map_err(fail)?;
         for statement in statements {
-            sqlx::query(Sql::new(statement).get())
+            Sql::new(statement, self.inner.prepared)
+                .query()
                 .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
@@ -200,17 +223,45 @@ impl PgRateLimit {
     }
 }
 
+impl PgRateLimit {
+    /// Runs one statement on a pooled connection; without prepared
+    /// statements, in a transaction of its own (a transaction pooler then
+    /// keeps one server connection for its parse and its execution).
+    async fn pinned<'s, T: Send>(
+        &'s self,
+        statement: impl for<'c> FnOnce(
+                &'c mut sqlx::PgConnection,
+            ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 's,
+    ) -> Result<T, sqlx::Error> {
+        use sqlx::Connection;
+        let mut conn = self.inner.pool.acquire().await?;
+        if self.inner.prepared {
+            return statement(&mut conn).await;
+        }
+        let mut tx = conn.begin().await?;
+        let answer = statement(&mut tx).await?;
+        tx.commit().await?;
+        Ok(answer)
+    }
+}
+
 #[async_trait::async_trait]
 impl FleetLimiter for PgRateLimit {
     async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error> {
         let quota = self.inner.quota;
         let emission = quota.emission_interval();
         let tolerance = quota.tolerance();
-        let wait: f64 = sqlx::query_scalar(self.inner.charge.get())
-            .bind(namespace)
+        let charge = self
+            .inner
+            .charge
+            .query_scalar()
+            .bind(namespace.to_owned())
             .bind(emission.as_secs_f64())
-            .bind(tolerance.as_secs_f64())
-            .fetch_one(&self.inner.pool)
+            .bind(tolerance.as_secs_f64());
+        let wait: f64 = self
+            .pinned(|conn| Box::pin(charge.fetch_one(conn)))
             .await
             .map_err(|e| self.error("charging the fleet rate limit", e))?;
         // Exactly 0 means charged; any other answer is a wait (at least 1 µs,
@@ -224,9 +275,13 @@ impl FleetLimiter for PgRateLimit {
     }
 
     async fn paused_for(&self, namespace: &str) -> Result<Duration, Error> {
-        let wait: Option<f64> = sqlx::query_scalar(self.inner.paused_for.get())
-            .bind(namespace)
-            .fetch_optional(&self.inner.pool)
+        let read = self
+            .inner
+            .paused_for
+            .query_scalar()
+            .bind(namespace.to_owned());
+        let wait: Option<f64> = self
+            .pinned(|conn| Box::pin(read.fetch_optional(conn)))
             .await
             .map_err(|e| self.error("reading the fleet pause", e))?;
         Ok(wait
@@ -235,10 +290,13 @@ impl FleetLimiter for PgRateLimit {
     }
 
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error> {
-        sqlx::query(self.inner.pause.get())
-            .bind(namespace)
-            .bind(delay.as_secs_f64())
-            .execute(&self.inner.pool)
+        let write = self
+            .inner
+            .pause
+            .query()
+            .bind(namespace.to_owned())
+            .bind(delay.as_secs_f64());
+        self.pinned(|conn| Box::pin(write.execute(conn)))
             .await
             .map_err(|e| self.error("recording the fleet pause", e))?;
         tracing::info!(

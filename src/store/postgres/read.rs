@@ -306,7 +306,10 @@ impl PgStore {
         E: Executor<'c, Database = Postgres>,
     {
         self.count_round_trips(1);
-        sqlx::query(self.inner.sql.select_fresh.get())
+        self.inner
+            .sql
+            .select_fresh
+            .query()
             .bind(namespace)
             .bind(keys)
             .bind(grace.as_secs_f64())

@@ -23,18 +23,18 @@ pub(crate) struct Statements {
     pub(crate) lock: Sql,
     /// `$1` key lock ids, `$2` the namespace's lock id: only trying; true
     /// when every lock was taken.
-    pub(crate) try_lock: &'static str,
+    pub(crate) try_lock: Sql,
     /// `$1` the namespace's lock id, `$2` the seconds it may wait,
     /// exclusively: namespace-mode fills and namespace invalidations.
     pub(crate) lock_namespace: Sql,
     /// The same, only trying.
-    pub(crate) try_lock_namespace: &'static str,
+    pub(crate) try_lock_namespace: Sql,
     /// `$1` namespace: starts its next generation, which makes every row of
     /// the older ones a miss (and revokes their leases) in one row write.
     pub(crate) next_generation: Sql,
     /// `$1` lock timeout, `$2` idle-in-transaction timeout: both local to the
     /// transaction (`SET LOCAL` takes no parameters; `set_config` does).
-    pub(crate) bound_transaction: &'static str,
+    pub(crate) bound_transaction: Sql,
     /// `$1` namespace, `$2` keys (deduplicated, sorted), `$3` JSON text or
     /// NULL for negative entries, `$4` TTL seconds, `$5` negative TTL
     /// seconds. Expiry is computed from the database clock; any lease on the
@@ -64,6 +64,8 @@ pub(crate) struct Statements {
     pub(crate) claim_tried: Sql,
     /// The publish of several fills; see `_publish_many`.
     pub(crate) publish_many: Sql,
+    /// `$1` channel, `$2` payloads: one notification each.
+    pub(crate) notify: Sql,
 }
 
 /// The locks of the rows `s(id, shared)`, in one statement, ascending,
@@ -109,7 +111,10 @@ fn generation_of(table: &TableName, namespace: &str) -> String {
 }
 
 impl Statements {
-    pub(crate) fn new(table: &TableName) -> Self {
+    /// The statements of `table`, prepared once per connection or not (see
+    /// [`PgStoreBuilder::prepared_statements`](super::PgStoreBuilder::prepared_statements)).
+    pub(crate) fn new(table: &TableName, prepared: bool) -> Self {
+        let sql = |text: String| Sql::new(text, prepared);
         let t = table.quoted("");
         let next_version = format!("nextval('{}')", table.quoted("_version"));
         let generation = generation_of(table, "$1");
@@ -122,7 +127,7 @@ impl Statements {
             // One primary-key probe per key (the `LIMIT` keeps the lateral
             // subquery a parameterized scan), whatever the table's statistics
             // say about the namespace.
-            select_fresh: Sql::new(format!(
+            select_fresh: sql(format!(
                 "SELECT k.key, c.value, c.expires_at > statement_timestamp(), \
                         c.version, date_part('epoch', c.fetched_at), \
                         date_part('epoch', c.expires_at) \
@@ -132,33 +137,33 @@ impl Statements {
                        AND c.expires_at > statement_timestamp() - make_interval(secs => $3::float8) \
                        AND c.generation = {generation} LIMIT 1) c"
             )),
-            lock: Sql::new(bounded_locks(
+            lock: sql(bounded_locks(
                 "$1",
                 "$2",
                 "(statement_timestamp() + make_interval(secs => $3::float8))",
             )),
-            try_lock: "SELECT coalesce(bool_and(taken), true) FROM ( \
+            try_lock: Sql::fixed("SELECT coalesce(bool_and(taken), true) FROM ( \
                          SELECT CASE WHEN s.shared THEN pg_try_advisory_xact_lock_shared(s.id) \
                                 ELSE pg_try_advisory_xact_lock(s.id) END AS taken \
                          FROM (SELECT $2::bigint AS id, true AS shared \
                                UNION ALL SELECT DISTINCT unnest($1::bigint[]), false) s \
-                         ORDER BY s.shared DESC, s.id) t",
-            lock_namespace: Sql::new(format!(
+                         ORDER BY s.shared DESC, s.id) t", prepared),
+            lock_namespace: sql(format!(
                 "SELECT pg_advisory_xact_lock({})",
                 bounded(
                     "$1::bigint",
                     "(statement_timestamp() + make_interval(secs => $2::float8))"
                 )
             )),
-            try_lock_namespace: "SELECT pg_try_advisory_xact_lock($1)",
-            next_generation: Sql::new(format!(
+            try_lock_namespace: Sql::fixed("SELECT pg_try_advisory_xact_lock($1)", prepared),
+            next_generation: sql(format!(
                 "INSERT INTO {ns} AS n (namespace, generation) VALUES ($1, 1) \
                  ON CONFLICT (namespace) DO UPDATE SET generation = n.generation + 1",
                 ns = table.quoted("_namespaces")
             )),
-            bound_transaction: "SELECT set_config('lock_timeout', $1, true), \
-                                set_config('idle_in_transaction_session_timeout', $2, true)",
-            upsert: Sql::new(format!(
+            bound_transaction: Sql::fixed("SELECT set_config('lock_timeout', $1, true), \
+                                set_config('idle_in_transaction_session_timeout', $2, true)", prepared),
+            upsert: sql(format!(
                 "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                        generation) \
                  SELECT $1, u.key, u.value::jsonb, statement_timestamp(), \
@@ -173,7 +178,7 @@ impl Statements {
                      generation = EXCLUDED.generation, {revoke} \
                  RETURNING key, {meta}"
             )),
-            tombstone: Sql::new(format!(
+            tombstone: sql(format!(
                 "INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                        generation) \
                  SELECT $1, k, NULL, statement_timestamp(), '-infinity', {next_version}, \
@@ -183,7 +188,7 @@ impl Statements {
                  SET value = NULL, fetched_at = EXCLUDED.fetched_at, expires_at = '-infinity', \
                      version = EXCLUDED.version, generation = EXCLUDED.generation, {revoke}"
             )),
-            put_if_version: Sql::new(format!(
+            put_if_version: sql(format!(
                 "UPDATE {t} SET value = $4::jsonb, fetched_at = statement_timestamp(), \
                    expires_at = statement_timestamp() + make_interval(secs => $5::float8), \
                    version = {next_version}, {revoke} \
@@ -191,11 +196,11 @@ impl Statements {
                    AND generation = {generation} \
                  RETURNING version"
             )),
-            version_of: Sql::new(format!(
+            version_of: sql(format!(
                 "SELECT version FROM {t} WHERE namespace = $1 AND key = $2 \
                    AND generation = {generation}"
             )),
-            purge_expired: Sql::new(format!(
+            purge_expired: sql(format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
                      SELECT c.ctid FROM {t} c \
                      WHERE (c.expires_at <= now() \
@@ -204,13 +209,13 @@ impl Statements {
                      LIMIT $1 FOR UPDATE SKIP LOCKED))",
                 old = generation_of(table, "c.namespace")
             )),
-            claim: Sql::new(format!(
+            claim: sql(format!(
                 "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6, $7)",
                 table.quoted("_claim")
             )),
-            release: Sql::new(format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release"))),
-            renew: Sql::new(format!(
+            release: sql(format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release"))),
+            renew: sql(format!(
                 "UPDATE {t} c \
                  SET lease_expires_at = clock_timestamp() + make_interval(secs => $4::float8) \
                  FROM (SELECT r.ctid AS tid FROM {t} r \
@@ -218,16 +223,17 @@ impl Statements {
                        ORDER BY r.key FOR UPDATE) l \
                  WHERE c.ctid = l.tid AND c.lease_token = $3"
             )),
-            claim_tried: Sql::new(format!(
+            claim_tried: sql(format!(
                 "SELECT state, token, lease_left, taken_over \
                  FROM {}($1, $2, $3, $4, $5, $6)",
                 table.quoted("_claim_tried")
             )),
-            publish_many: Sql::new(format!(
+            publish_many: sql(format!(
                 "SELECT key, token, version, fetched_at, expires_at \
                  FROM {}($1, $2, $3, $4, $5, $6, $7, $8)",
                 table.quoted("_publish_many")
             )),
+            notify: Sql::fixed("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", prepared),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgPool, Postgres};
 
 use super::combine::Groups;
 use super::events;
@@ -109,6 +109,11 @@ pub(super) struct Inner {
     pub(super) max_locks_per_transaction: usize,
     pub(super) max_lease: Duration,
     pub(super) query_timeout: Duration,
+    /// Whether statements are prepared once per connection (else each
+    /// round trip runs unprepared, in a transaction of its own).
+    pub(super) prepared: bool,
+    /// Where the listener connects; `None`: no events.
+    listener: Option<PgConnectOptions>,
     pub(super) sql: Statements,
     round_trips: AtomicU64,
     /// Who holds the leases this store takes: shows in the table's
@@ -198,6 +203,8 @@ impl PgStore {
             max_locks_per_transaction: 1000,
             max_lease: Duration::from_secs(120),
             query_timeout: Duration::from_secs(30),
+            prepared_statements: true,
+            listener_url: None,
         }
     }
 
@@ -260,7 +267,7 @@ impl PgStore {
         self.count_round_trips(1);
         let sql = &self.inner.sql.purge_expired;
         let done = on_conn!(self, "purging expired rows", Duration::ZERO, None, |conn| {
-            sqlx::query(sql.get()).bind(limit).execute(conn)
+            sql.query().bind(limit).execute(conn)
         })?;
         Ok(done.rows_affected())
     }
@@ -359,12 +366,13 @@ impl PgStore {
         if let Some(sender) = self.inner.events.get() {
             return Some(sender);
         }
+        let options = self.inner.listener.clone()?;
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(self.inner.events.get_or_init(|| {
             let sender = tokio::sync::broadcast::channel(4096).0;
             events::spawn_listener(
                 runtime,
-                (*self.inner.pool.connect_options()).clone(),
+                options,
                 self.inner.channel.clone(),
                 sender.clone(),
                 Arc::clone(&self.inner.waiters),
@@ -530,6 +538,8 @@ pub struct PgStoreBuilder {
     max_locks_per_transaction: usize,
     max_lease: Duration,
     query_timeout: Duration,
+    prepared_statements: bool,
+    listener_url: Option<String>,
 }
 
 impl fmt::Debug for PgStoreBuilder {
@@ -547,11 +557,48 @@ impl fmt::Debug for PgStoreBuilder {
                 &self.idle_in_transaction_timeout,
             )
             .field("max_locks_per_transaction", &self.max_locks_per_transaction)
+            .field("prepared_statements", &self.prepared_statements)
+            .field("listener_url", &self.listener_url.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl PgStoreBuilder {
+    /// Whether statements are prepared once per connection (the default),
+    /// or sent unprepared. Turn it off behind a pooler that does not keep
+    /// prepared statements per client: PgBouncer in transaction mode before
+    /// version 1.21 (or with `max_prepared_statements = 0`). Each round
+    /// trip of the store then runs unprepared (sqlx's unnamed statements)
+    /// in a transaction of its own, so that the pooler keeps one server
+    /// connection for it: two more round trips each (`BEGIN`, `COMMIT`),
+    /// and a parse and plan on every call. PgBouncer 1.21 or later with
+    /// `max_prepared_statements` above zero needs none of this.
+    ///
+    /// Events (`LISTEN`) do not survive transaction pooling: give the
+    /// store a direct connection for them with
+    /// [`listener_url`](Self::listener_url). Without one, a store whose
+    /// statements are unprepared publishes no events:
+    /// [`Cache::invalidations`](crate::Cache::invalidations) stays empty, a
+    /// [local tier](crate::CacheBuilder::local_tier) is refused at build
+    /// (it could not be evicted), and a fill waiting for another
+    /// instance's lease looks again on a poll (50 ms, doubling to 1 s)
+    /// instead of being woken.
+    pub fn prepared_statements(mut self, prepared: bool) -> Self {
+        self.prepared_statements = prepared;
+        self
+    }
+
+    /// Where the listener of events connects (`postgres://…`), when the
+    /// pool goes through a transaction pooler (see
+    /// [`prepared_statements`](Self::prepared_statements)): a direct
+    /// connection to the server, or a PgBouncer database in session mode.
+    /// By default the listener connects as the pool does. Checked by
+    /// [`build`](Self::build).
+    pub fn listener_url(mut self, url: impl Into<String>) -> Self {
+        self.listener_url = Some(url.into());
+        self
+    }
+
     /// The table, `table` or `schema.table` (see [`TableName`]); validated by
     /// [`build`](Self::build).
     pub fn table(mut self, name: impl Into<String>) -> Self {
@@ -673,7 +720,15 @@ impl PgStoreBuilder {
                 "max_locks_per_transaction must be at least 1",
             ));
         }
-        let sql = Statements::new(&table);
+        let listener =
+            match &self.listener_url {
+                Some(url) => Some(url.parse::<PgConnectOptions>().map_err(|e| {
+                    Error::config(format!("listener_url is not a Postgres URL: {e}"))
+                })?),
+                None if self.prepared_statements => Some((*self.pool.connect_options()).clone()),
+                None => None,
+            };
+        let sql = Statements::new(&table, self.prepared_statements);
         let channel = events::channel(&table);
         Ok(PgStore {
             inner: Arc::new(Inner {
@@ -687,6 +742,8 @@ impl PgStoreBuilder {
                 max_locks_per_transaction: self.max_locks_per_transaction,
                 max_lease: self.max_lease,
                 query_timeout: self.query_timeout,
+                prepared: self.prepared_statements,
+                listener,
                 holder: holder_name(),
                 channel,
                 sql,

@@ -4,7 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
+use sqlx::postgres::{PgArguments, PgRow, Postgres};
+use sqlx::query::{Query, QueryScalar};
+use sqlx::{AssertSqlSafe, FromRow, SqlSafeStr, SqlStr};
 
 use crate::Error;
 
@@ -82,26 +84,50 @@ impl fmt::Display for TableName {
 /// part from outside it but identifiers a [`TableName`] validated and
 /// quoted; every value is a bound parameter. This is the one place such a
 /// text is vouched for to sqlx ([`AssertSqlSafe`]), so it is built once per
-/// store and shared (cloning it does not copy the text).
+/// store and shared (cloning it does not copy the text). It also knows
+/// whether it may be prepared once per connection (see
+/// [`PgStoreBuilder::prepared_statements`](super::PgStoreBuilder::prepared_statements)).
 #[derive(Clone)]
-pub(crate) struct Sql(SqlStr);
+pub(crate) struct Sql {
+    text: SqlStr,
+    prepared: bool,
+}
 
 impl Sql {
     /// `text` must come from this crate's statement templates and
     /// [`TableName::quoted`], never from a caller's input.
-    pub(super) fn new(text: String) -> Self {
-        Sql(AssertSqlSafe(Arc::<str>::from(text)).into_sql_str())
+    pub(super) fn new(text: String, prepared: bool) -> Self {
+        Sql {
+            text: AssertSqlSafe(Arc::<str>::from(text)).into_sql_str(),
+            prepared,
+        }
     }
 
-    /// The statement, for `sqlx::query` and its siblings.
-    pub(crate) fn get(&self) -> SqlStr {
-        self.0.clone()
+    /// A text written in this crate.
+    pub(super) fn fixed(text: &'static str, prepared: bool) -> Self {
+        Sql {
+            text: text.into_sql_str(),
+            prepared,
+        }
+    }
+
+    /// The statement, for `sqlx::query`.
+    pub(crate) fn query(&self) -> Query<'static, Postgres, PgArguments> {
+        sqlx::query(self.text.clone()).persistent(self.prepared)
+    }
+
+    /// The statement, for `sqlx::query_scalar`.
+    pub(crate) fn query_scalar<O>(&self) -> QueryScalar<'static, Postgres, O, PgArguments>
+    where
+        (O,): for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_scalar(self.text.clone()).persistent(self.prepared)
     }
 }
 
 impl fmt::Debug for Sql {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.0.as_str(), f)
+        fmt::Debug::fmt(self.text.as_str(), f)
     }
 }
 
