@@ -771,3 +771,26 @@ async fn write_through_sharded_postgres() {
     a.cleanup().await;
     b.cleanup().await;
 }
+
+/// The same history through a real PgBouncer in transaction mode
+/// (unprepared statements, events on a direct connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_through_pgbouncer() {
+    let bouncer = support::pg::PgBouncer::start().await;
+    let db = TestDb::new("history_bouncer").await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(
+            db.store_through(&bouncer, LockMode::PerKey, FillMode::Lease)
+                .await,
+        );
+    }
+    let (mut loads, mut invalidations) = (0, 0);
+    for seed in 0..3 {
+        let (l, i, _) = history(stores.clone(), &format!("bouncer{seed}"), seed, None).await;
+        loads += l;
+        invalidations += i;
+    }
+    eprintln!("through pgbouncer, 4 instances: {loads} loads checked against {invalidations} invalidations");
+    db.cleanup().await;
+}

@@ -484,3 +484,159 @@ mod throwaway {
         }
     }
 }
+
+/// A throwaway PgBouncer in transaction mode in front of the test server:
+/// the `pgbouncer` binary on `PATH` (or `/usr/sbin`), a free port, stopped
+/// when dropped (and, should the test process die, by a watchdog).
+pub struct PgBouncer {
+    dir: PathBuf,
+    port: u16,
+    database: String,
+    user: String,
+}
+
+impl PgBouncer {
+    pub async fn start() -> PgBouncer {
+        let upstream: PgConnectOptions = database_url().await.parse().expect("test URL");
+        let binary = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|dir| dir.join("pgbouncer"))
+            .find(|candidate| candidate.is_file())
+            .unwrap_or_else(|| {
+                panic!("these tests run through PgBouncer: install it (Debian: apt-get install pgbouncer)")
+            });
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "loadlock-pgbouncer-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+        let port = throwaway::free_port();
+        let database = upstream.get_database().unwrap_or("postgres").to_owned();
+        let user = upstream.get_username().to_owned();
+        let config = format!(
+            "[databases]\n\
+             {database} = host={host} port={upstream_port} dbname={database} user={user}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {dir}/users.txt\n\
+             pool_mode = transaction\n\
+             max_client_conn = 2000\n\
+             default_pool_size = 40\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             logfile = {dir}/pgbouncer.log\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            host = upstream.get_host(),
+            upstream_port = upstream.get_port(),
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), config).expect("pgbouncer.ini");
+        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).expect("users");
+        // PgBouncer refuses to run as root.
+        let as_postgres = throwaway::is_root();
+        let mut command = if as_postgres {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let _ = std::process::Command::new("chown")
+                    .args(["postgres", &entry.path().display().to_string()])
+                    .status();
+            }
+            let _ = std::process::Command::new("chown")
+                .args(["postgres", &dir.display().to_string()])
+                .status();
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&binary);
+            c
+        } else {
+            std::process::Command::new(&binary)
+        };
+        let status = command
+            .arg("-d")
+            .arg(dir.join("pgbouncer.ini"))
+            .status()
+            .expect("starting pgbouncer");
+        assert!(
+            status.success(),
+            "pgbouncer did not start; see {}",
+            dir.display()
+        );
+        let bouncer = PgBouncer {
+            dir,
+            port,
+            database,
+            user,
+        };
+        // A watchdog: stops it if this process dies first.
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; kill $(cat {}/pgbouncer.pid) 2>/dev/null",
+                std::process::id(),
+                bouncer.dir.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !answers(&bouncer.url()).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgbouncer does not answer; see {}",
+                bouncer.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bouncer
+    }
+
+    /// The test database, through PgBouncer.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            self.user, self.port, self.database
+        )
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestDb {
+    /// A migrated store whose pool goes through `bouncer` (unprepared
+    /// statements), its listener on a direct connection.
+    pub async fn store_through(
+        &self,
+        bouncer: &PgBouncer,
+        mode: LockMode,
+        fill: FillMode,
+    ) -> PgStore {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(&bouncer.url())
+            .await
+            .expect("pool through pgbouncer");
+        let store = PgStore::builder(pool)
+            .table(self.table())
+            .lock_mode(mode)
+            .fill_mode(fill)
+            .prepared_statements(false)
+            .listener_url(self.url.clone())
+            .build()
+            .expect("store");
+        store.migrate().await.expect("migrate through pgbouncer");
+        store
+    }
+}

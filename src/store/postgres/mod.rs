@@ -150,10 +150,25 @@
 //!
 //! # Behind PgBouncer
 //!
-//! The protocol uses transaction-scoped locks and settings only, so it works
-//! through PgBouncer in transaction mode. sqlx prepares its statements, so
-//! PgBouncer must track prepared statements (version 1.21 or later, with
-//! `max_prepared_statements` above zero).
+//! The protocol uses transaction-scoped locks and settings only (advisory
+//! `xact` locks, `set_config(…, true)`), so it works through PgBouncer in
+//! transaction mode, tested against Debian's PgBouncer 1.18:
+//!
+//! * **Statements.** sqlx prepares its statements per connection. PgBouncer
+//!   1.21 or later with `max_prepared_statements` above zero keeps them per
+//!   client, and needs nothing else. Older versions (or
+//!   `max_prepared_statements = 0`) need
+//!   [`PgStoreBuilder::prepared_statements(false)`](PgStoreBuilder::prepared_statements)
+//!   (and the same on [`PgRateLimit`]): every statement is sent unprepared,
+//!   each round trip in a transaction of its own.
+//! * **Events.** `LISTEN` does not survive transaction pooling: give the
+//!   listener a direct connection with
+//!   [`PgStoreBuilder::listener_url`]. Without one, an unprepared store
+//!   publishes no events (see `prepared_statements` for what that
+//!   changes).
+//! * **PgBouncer's settings.** `pool_mode = transaction`, and
+//!   `ignore_startup_parameters = extra_float_digits` (sqlx sets it at
+//!   connect).
 
 /// Runs `$work` (a future returning `Result<T, Error>` that uses `$conn`, a
 /// pooled connection) within the query timeout plus `$extra`, the wait for

@@ -1,0 +1,226 @@
+//! Everything through a real PgBouncer in transaction mode (Debian's
+//! package), with `prepared_statements(false)` and the listener on a
+//! direct connection: exactly-once across a fleet, lock timeouts,
+//! invalidations and their events, and the fleet budget.
+
+mod support;
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use futures::StreamExt;
+use loadlock::store::lock_id;
+use loadlock::{Cache, Error, FillMode, Invalidation, LockMode, PgRateLimit, PgStore, Quota};
+use rand::{Rng, SeedableRng};
+use rand_distr::Zipf;
+use sqlx::{Connection, PgConnection};
+use support::pg::{PgBouncer, TestDb};
+use support::{value_of, Fake};
+use tokio::sync::Barrier;
+
+async fn exactly_once_through_pgbouncer(fill: FillMode, tag: &str) {
+    const INSTANCES: usize = 8;
+    const LOADERS: usize = 64;
+    let bouncer = PgBouncer::start().await;
+    let db = TestDb::new(tag).await;
+    let namespace = format!("bouncer/{tag}");
+    let provider = Fake::<u64>::builder(namespace.as_str())
+        .delay(Duration::from_millis(5))
+        .build();
+    let mut caches = Vec::new();
+    for _ in 0..INSTANCES {
+        caches.push(
+            Cache::builder(provider.clone())
+                .store(db.store_through(&bouncer, LockMode::PerKey, fill).await)
+                .build()
+                .unwrap(),
+        );
+    }
+    let zipf = Zipf::new(2000, 1.0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let barrier = Arc::new(Barrier::new(INSTANCES * LOADERS));
+    let mut asked = HashSet::new();
+    let mut tasks = Vec::new();
+    for cache in &caches {
+        for _ in 0..LOADERS {
+            let keys: Vec<u64> = (0..25).map(|_| rng.sample(zipf) as u64).collect();
+            asked.extend(keys.iter().copied());
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let got = cache.loader().load_many(keys.clone()).await.unwrap();
+                for key in &keys {
+                    assert_eq!(got[key], value_of(key));
+                }
+            }));
+        }
+    }
+    for task in join_all(tasks).await {
+        task.unwrap();
+    }
+    eprintln!(
+        "through pgbouncer, {fill:?}: {} distinct keys, {} fetched",
+        asked.len(),
+        provider.keys_fetched()
+    );
+    assert_eq!(provider.keys_fetched(), asked.len());
+    assert!(provider.fetches_per_key().values().all(|&n| n == 1));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn exactly_once_across_8_instances_through_pgbouncer() {
+    exactly_once_through_pgbouncer(FillMode::Lease, "bouncer_lease").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn exactly_once_across_8_instances_through_pgbouncer_held_transactions() {
+    exactly_once_through_pgbouncer(FillMode::HeldTransaction, "bouncer_held").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_through_pgbouncer_is_an_error_not_a_hang() {
+    let bouncer = PgBouncer::start().await;
+    let db = TestDb::new("bouncer_locktimeout").await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&bouncer.url())
+        .await
+        .unwrap();
+    let store = PgStore::builder(pool)
+        .table(db.table())
+        .lock_timeout(Duration::from_millis(300))
+        .prepared_statements(false)
+        .listener_url(db.url.clone())
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let provider = Fake::<u64>::new("bouncer/locktimeout");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_id("bouncer/locktimeout", "5"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = cache.loader().load(5).await.unwrap_err();
+    assert!(matches!(err, Error::LockTimeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(provider.call_count(), 0);
+    tx.commit().await.unwrap();
+    assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalidations_and_events_through_pgbouncer() {
+    let bouncer = PgBouncer::start().await;
+    let db = TestDb::new("bouncer_events").await;
+    let provider = Fake::<u64>::new("bouncer/events");
+    let writer = Cache::builder(provider.clone())
+        .store(
+            db.store_through(&bouncer, LockMode::PerKey, FillMode::Lease)
+                .await,
+        )
+        .build()
+        .unwrap();
+    // A local tier needs events: the listener's direct connection gives them.
+    let reader = Cache::builder(provider.clone())
+        .store(
+            db.store_through(&bouncer, LockMode::PerKey, FillMode::Lease)
+                .await,
+        )
+        .local_tier(100, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut events = reader.invalidations();
+    reader.loader().load_many(0..5u64).await.unwrap();
+    writer.invalidate([3]).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.next().await {
+                Some(Invalidation::Keys(keys)) => return keys,
+                Some(_) => {}
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("the event arrives");
+    assert_eq!(heard, vec!["3".to_owned()]);
+    reader.loader().load_many(0..5u64).await.unwrap();
+    assert_eq!(
+        provider.fetches_per_key()[&3],
+        2,
+        "refetched after the event"
+    );
+    assert_eq!(provider.keys_fetched(), 6);
+
+    // Without a listener URL an unprepared store has no events, and says so
+    // where it matters.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&bouncer.url())
+        .await
+        .unwrap();
+    let silent = PgStore::builder(pool)
+        .table(db.table())
+        .prepared_statements(false)
+        .build()
+        .unwrap();
+    let err = Cache::builder(provider.clone())
+        .store(silent)
+        .local_tier(100, Duration::from_secs(60))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("no invalidation events"), "{err}");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_budget_through_pgbouncer() {
+    let bouncer = PgBouncer::start().await;
+    let db = TestDb::new("bouncer_budget").await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&bouncer.url())
+        .await
+        .unwrap();
+    let budget = PgRateLimit::with_table(
+        pool,
+        Quota::per_second(NonZeroU32::new(20).unwrap()),
+        &format!("{}.budget", db.schema),
+    )
+    .unwrap()
+    .prepared_statements(false);
+    budget.migrate().await.unwrap();
+    let provider = Fake::<u64>::new("bouncer/budget");
+    let cache = Cache::builder(provider.clone())
+        .store(
+            db.store_through(&bouncer, LockMode::PerKey, FillMode::Lease)
+                .await,
+        )
+        .fleet_rate_limit(budget)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    for key in 0..5u64 {
+        cache.loader().load(key).await.unwrap();
+    }
+    // 5 calls at 20/s: at least 200 ms between the first and the last.
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(provider.call_count(), 5);
+    db.cleanup().await;
+}
