@@ -231,3 +231,26 @@ async fn invalidations_reach_their_shard_and_events_merge() {
     assert_eq!(provider.keys_fetched() - before, 10);
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn namespace_locks_need_namespace_routing() {
+    let db = TestDb::new("sharded_nsmode").await;
+    let shards = || async {
+        [
+            ("a", db.store(loadlock::LockMode::Namespace).await),
+            ("b", db.store(loadlock::LockMode::Namespace).await),
+        ]
+    };
+    let err = ShardedStore::new(shards().await)
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(err.to_string().contains("route_by_namespace"), "{err}");
+    let routed = ShardedStore::new(shards().await)
+        .unwrap()
+        .route_by_namespace();
+    routed.migrate().await.unwrap();
+    db.cleanup().await;
+}

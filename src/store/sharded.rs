@@ -217,8 +217,23 @@ impl ShardedStore<crate::PgStore> {
     ///
     /// # Errors
     ///
-    /// The first shard's failure, naming it.
+    /// [`Error::Config`] when a shard locks whole namespaces
+    /// (`LockMode::Namespace`) but the store routes keys one by one (call
+    /// [`route_by_namespace`](Self::route_by_namespace)): the namespace's
+    /// fills would no longer serialize across shards. Otherwise the first
+    /// shard's failure, naming it.
     pub async fn migrate(&self) -> Result<(), Error> {
+        if let Some(shard) = self
+            .shards
+            .iter()
+            .find(|s| s.store.lock_mode() == crate::LockMode::Namespace && !self.by_namespace)
+        {
+            return Err(Error::config(format!(
+                "shard {} locks whole namespaces (LockMode::Namespace): route them whole \
+                 with ShardedStore::route_by_namespace",
+                shard.name
+            )));
+        }
         for shard in self.shards.iter() {
             shard
                 .store
