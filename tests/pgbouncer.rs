@@ -5,25 +5,18 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use futures::StreamExt;
 use loadlock::store::lock_id;
 use loadlock::{Cache, Error, FillMode, Invalidation, LockMode, PgRateLimit, PgStore, Quota};
-use rand::{Rng, SeedableRng};
-use rand_distr::Zipf;
 use sqlx::{Connection, PgConnection};
 use support::pg::{PgBouncer, TestDb};
 use support::{value_of, Fake};
-use tokio::sync::Barrier;
 
 async fn exactly_once_through_pgbouncer(fill: FillMode, tag: &str) {
     const INSTANCES: usize = 8;
-    const LOADERS: usize = 64;
     let bouncer = PgBouncer::start().await;
     let db = TestDb::new(tag).await;
     let namespace = format!("bouncer/{tag}");
@@ -39,28 +32,7 @@ async fn exactly_once_through_pgbouncer(fill: FillMode, tag: &str) {
                 .unwrap(),
         );
     }
-    let zipf = Zipf::new(2000, 1.0).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let barrier = Arc::new(Barrier::new(INSTANCES * LOADERS));
-    let mut asked = HashSet::new();
-    let mut tasks = Vec::new();
-    for cache in &caches {
-        for _ in 0..LOADERS {
-            let keys: Vec<u64> = (0..25).map(|_| rng.sample(zipf) as u64).collect();
-            asked.extend(keys.iter().copied());
-            let (cache, barrier) = (cache.clone(), barrier.clone());
-            tasks.push(tokio::spawn(async move {
-                barrier.wait().await;
-                let got = cache.loader().load_many(keys.clone()).await.unwrap();
-                for key in &keys {
-                    assert_eq!(got[key], value_of(key));
-                }
-            }));
-        }
-    }
-    for task in join_all(tasks).await {
-        task.unwrap();
-    }
+    let asked = support::zipf_fleet(&caches, 11).await;
     eprintln!(
         "through pgbouncer, {fill:?}: {} distinct keys, {} fetched",
         asked.len(),

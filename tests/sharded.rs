@@ -4,19 +4,15 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::ShardedStore;
 use loadlock::{Cache, Error, PgStore};
-use rand::{Rng, SeedableRng};
-use rand_distr::Zipf;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection};
 use support::pg::{PrivateCluster, TestDb};
 use support::{value_of, Fake};
-use tokio::sync::Barrier;
 
 /// A store on `url`'s table `table`, on a pool that gives up on an
 /// unreachable server within a second.
@@ -75,28 +71,7 @@ async fn exactly_once_across_8_instances_on_two_servers() {
                 .unwrap(),
         );
     }
-    let zipf = Zipf::new(2000, 1.0).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let barrier = Arc::new(Barrier::new(INSTANCES * LOADERS));
-    let mut asked = HashSet::new();
-    let mut tasks = Vec::new();
-    for cache in &caches {
-        for _ in 0..LOADERS {
-            let keys: Vec<u64> = (0..25).map(|_| rng.sample(zipf) as u64).collect();
-            asked.extend(keys.iter().copied());
-            let (cache, barrier) = (cache.clone(), barrier.clone());
-            tasks.push(tokio::spawn(async move {
-                barrier.wait().await;
-                let got = cache.loader().load_many(keys.clone()).await.unwrap();
-                for key in &keys {
-                    assert_eq!(got[key], value_of(key));
-                }
-            }));
-        }
-    }
-    for task in join_all(tasks).await {
-        task.unwrap();
-    }
+    let asked = support::zipf_fleet(&caches, 7).await;
     let per_key = provider.fetches_per_key();
     eprintln!(
         "2 shards, {INSTANCES} instances x {LOADERS} loaders: {} distinct keys, {} fetched: {:.3}",

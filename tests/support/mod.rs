@@ -315,3 +315,34 @@ pub async fn three_keys_of_a_hundred_fail(cache: &loadlock::Cache<PerKey>, provi
         "only the failed keys are asked again"
     );
 }
+
+/// A fleet under load: through each of `caches`, 64 loaders of 25 keys
+/// each (Zipf(1.0) over 2,000 keys), all released at once; checks every
+/// value and returns the distinct keys asked.
+pub async fn zipf_fleet(caches: &[loadlock::Cache<Fake<u64>>], seed: u64) -> HashSet<u64> {
+    use rand::{Rng, SeedableRng};
+    const LOADERS: usize = 64;
+    let zipf = rand_distr::Zipf::new(2000, 1.0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let barrier = Arc::new(tokio::sync::Barrier::new(caches.len() * LOADERS));
+    let mut asked = HashSet::new();
+    let mut tasks = Vec::new();
+    for cache in caches {
+        for _ in 0..LOADERS {
+            let keys: Vec<u64> = (0..25).map(|_| rng.sample(zipf) as u64).collect();
+            asked.extend(keys.iter().copied());
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let got = cache.loader().load_many(keys.clone()).await.unwrap();
+                for key in &keys {
+                    assert_eq!(got[key], value_of(key));
+                }
+            }));
+        }
+    }
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    asked
+}
