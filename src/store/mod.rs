@@ -514,13 +514,36 @@ fn fnv1a(namespace: &str, separator: u8, key: &str) -> i64 {
     fnv1a64(bytes) as i64
 }
 
+/// [`lock_id`] of a key given by its `Display` form, without building the
+/// text (shard routing runs for every key of every batch).
+pub(crate) fn display_lock_id(namespace: &str, key: &dyn fmt::Display) -> i64 {
+    struct Fnv(u64);
+    impl fmt::Write for Fnv {
+        fn write_str(&mut self, text: &str) -> fmt::Result {
+            self.0 = fnv1a64_from(self.0, text.bytes());
+            Ok(())
+        }
+    }
+    let start = fnv1a64(namespace.bytes().chain(std::iter::once(0xff)));
+    let mut hash = Fnv(start);
+    // Writing into the hash cannot fail; a `Display` that fails hashes what
+    // it wrote, as `to_string` would have panicked instead.
+    let _ = fmt::write(&mut hash, format_args!("{key}"));
+    hash.0 as i64
+}
+
 /// 64-bit FNV-1a of `bytes`: the same in every process and version, for
 /// ids that instances must agree on (lock ids, event channels) and stable
 /// shards.
 pub(crate) fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_from(OFFSET, bytes)
+}
+
+/// FNV-1a continued from `hash` over `bytes`.
+fn fnv1a64_from(hash: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.into_iter().fold(OFFSET, |hash, byte| {
+    bytes.into_iter().fold(hash, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(PRIME)
     })
 }
@@ -628,5 +651,6 @@ mod tests {
         assert_eq!(fnv1a("", b'a', "") as u64, 0xaf63_dc4c_8601_ec8c);
         assert_ne!(lock_id("users/v1", "42"), lock_id("users/v1", "43"));
         assert_ne!(lock_id("a", "bc"), lock_id("ab", "c"));
+        assert_eq!(display_lock_id("users/v1", &42), lock_id("users/v1", "42"));
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use super::{lock_id, namespace_lock_id, Fill, Filled, Lookup, Store};
+use super::{display_lock_id, namespace_lock_id, Fill, Filled, Lookup, Store};
 use crate::{BatchFetch, Error, Invalidation, StoreEvent};
 
 /// One store of a [`ShardedStore`], by name.
@@ -180,7 +180,7 @@ impl<S> ShardedStore<S> {
         let id = if self.by_namespace {
             namespace_lock_id(namespace)
         } else {
-            lock_id(namespace, &key.to_string())
+            display_lock_id(namespace, key)
         };
         jump(mix(id), self.shards.len())
     }
