@@ -614,6 +614,47 @@ pub(crate) fn split_failed<K: Eq + std::hash::Hash, V>(
     (values, failed)
 }
 
+/// A fill's per-key answers for the keys at `indices` (`keys`, aligned),
+/// with the keys the provider failed alone taken out: those are answered
+/// [`Filled::Failed`] in `answers`, and their indices are in `failed`.
+pub(crate) struct Answered<K, V> {
+    /// The values to write; a key of `keys` absent here is not found.
+    pub(crate) values: HashMap<K, V>,
+    /// The keys left to write, and their indices.
+    pub(crate) indices: Vec<usize>,
+    pub(crate) keys: Vec<K>,
+    /// The indices of the failed keys.
+    pub(crate) failed: Vec<usize>,
+}
+
+pub(crate) fn answer_failed<K: Eq + std::hash::Hash, V>(
+    fetched: HashMap<K, Result<V, Error>>,
+    indices: &[usize],
+    keys: Vec<K>,
+    answers: &mut [Option<Filled<V>>],
+) -> Answered<K, V> {
+    let (values, mut errors) = split_failed(fetched);
+    let mut answered = Answered {
+        values,
+        indices: Vec::with_capacity(indices.len()),
+        keys: Vec::with_capacity(keys.len()),
+        failed: Vec::new(),
+    };
+    for (&i, key) in indices.iter().zip(keys) {
+        match errors.remove(&key) {
+            Some(err) => {
+                answers[i] = Some(Filled::Failed(err));
+                answered.failed.push(i);
+            }
+            None => {
+                answered.indices.push(i);
+                answered.keys.push(key);
+            }
+        }
+    }
+    answered
+}
+
 pub(crate) fn fill_answers<V>(
     rounds: Result<bool, Error>,
     answers: Vec<Option<Filled<V>>>,

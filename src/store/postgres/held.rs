@@ -105,26 +105,20 @@ impl PgStore {
             let missing_keys: Vec<F::Key> =
                 missing.iter().map(|&i| fill.keys()[i].clone()).collect();
             let fetched = fill.fetch_each(&missing_keys).await?;
-            let (fetched, mut failed) = crate::store::split_failed(fetched);
-            // Keys the provider failed alone: answered with their error,
-            // nothing written for them.
-            let mut kept = (Vec::new(), Vec::new());
-            for (&i, key) in missing.iter().zip(missing_keys) {
-                match failed.remove(&key) {
-                    Some(err) => answers[i] = Some(Filled::Failed(err)),
-                    None => {
-                        kept.0.push(i);
-                        kept.1.push(key);
-                    }
-                }
-            }
-            let (missing, missing_keys) = kept;
-            if missing.is_empty() {
+            // Keys the provider failed alone are answered with their error;
+            // nothing is written for them.
+            let answered = crate::store::answer_failed(fetched, &missing, missing_keys, answers);
+            if answered.indices.is_empty() {
                 fill.about_to_commit(group);
                 self.commit(tx, "ending a fill transaction").await?;
                 return Ok(true);
             }
-            let rows = Encoded::new(displayed, &missing, &missing_keys, fetched)?;
+            let rows = Encoded::new(
+                displayed,
+                &answered.indices,
+                &answered.keys,
+                answered.values,
+            )?;
             self.count_round_trips(1);
             let written = inner
                 .sql

@@ -388,40 +388,25 @@ impl PgStore {
                 return Err(err);
             }
         };
-        let (fetched, mut failed) = crate::store::split_failed(fetched);
-        let (leased, keys) = if failed.is_empty() {
-            (leased.to_vec(), keys)
-        } else {
-            // Keys the provider failed alone: answered with their error,
-            // nothing written, and their leases released at once so that
-            // waiters claim them instead of waiting for the expiry.
-            let mut kept = (Vec::new(), Vec::new());
-            let mut dropped = Vec::new();
-            for (&i, key) in leased.iter().zip(keys) {
-                match failed.remove(&key) {
-                    Some(err) => {
-                        answers[i] = Some(Filled::Failed(err));
-                        dropped.push(texts[i].clone());
-                    }
-                    None => {
-                        kept.0.push(i);
-                        kept.1.push(key);
-                    }
-                }
-            }
+        let answered = crate::store::answer_failed(fetched, leased, keys, answers);
+        if !answered.failed.is_empty() {
+            // Keys the provider failed alone: nothing written, and their
+            // leases released at once so that waiters claim them instead of
+            // waiting for the expiry.
+            let mut dropped: Vec<String> =
+                answered.failed.iter().map(|&i| texts[i].clone()).collect();
             dropped.sort_unstable();
             if let Err(release) = self.release(namespace, &dropped, held.token).await {
                 tracing::warn!(namespace, error = %release,
                     "could not release the leases of failed keys; they expire on their own");
             }
-            kept
-        };
-        if leased.is_empty() {
+        }
+        if answered.indices.is_empty() {
             held.settled();
             return Ok(Vec::new());
         }
-        let leased = &leased[..];
-        let mut rows = Encoded::new(texts, leased, &keys, fetched)?;
+        let leased = &answered.indices[..];
+        let mut rows = Encoded::new(texts, leased, &answered.keys, answered.values)?;
         // Joiners from now on read the store: the publish is what they see.
         fill.about_to_commit(leased);
         let published: Vec<String> = rows.keys.iter().map(|&key| key.to_owned()).collect();
