@@ -651,43 +651,7 @@ async fn lock_timeout_is_an_error_not_a_hang() {
         .build()
         .unwrap();
     store.migrate().await.unwrap();
-    let provider = Fake::<u64>::new("pg/locktimeout");
-    let cache = Cache::builder(provider.clone())
-        .store(store)
-        .build()
-        .unwrap();
-
-    let mut holder = PgConnection::connect(&db.url).await.unwrap();
-    let mut tx = holder.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(lock_id("pg/locktimeout", "5"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-
-    let started = Instant::now();
-    let err = cache.loader().load(5).await.unwrap_err();
-    let waited = started.elapsed();
-    match &err {
-        Error::LockTimeout {
-            timeout,
-            keys,
-            namespace,
-        } => {
-            assert_eq!(*timeout, Duration::from_millis(300));
-            assert_eq!(*keys, 1);
-            assert_eq!(&**namespace, "pg/locktimeout");
-        }
-        other => panic!("expected LockTimeout, got {other:?}"),
-    }
-    assert!(!err.is_provider());
-    assert!(waited >= Duration::from_millis(300), "{waited:?}");
-    assert!(waited < Duration::from_secs(5), "{waited:?}");
-    assert_eq!(provider.call_count(), 0);
-
-    tx.commit().await.unwrap();
-    assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
-    assert_eq!(provider.call_count(), 1);
+    support::a_held_lock_times_out(&db, store, "pg/locktimeout").await;
     db.cleanup().await;
 }
 

@@ -9,11 +9,9 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use loadlock::store::lock_id;
-use loadlock::{Cache, Error, FillMode, Invalidation, LockMode, PgRateLimit, PgStore, Quota};
-use sqlx::{Connection, PgConnection};
+use loadlock::{Cache, FillMode, Invalidation, LockMode, PgRateLimit, PgStore, Quota};
 use support::pg::{PgBouncer, TestDb};
-use support::{value_of, Fake};
+use support::Fake;
 
 async fn exactly_once_through_pgbouncer(fill: FillMode, tag: &str) {
     const INSTANCES: usize = 8;
@@ -70,25 +68,7 @@ async fn a_lock_timeout_through_pgbouncer_is_an_error_not_a_hang() {
         .build()
         .unwrap();
     store.migrate().await.unwrap();
-    let provider = Fake::<u64>::new("bouncer/locktimeout");
-    let cache = Cache::builder(provider.clone())
-        .store(store)
-        .build()
-        .unwrap();
-    let mut holder = PgConnection::connect(&db.url).await.unwrap();
-    let mut tx = holder.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(lock_id("bouncer/locktimeout", "5"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let err = cache.loader().load(5).await.unwrap_err();
-    assert!(matches!(err, Error::LockTimeout { .. }), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(provider.call_count(), 0);
-    tx.commit().await.unwrap();
-    assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
+    support::a_held_lock_times_out(&db, store, "bouncer/locktimeout").await;
     db.cleanup().await;
 }
 

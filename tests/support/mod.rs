@@ -346,3 +346,49 @@ pub async fn zipf_fleet(caches: &[loadlock::Cache<Fake<u64>>], seed: u64) -> Has
     }
     asked
 }
+
+/// A lock held on a direct connection makes a load through `store` (whose
+/// lock timeout is 300 ms) fail with `LockTimeout` after that timeout, not
+/// hang; once released, the key loads.
+pub async fn a_held_lock_times_out(db: &pg::TestDb, store: loadlock::PgStore, namespace: &str) {
+    use loadlock::{Cache, Error};
+    use sqlx::Connection;
+    use std::time::Instant;
+    let provider = Fake::<u64>::new(namespace);
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(loadlock::store::lock_id(namespace, "5"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let err = cache.loader().load(5).await.unwrap_err();
+    let waited = started.elapsed();
+    match &err {
+        Error::LockTimeout {
+            timeout,
+            keys,
+            namespace: of,
+        } => {
+            assert_eq!(*timeout, Duration::from_millis(300));
+            assert_eq!(*keys, 1);
+            assert_eq!(&**of, namespace);
+        }
+        other => panic!("expected LockTimeout, got {other:?}"),
+    }
+    assert!(!err.is_provider());
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(provider.call_count(), 0);
+
+    tx.commit().await.unwrap();
+    assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
+    assert_eq!(provider.call_count(), 1);
+}
