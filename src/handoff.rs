@@ -41,22 +41,30 @@ pub(crate) fn offer<T: Any + Send>(owner: usize, value: T) {
     });
 }
 
-/// Takes what the store `owner` offered, if it is a `T`.
+/// Takes what the store `owner` offered, if it is a `T`. What another
+/// store offered is dropped: the batch has moved on to another store (a
+/// shard), and must not keep the first one's connection (and its lane)
+/// while it works elsewhere.
 pub(crate) fn take<T: Any + Send>(owner: usize) -> Option<T> {
-    SLOT.try_with(|slot| {
-        let mut slot = slot.borrow_mut();
-        match slot.take() {
-            Some((offered_by, value)) if offered_by == owner && value.is::<T>() => {
-                value.downcast::<T>().ok().map(|value| *value)
+    let (taken, foreign) = SLOT
+        .try_with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match slot.take() {
+                Some((offered_by, value)) if offered_by == owner && value.is::<T>() => {
+                    (value.downcast::<T>().ok().map(|value| *value), None)
+                }
+                Some((offered_by, value)) if offered_by != owner => (None, Some(value)),
+                other => {
+                    *slot = other;
+                    (None, None)
+                }
             }
-            other => {
-                *slot = other;
-                None
-            }
-        }
-    })
-    .ok()
-    .flatten()
+        })
+        .unwrap_or((None, None));
+    // Dropped outside the slot's borrow: a connection goes back to its
+    // pool.
+    drop(foreign);
+    taken
 }
 
 /// Drops whatever was offered (a connection goes back to its pool).
@@ -79,10 +87,12 @@ mod tests {
         scope(async {
             offer(1, 5_u32);
             offer(1, 6_u32);
-            assert_eq!(take::<u32>(2), None, "another store's offer");
             assert_eq!(take::<u64>(1), None, "another type");
             assert_eq!(take::<u32>(1), Some(5), "the first offer stays");
             assert_eq!(take::<u32>(1), None, "taken once");
+            offer(1, 8_u32);
+            assert_eq!(take::<u32>(2), None, "another store's offer");
+            assert_eq!(take::<u32>(1), None, "dropped when another store takes");
             offer(1, 7_u32);
             clear();
             assert_eq!(take::<u32>(1), None, "cleared");

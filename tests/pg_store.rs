@@ -1185,3 +1185,70 @@ async fn tenants_with_a_namespace_each_never_see_each_other() {
     );
     db.cleanup().await;
 }
+
+/// A store runs its reads, claims and publishes in its lanes: 64
+/// concurrent requests over 16 namespaces (which never share a statement)
+/// on a pool of 8 open no more connections than the store has lanes (the
+/// lanes keep theirs between statements); every key is fetched once, and
+/// each request gets its own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_uses_no_more_connections_than_it_has_lanes() {
+    let db = TestDb::new("lanes").await;
+    for lanes in [1usize, 3] {
+        let pool = db.pool(8).await;
+        let store = PgStore::builder(pool.clone())
+            .table(db.table())
+            .lanes(std::num::NonZeroUsize::new(lanes).unwrap())
+            .build()
+            .unwrap();
+        assert_eq!(store.lanes().get(), lanes);
+        store.migrate().await.unwrap();
+        let fakes: Vec<Fake<u64>> = (0..16)
+            .map(|n| {
+                Fake::<u64>::builder(format!("pg/lanes/{lanes}/{n}"))
+                    .delay(Duration::from_millis(20))
+                    .build()
+            })
+            .collect();
+        let barrier = Arc::new(Barrier::new(64));
+        let mut requests = Vec::new();
+        for fake in &fakes {
+            let cache = Cache::builder(fake.clone())
+                .store(store.clone())
+                .build()
+                .unwrap();
+            for r in 0..4u64 {
+                let (cache, barrier) = (cache.clone(), barrier.clone());
+                let keys: Vec<u64> = (r * 10..r * 10 + 10).collect();
+                requests.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    let got = cache.loader().load_many(keys.clone()).await.unwrap();
+                    for key in &keys {
+                        assert_eq!(got[key], value_of(key));
+                    }
+                }));
+            }
+        }
+        for request in join_all(requests).await {
+            request.unwrap();
+        }
+        let opened = pool.size() as usize;
+        assert!(
+            opened <= lanes,
+            "{opened} connections opened with {lanes} lane(s)"
+        );
+        for fake in &fakes {
+            assert_eq!(fake.keys_fetched(), 40, "each key fetched once");
+        }
+        // At rest, the lanes give their connections back to the pool.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.num_idle() < pool.size() as usize {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the lanes returned their connections");
+        pool.close().await;
+    }
+    db.cleanup().await;
+}

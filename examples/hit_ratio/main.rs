@@ -109,6 +109,10 @@ struct Cli {
     /// Connections per instance pool.
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
+    /// Statements loadlock's store runs at a time per instance
+    /// (`PgStoreBuilder::lanes`) [default: the store's default, 1].
+    #[arg(long)]
+    lanes: Option<std::num::NonZeroUsize>,
     /// Strategies to run [default: dataloader, cache-aside, loadlock,
     /// loadlock-held; with --open, per-key too (under a binding limit it
     /// would take minutes)].
@@ -171,6 +175,7 @@ struct Args {
     fleet_limit: bool,
     max_batch: usize,
     pool_size: u32,
+    lanes: std::num::NonZeroUsize,
     strategies: Vec<String>,
     json: bool,
     plot: Option<PathBuf>,
@@ -243,6 +248,9 @@ impl Cli {
             fleet_limit: !open && !self.no_fleet_limit,
             max_batch: self.max_batch,
             pool_size: self.pool_size,
+            lanes: self
+                .lanes
+                .unwrap_or(loadlock::store::postgres::DEFAULT_LANES),
             strategies,
             json: self.json,
             plot: self.plot,
@@ -651,6 +659,7 @@ async fn run(
                 let store = PgStore::builder(pool.clone())
                     .table(env.table.clone())
                     .fill_mode(fill)
+                    .lanes(args.lanes)
                     .build()
                     .expect("store");
                 let mut shards = vec![("shard-0".to_string(), store)];
@@ -660,6 +669,7 @@ async fn run(
                     let store = PgStore::builder(pool)
                         .table(table.clone())
                         .fill_mode(fill)
+                        .lanes(args.lanes)
                         .build()
                         .expect("store");
                     shards.push((format!("shard-{}", i + 1), store));
@@ -1156,6 +1166,8 @@ async fn main() {
                 "fleet_limit": args.fleet_limit,
                 "shards": args.shards,
                 "max_batch": args.max_batch,
+                "pool_size": args.pool_size,
+                "lanes": args.lanes,
             },
             "strategies": reports,
             "sweep": sweep,
@@ -1164,16 +1176,19 @@ async fn main() {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!(
-            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; loadlock {}, on {} shard{}\n",
+            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
             args.latency_ms,
             args.rate_limit,
             args.max_batch,
             args.ttl,
+            args.pool_size,
             if args.fleet_limit {
                 "with a fleet budget (PgRateLimit) at 95% of the limit"
             } else {
                 "without a fleet budget"
             },
+            args.lanes,
+            if args.lanes.get() == 1 { "" } else { "s" },
             args.shards,
             if args.shards == 1 { "" } else { "s" },
         );

@@ -21,11 +21,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgRow, Postgres};
+use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::combine::{self, Member};
+use super::conn::{Conn, Laned};
 use super::read::Ticket;
 use super::rows::{Encoded, Written};
 use super::store::pg_millis;
@@ -450,7 +450,7 @@ impl PgStore {
         // The connection this batch's read left for its claim (or its ticket
         // to the connection of a combined read): the runner's, or (when this
         // claim joined a group) the next waiting statement's.
-        let handed = crate::handoff::take::<PoolConnection<Postgres>>(self.id());
+        let handed = crate::handoff::take::<Conn>(self.id());
         let ticket = crate::handoff::take::<Ticket>(self.id());
         if let Some(group) = joined.leads {
             let (store, abandoned) = (self.clone(), self.clone());
@@ -487,38 +487,44 @@ impl PgStore {
         // Each key once, with the lease of the first fill asking for it.
         let mut keys: Vec<String> = Vec::new();
         let outcome = async {
-            on_conn!(self, "claiming keys", Duration::ZERO, None, |conn| {
-                if combined {
-                    members = inner.claims.close(&namespace);
-                }
-                let mut seen = HashSet::new();
-                let mut secs = Vec::new();
-                for member in &members {
-                    for key in &member.request.keys {
-                        if seen.insert(key.as_str()) {
-                            keys.push(key.clone());
-                            secs.push(member.request.lease);
+            on_conn!(
+                &Laned(self),
+                "claiming keys",
+                Duration::ZERO,
+                None,
+                |conn| {
+                    if combined {
+                        members = inner.claims.close(&namespace);
+                    }
+                    let mut seen = HashSet::new();
+                    let mut secs = Vec::new();
+                    for member in &members {
+                        for key in &member.request.keys {
+                            if seen.insert(key.as_str()) {
+                                keys.push(key.clone());
+                                secs.push(member.request.lease);
+                            }
                         }
                     }
+                    let ids: Vec<i64> = keys.iter().map(|key| lock_id(&namespace, key)).collect();
+                    self.count_round_trips(1);
+                    let (keys, namespace) = (&keys, &namespace);
+                    async move {
+                        inner
+                            .sql
+                            .claim_tried
+                            .query()
+                            .bind(namespace)
+                            .bind(keys)
+                            .bind(ids)
+                            .bind(namespace_lock_id(namespace))
+                            .bind(&inner.holder)
+                            .bind(secs)
+                            .fetch_all(conn)
+                            .await
+                    }
                 }
-                let ids: Vec<i64> = keys.iter().map(|key| lock_id(&namespace, key)).collect();
-                self.count_round_trips(1);
-                let (keys, namespace) = (&keys, &namespace);
-                async move {
-                    inner
-                        .sql
-                        .claim_tried
-                        .query()
-                        .bind(namespace)
-                        .bind(keys)
-                        .bind(ids)
-                        .bind(namespace_lock_id(namespace))
-                        .bind(&inner.holder)
-                        .bind(secs)
-                        .fetch_all(conn)
-                        .await
-                }
-            })
+            )
         }
         .await;
         if combined && members.is_empty() {
@@ -683,7 +689,7 @@ impl PgStore {
         let (namespace, ttl, negative_ttl) = &group;
         let outcome = async {
             on_conn!(
-                self,
+                &Laned(self),
                 "publishing fetched values",
                 inner.lock_timeout,
                 None,
@@ -818,18 +824,24 @@ impl PgStore {
     async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
-        on_conn!(self, "releasing leases", inner.lock_timeout, None, |conn| {
-            inner
-                .sql
-                .release
-                .query()
-                .bind(namespace)
-                .bind(keys)
-                .bind(token)
-                .bind(&inner.channel)
-                .bind(pg_millis(inner.lock_timeout))
-                .execute(conn)
-        })?;
+        on_conn!(
+            &Laned(self),
+            "releasing leases",
+            inner.lock_timeout,
+            None,
+            |conn| {
+                inner
+                    .sql
+                    .release
+                    .query()
+                    .bind(namespace)
+                    .bind(keys)
+                    .bind(token)
+                    .bind(&inner.channel)
+                    .bind(pg_millis(inner.lock_timeout))
+                    .execute(conn)
+            }
+        )?;
         self.inner
             .waiters
             .wake_keys(namespace, keys.iter().map(String::as_str));

@@ -77,16 +77,26 @@
 //! functions use generic plans (`plan_cache_mode = force_generic_plan`),
 //! planned once per session instead of at every call.
 //!
-//! Connections: when a read missed keys, its connection goes straight to
-//! the claims that follow (the batches do nothing that may wait in
-//! between), instead of back to the pool's queue: the batches of a combined
-//! read that missed share it, and their claims run together on it (the
-//! first waits at most 2 ms for the others to join). Every other
-//! connection goes back to the pool, and waiting for one is never raced
-//! against anything but its deadline (a cancelled acquire may drop a
-//! connection the pool was opening). No connection is held across a
-//! provider call or any other wait.
-//!
+//! Connections: the short statements — reads and re-reads, claims that
+//! only try locks, publishes, releases — run in the store's
+//! [lanes](PgStoreBuilder::lanes) (one by default): at most that many at a
+//! time, so the statements that queue behind them combine, and a busy
+//! server runs fewer, larger statements on fewer sessions. A lane keeps its
+//! connection between statements (the pool would test it with a round
+//! trip when it comes back and again when it goes out) and returns it to
+//! the pool after 100 ms unused; a statement that failed, timed out or was
+//! cancelled hands its connection to the pool instead. When a read missed
+//! keys, its connection (and lane) goes straight to the claims that follow
+//! (the batches do nothing that may wait in between): the batches of a
+//! combined read that missed share it, and their claims run together on
+//! it (the first waits at most 2 ms for the others to join). Statements
+//! that may wait for a lock or for user code (a claim waiting for a busy
+//! lock, renewals, invalidations, writes, held-transaction fills, purges)
+//! take no lane and a connection of the pool. Waiting for a lane or a
+//! connection is never raced against anything but its deadline (a
+//! cancelled acquire may drop a connection the pool was opening). No
+//! connection is held across a provider call or any other wait.
+
 //! Durability: claims, publishes and releases commit with
 //! `synchronous_commit = off` (local to their transaction). A crash of the
 //! server loses at most their last few milliseconds, which costs a fetch
@@ -173,7 +183,7 @@
 /// Runs `$work` (a future returning `Result<T, Error>` that uses `$conn`, a
 /// pooled connection) within the query timeout plus `$extra`, the wait for
 /// the connection included. A connection whose work finished in time goes
-/// to `$then` (`fn(&PgStore, PoolConnection, &Result<T, Error>)`, by default
+/// to `$then` (`fn(&PgStore, Conn, &Result<T, Error>)`, by default
 /// [`PgStore::done_with`]); one whose work timed out is discarded, never
 /// returned to the pool: it may be half-open, or still busy on the server.
 macro_rules! in_conn {
@@ -186,6 +196,7 @@ macro_rules! in_conn {
         let limit = store.inner.query_timeout.saturating_add($extra);
         let deadline = tokio::time::Instant::now() + limit;
         let mut pooled = store.acquire(doing, deadline, limit).await?;
+        pooled.start();
         let outcome = {
             let $conn: &mut sqlx::PgConnection = &mut pooled;
             tokio::time::timeout_at(deadline, $work).await
@@ -243,6 +254,7 @@ macro_rules! on_conn {
 }
 
 mod combine;
+mod conn;
 mod events;
 mod held;
 mod invalidate;
@@ -258,7 +270,7 @@ mod table;
 mod waiters;
 
 pub use rate_limit::PgRateLimit;
-pub use store::{FillMode, LockMode, PgStore, PgStoreBuilder};
+pub use store::{FillMode, LockMode, PgStore, PgStoreBuilder, DEFAULT_LANES};
 pub use table::TableName;
 
 /// The most connections the pool of [`PgStore::connect`] keeps.

@@ -14,12 +14,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgRow, Postgres};
 use sqlx::types::Json;
 use sqlx::{Executor, Row};
 
 use super::combine;
+use super::conn::{Conn, Laned};
 use super::{FillMode, PgStore};
 use crate::store::Lookup;
 use crate::{Entry, Error};
@@ -89,13 +89,13 @@ impl ReadRows {
 pub(super) struct Ticket(Arc<Shares>);
 
 struct Shares {
-    conn: Mutex<Option<PoolConnection<Postgres>>>,
+    conn: Mutex<Option<Conn>>,
     /// Shares not dropped yet.
     outstanding: tokio::sync::watch::Sender<usize>,
 }
 
 impl Ticket {
-    fn issue(conn: PoolConnection<Postgres>, n: usize) -> Vec<Ticket> {
+    fn issue(conn: Conn, n: usize) -> Vec<Ticket> {
         let shares = Arc::new(Shares {
             conn: Mutex::new(Some(conn)),
             outstanding: tokio::sync::watch::channel(n).0,
@@ -105,7 +105,7 @@ impl Ticket {
 
     /// The connection, once every other share was dropped (or after
     /// [`TICKET_WAIT`]); `None` when another holder took it.
-    pub(super) async fn redeem(self) -> Option<PoolConnection<Postgres>> {
+    pub(super) async fn redeem(self) -> Option<Conn> {
         let mut others = self.0.outstanding.subscribe();
         let _ = tokio::time::timeout(TICKET_WAIT, others.wait_for(|&n| n <= 1)).await;
         let conn = self.0.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -197,14 +197,15 @@ impl PgStore {
         let inner = &*self.inner;
         let mut members = Vec::new();
         let mut kept = None;
-        let mut keep = |_: &PgStore, conn, read: &Result<Vec<PgRow>, Error>| {
+        let mut keep = |_: &PgStore, mut conn: Conn, read: &Result<Vec<PgRow>, Error>| {
+            conn.finish(read.is_ok());
             if read.is_ok() {
                 kept = Some(conn);
             }
         };
         let outcome = async {
             on_conn!(
-                self,
+                &Laned(self),
                 "reading cache rows",
                 Duration::ZERO,
                 None,
@@ -269,19 +270,22 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let then = |store: &PgStore, conn, looked: &Result<Vec<Lookup<V>>, Error>| match looked {
-            Ok(looked)
-                if batch
-                    && looked
-                        .iter()
-                        .any(|lookup| !matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit)) =>
-            {
-                crate::handoff::offer(store.id(), conn);
+        let then = |store: &PgStore, mut conn: Conn, looked: &Result<Vec<Lookup<V>>, Error>| {
+            match looked {
+                Ok(looked)
+                    if batch
+                        && looked.iter().any(|lookup| {
+                            !matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit)
+                        }) =>
+                {
+                    conn.finish(true);
+                    crate::handoff::offer(store.id(), conn);
+                }
+                _ => store.done_with(conn, looked),
             }
-            _ => store.done_with(conn, looked),
         };
         on_conn!(
-            self,
+            &Laned(self),
             "reading cache rows",
             Duration::ZERO,
             None,

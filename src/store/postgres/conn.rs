@@ -1,0 +1,293 @@
+//! The store's lanes: the protocol's short statements (optimistic reads
+//! and re-reads, claims that only try locks, publishes, releases) each run
+//! on a [`Conn`] that holds a pooled connection *and* one of the store's
+//! [`lanes`](super::PgStoreBuilder::lanes), so one store runs at most that
+//! many of them at a time, however large the pool. Statements that may wait
+//! for a lock or for user code (a waiting claim, lease renewals,
+//! invalidations, writes, held-transaction fills, purges) take no lane:
+//! they never make the short ones queue behind them.
+//!
+//! What it guarantees:
+//!
+//! * **Statements beyond the lanes wait in the process, where they
+//!   combine.** Reads, claims and publishes that queue for a lane go as one
+//!   statement once one is free (see `combine`), instead of each taking a
+//!   server process of its own; a server whose cores are busy runs fewer,
+//!   larger statements on fewer sessions.
+//! * **A lane keeps its connection while it is busy.** A connection whose
+//!   statement succeeded goes back to the lanes, not to the pool, and the
+//!   next statement in a lane takes it as it is: the pool would test it
+//!   with a round trip when it comes back and again when it goes out
+//!   (sqlx's liveness pings), which costs the server as much as the
+//!   statement itself. A connection kept unused for more than a
+//!   millisecond is tested (pinged) before it is used again, so a session
+//!   the server ended meanwhile is discarded rather than failing a
+//!   statement; one kept unused for [`KEPT_IDLE`] goes back to the pool,
+//!   so a store at rest holds none of it. A statement that
+//!   failed, timed out or was cancelled hands its connection to the pool
+//!   (which settles or discards it), never to the lanes.
+//! * **A lane travels with its connection.** A connection handed from a
+//!   read to the claims that follow keeps its lane; a lane is given back
+//!   when its connection is kept, returned or discarded.
+//! * **A lane is never held for long.** A statement in a lane never waits
+//!   for an advisory lock (claims in a lane only *try* them), for a
+//!   provider, or for another lane; publishes and releases wait only for
+//!   row locks, which other statements hold for one statement or one short
+//!   transaction. Waiting for a lane counts against the same deadline as
+//!   waiting for the connection.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::PgStore;
+use crate::Error;
+
+/// How long the lanes keep a connection no statement uses before it goes
+/// back to the pool.
+pub(super) const KEPT_IDLE: Duration = Duration::from_millis(100);
+
+/// How long a kept connection may go unused and still be taken without a
+/// test (a round trip): under load a lane's next statement follows within
+/// microseconds, so only a lane that went quiet pays for the test.
+const KEPT_UNTESTED: Duration = Duration::from_millis(1);
+
+/// A store's lanes: their permits, and the connections they keep between
+/// statements (at most one per lane).
+#[derive(Debug)]
+pub(super) struct Lanes {
+    permits: Arc<Semaphore>,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    /// Connections and since when they are unused, the newest last.
+    idle: Vec<(PoolConnection<Postgres>, Instant)>,
+    /// Whether a task returns the ones kept too long.
+    sweeping: bool,
+}
+
+impl Lanes {
+    pub(super) fn new(lanes: usize) -> Arc<Lanes> {
+        Arc::new(Lanes {
+            permits: Arc::new(Semaphore::new(lanes)),
+            kept: Mutex::new(Kept::default()),
+        })
+    }
+
+    /// A connection in a lane, waiting until `deadline` at most (`None`
+    /// past it): the one a lane kept, if any, else one from `pool`.
+    async fn acquire(
+        self: &Arc<Self>,
+        pool: &PgPool,
+        deadline: Instant,
+    ) -> Option<Result<Conn, sqlx::Error>> {
+        let permit = tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned())
+            .await
+            .ok()?
+            // The semaphore is never closed.
+            .ok()?;
+        let kept = self.lock().idle.pop();
+        let kept = match kept {
+            Some((conn, since)) if since.elapsed() <= KEPT_UNTESTED => Some(conn),
+            // Unused for a while: the server may have ended its session
+            // meanwhile (a restart, `pg_terminate_backend`), so it is
+            // tested first, as the pool would.
+            Some((mut conn, _)) => {
+                match tokio::time::timeout_at(deadline, sqlx::Connection::ping(&mut *conn)).await {
+                    Ok(Ok(())) => Some(conn),
+                    Ok(Err(_)) => {
+                        // Discarded without the pool's own test.
+                        drop(conn.detach());
+                        None
+                    }
+                    Err(_) => {
+                        drop(conn.detach());
+                        return None;
+                    }
+                }
+            }
+            None => None,
+        };
+        let conn = match kept {
+            Some(conn) => conn,
+            // Never raced against anything but the deadline: a cancelled
+            // acquire may drop a connection it was opening, and the pool
+            // opens another.
+            None => match tokio::time::timeout_at(deadline, pool.acquire()).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(err)) => return Some(Err(err)),
+                Err(_) => return None,
+            },
+        };
+        Some(Ok(Conn {
+            conn: Some(conn),
+            lane: Some((Arc::clone(self), permit)),
+            reusable: false,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `conn` for the next statement in a lane; a task hands it to
+    /// the pool if none comes within [`KEPT_IDLE`]. Outside a runtime it
+    /// goes to the pool at once.
+    fn keep(self: &Arc<Self>, conn: PoolConnection<Postgres>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut kept = self.lock();
+        kept.idle.push((conn, Instant::now()));
+        if !kept.sweeping {
+            kept.sweeping = true;
+            runtime.spawn(Arc::clone(self).sweep());
+        }
+    }
+
+    /// Returns the connections kept unused for [`KEPT_IDLE`] to the pool,
+    /// until none is kept.
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(KEPT_IDLE).await;
+            let returned: Vec<PoolConnection<Postgres>> = {
+                let mut kept = self.lock();
+                let now = Instant::now();
+                let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut kept.idle)
+                    .into_iter()
+                    .partition(|(_, since)| now.duration_since(*since) >= KEPT_IDLE);
+                kept.idle = fresh;
+                if kept.idle.is_empty() {
+                    kept.sweeping = false;
+                }
+                old.into_iter().map(|(conn, _)| conn).collect()
+            };
+            // Outside the lock: each goes back to its pool.
+            drop(returned);
+            if !self.lock().sweeping {
+                return;
+            }
+        }
+    }
+}
+
+/// A pooled connection, and the lane it occupies if it was taken in one.
+pub(super) struct Conn {
+    /// Present until dropped or detached.
+    conn: Option<PoolConnection<Postgres>>,
+    lane: Option<(Arc<Lanes>, OwnedSemaphorePermit)>,
+    /// Whether its last statement succeeded, so a lane may keep it.
+    reusable: bool,
+}
+
+impl Conn {
+    /// A connection of the pool outside the lanes.
+    pub(super) fn unlaned(conn: PoolConnection<Postgres>) -> Self {
+        Conn {
+            conn: Some(conn),
+            lane: None,
+            reusable: false,
+        }
+    }
+
+    /// A statement starts on it: until it [`finish`](Self::finish)es, the
+    /// connection is not fit for another (a cancelled statement may have
+    /// left it mid-protocol).
+    pub(super) fn start(&mut self) {
+        self.reusable = false;
+    }
+
+    /// Its statement finished, and succeeded when `ok`: only then may a
+    /// lane keep it for the next one.
+    pub(super) fn finish(&mut self, ok: bool) {
+        self.reusable = ok;
+    }
+
+    /// Takes the connection out of the pool for good (it may be half-open
+    /// or still busy on the server), freeing its lane.
+    pub(super) fn detach(mut self) -> Option<PgConnection> {
+        self.conn.take().map(PoolConnection::detach)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        match &self.lane {
+            Some((lanes, _)) if self.reusable => lanes.keep(conn),
+            // To the pool, which tests it (or settles what a failed
+            // statement left) before anyone else gets it.
+            _ => drop(conn),
+        }
+        // The lane's permit is released after the connection was kept.
+    }
+}
+
+impl Deref for Conn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_deref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_deref_mut().expect("present until dropped")
+    }
+}
+
+impl PgStore {
+    /// A connection in one of this store's lanes, waiting until `deadline`
+    /// at most.
+    pub(super) async fn acquire_in_lane(
+        &self,
+        doing: &str,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<Conn, Error> {
+        match self.inner.lanes.acquire(&self.inner.pool, deadline).await {
+            Some(Ok(conn)) => Ok(conn),
+            Some(Err(err)) => Err(self.error(doing, err)),
+            None => Err(self.timed_out(doing, limit)),
+        }
+    }
+}
+
+/// The store, for a round trip that runs in a lane: `in_conn!` and
+/// `on_conn!` given `&Laned(store)` acquire through [`Laned::acquire`]
+/// and otherwise use the store as it is.
+pub(super) struct Laned<'a>(pub(super) &'a PgStore);
+
+impl Laned<'_> {
+    /// A connection in one of the store's lanes (the one this batch's read
+    /// handed on, if any, keeps its own), waiting until `deadline` at most.
+    pub(super) async fn acquire(
+        &self,
+        doing: &str,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<Conn, Error> {
+        if let Some(conn) = crate::handoff::take(self.0.id()) {
+            return Ok(conn);
+        }
+        self.0.acquire_in_lane(doing, deadline, limit).await
+    }
+}
+
+impl Deref for Laned<'_> {
+    type Target = PgStore;
+
+    fn deref(&self) -> &PgStore {
+        self.0
+    }
+}
