@@ -305,14 +305,18 @@ pub async fn three_keys_of_a_hundred_fail(cache: &loadlock::Cache<PerKey>, provi
             }
         }
     }
-    let mut calls = provider.calls();
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    assert_eq!(calls[0].len(), 100);
-    calls[1].sort_unstable();
+    let calls = provider.calls();
+    assert_eq!(calls[0].len(), 100, "{calls:?}");
+    // The second round's keys normally go in one call; a machine busy
+    // enough to pause the loading task past the batch window's quiet
+    // period splits its window, and so its call (batching is tested on
+    // its own in `tests/batching.rs`).
+    let mut again: Vec<u64> = calls[1..].concat();
+    again.sort_unstable();
     assert_eq!(
-        calls[1],
+        again,
         FAILING.to_vec(),
-        "only the failed keys are asked again"
+        "only the failed keys are asked again, once each: {calls:?}"
     );
 }
 
