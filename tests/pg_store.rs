@@ -1252,3 +1252,65 @@ async fn a_store_uses_no_more_connections_than_it_has_lanes() {
     }
     db.cleanup().await;
 }
+
+/// A statement stuck in the store's only lane (a publish waiting for a row
+/// lock an outside transaction holds) holds up the store's other
+/// statements for about a second, not until the lock is released: a hit
+/// then goes past the lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_lane_holds_up_a_hit_for_about_a_second() {
+    let db = TestDb::new("stucklane").await;
+    let namespace = "pg/stuck-lane";
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .build()
+        .unwrap();
+    assert_eq!(store.lanes().get(), 1);
+    store.migrate().await.unwrap();
+    let gate = Arc::new(Semaphore::new(1));
+    let fake = Fake::<u64>::builder(namespace).gate(gate.clone()).build();
+    let cache = Cache::builder(fake.clone()).store(store).build().unwrap();
+    cache.loader().load(0).await.unwrap(); // key 0 is in the table
+
+    // Key 1's fill leases its row, then waits at the provider.
+    let fill = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(1).await }
+    });
+    wait_for_calls(&fake, 2).await;
+    // An outside transaction holds key 1's row: the fill's publish waits
+    // for it, in the lane.
+    let mut outside = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = outside.begin().await.unwrap();
+    let locked = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE namespace = $1 AND key = '1' FOR UPDATE",
+        db.table()
+    )))
+    .bind(namespace)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(locked.rows_affected(), 1, "the lease row");
+    gate.add_permits(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let asked = Instant::now();
+    let hit = tokio::time::timeout(Duration::from_secs(5), cache.loader().load(0))
+        .await
+        .expect("the hit waited for the stuck lane")
+        .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(hit, Some(value_of(&0)));
+    assert!(!fill.is_finished(), "the publish still waits for the row");
+    eprintln!("a hit answered in {took:?} past a stuck lane");
+
+    tx.rollback().await.unwrap();
+    let filled = tokio::time::timeout(Duration::from_secs(30), fill)
+        .await
+        .expect("the fill publishes once the row is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(filled, Some(value_of(&1)));
+    assert_eq!(fake.keys_fetched(), 2);
+    db.cleanup().await;
+}

@@ -35,6 +35,12 @@
 //!   row locks, which other statements hold for one statement or one short
 //!   transaction. Waiting for a lane counts against the same deadline as
 //!   waiting for the connection.
+//! * **A stuck lane does not stop the store.** A statement that waited
+//!   [`LANE_PATIENCE`] (a second) for a lane runs on a connection of the
+//!   pool outside the lanes, so a lane whose statement hangs (waiting for
+//!   a row lock an outside transaction holds, or on a half-open connection
+//!   until the query timeout) delays the store's reads by that much, and no
+//!   more.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -51,6 +57,13 @@ use crate::Error;
 /// How long the lanes keep a connection no statement uses before it goes
 /// back to the pool.
 pub(super) const KEPT_IDLE: Duration = Duration::from_millis(100);
+
+/// How long a statement waits for a lane before it goes past the lanes,
+/// on a connection of the pool: a lane is normally free within
+/// milliseconds, so only a stuck one (its statement waiting for a row lock
+/// held elsewhere, or on a half-open connection until the query timeout)
+/// makes the others wait this long.
+const LANE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How long a kept connection may go unused and still be taken without a
 /// test (a round trip): under load a lane's next statement follows within
@@ -88,11 +101,26 @@ impl Lanes {
         pool: &PgPool,
         deadline: Instant,
     ) -> Option<Result<Conn, sqlx::Error>> {
-        let permit = tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned())
-            .await
-            .ok()?
-            // The semaphore is never closed.
-            .ok()?;
+        let patience = (Instant::now() + LANE_PATIENCE).min(deadline);
+        let waited =
+            tokio::time::timeout_at(patience, Arc::clone(&self.permits).acquire_owned()).await;
+        let permit = match waited {
+            Ok(Ok(permit)) => permit,
+            // Past the deadline: the statement fails as it would have
+            // waiting for the pool.
+            Err(_) if Instant::now() >= deadline => return None,
+            // A lane is stuck (a statement waiting for a row lock someone
+            // holds, a half-open connection): this one goes past the
+            // lanes on a connection of the pool. (The semaphore is never
+            // closed.)
+            Err(_) | Ok(Err(_)) => {
+                return match tokio::time::timeout_at(deadline, pool.acquire()).await {
+                    Ok(Ok(conn)) => Some(Ok(Conn::unlaned(conn))),
+                    Ok(Err(err)) => Some(Err(err)),
+                    Err(_) => None,
+                };
+            }
+        };
         let kept = self.lock().idle.pop();
         let kept = match kept {
             Some((conn, since)) if since.elapsed() <= KEPT_UNTESTED => Some(conn),

@@ -709,9 +709,13 @@ impl PgStoreBuilder {
     /// README's main job by 40% and its p99 by half against eight lanes
     /// each. A statement in a lane
     /// never waits for an advisory lock or a provider, so a lane is never
-    /// held for long. Statements that may wait (a claim waiting for a busy
-    /// lock, lease renewals, invalidations, writes, held-transaction fills,
-    /// purges) take no lane and are bounded by the pool alone. Raise it for
+    /// held for long; should one get stuck (its publish waiting for a row
+    /// lock an outside transaction holds, a half-open connection), a
+    /// statement that waited a second for a lane runs past the lanes on a
+    /// connection of the pool. Statements that may wait (a claim waiting
+    /// for a busy lock, lease renewals, invalidations, writes,
+    /// held-transaction fills, purges) take no lane and are bounded by the
+    /// pool alone. Raise it for
     /// a database far away (each statement then spends most of its time on
     /// the network) or with cores to spare for few instances.
     pub fn lanes(mut self, lanes: NonZeroUsize) -> Self {
