@@ -706,8 +706,8 @@ impl PgStoreBuilder {
     /// statements on fewer sessions, which lowers latency when the
     /// database's cores are the bottleneck — with eight instances on a
     /// two-core server, one lane each cut the median request of the
-    /// README's main job by 40% and its p99 by half against eight lanes
-    /// each. A statement in a lane
+    /// README's main job (its open scenario) by 40% and its p99 by half
+    /// against eight lanes each. A statement in a lane
     /// never waits for an advisory lock or a provider, so a lane is never
     /// held for long; should one get stuck (its publish waiting for a row
     /// lock an outside transaction holds, a half-open connection), a
