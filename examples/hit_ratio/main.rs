@@ -110,9 +110,9 @@ struct Cli {
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
     /// Statements loadlock's store runs at a time per instance
-    /// (`PgStoreBuilder::lanes`) [default: the store's default, 1].
-    #[arg(long)]
-    lanes: Option<std::num::NonZeroUsize>,
+    /// (`PgStoreBuilder::lanes`; the default is the store's).
+    #[arg(long, default_value_t = loadlock::store::postgres::DEFAULT_LANES)]
+    lanes: std::num::NonZeroUsize,
     /// Strategies to run [default: dataloader, cache-aside, loadlock,
     /// loadlock-held; with --open, per-key too (under a binding limit it
     /// would take minutes)].
@@ -248,9 +248,7 @@ impl Cli {
             fleet_limit: !open && !self.no_fleet_limit,
             max_batch: self.max_batch,
             pool_size: self.pool_size,
-            lanes: self
-                .lanes
-                .unwrap_or(loadlock::store::postgres::DEFAULT_LANES),
+            lanes: self.lanes,
             strategies,
             json: self.json,
             plot: self.plot,

@@ -44,12 +44,13 @@
 //!   until the query timeout) delays the store's reads by that much, and no
 //!   more.
 
+use std::num::NonZeroUsize;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use sqlx::postgres::{PgConnection, Postgres};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -58,7 +59,7 @@ use crate::Error;
 
 /// How long the lanes keep a connection no statement uses before it goes
 /// back to the pool.
-pub(super) const KEPT_IDLE: Duration = Duration::from_millis(100);
+const KEPT_IDLE: Duration = Duration::from_millis(100);
 
 /// How long a statement waits for a lane before it goes past the lanes,
 /// on a connection of the pool: a lane is normally free within
@@ -81,6 +82,7 @@ const KEPT_UNTESTED: Duration = Duration::from_millis(1);
 /// statements (at most one per lane).
 #[derive(Debug)]
 pub(super) struct Lanes {
+    count: NonZeroUsize,
     permits: Arc<Semaphore>,
     kept: Mutex<Kept>,
 }
@@ -94,21 +96,34 @@ struct Kept {
     sweeping: bool,
 }
 
+/// What waiting for a lane came to.
+pub(super) enum Entered {
+    /// A lane, and the connection it kept, if it had one fit for use.
+    Lane(Lane, Option<PoolConnection<Postgres>>),
+    /// No lane came free within [`LANE_PATIENCE`]: the statement runs past
+    /// the lanes.
+    Past,
+    /// The deadline passed.
+    TimedOut,
+}
+
 impl Lanes {
-    pub(super) fn new(lanes: usize) -> Arc<Lanes> {
+    pub(super) fn new(count: NonZeroUsize) -> Arc<Lanes> {
         Arc::new(Lanes {
-            permits: Arc::new(Semaphore::new(lanes)),
+            count,
+            permits: Arc::new(Semaphore::new(count.get())),
             kept: Mutex::new(Kept::default()),
         })
     }
 
-    /// A connection in a lane, waiting until `deadline` at most (`None`
-    /// past it): the one a lane kept, if any, else one from `pool`.
-    async fn acquire(
-        self: &Arc<Self>,
-        pool: &PgPool,
-        deadline: Instant,
-    ) -> Option<Result<Conn, sqlx::Error>> {
+    /// How many lanes there are.
+    pub(super) fn count(&self) -> NonZeroUsize {
+        self.count
+    }
+
+    /// Waits for a lane until `deadline` at most, and takes the connection
+    /// a lane kept, if any (tested first when it went unused for a while).
+    pub(super) async fn enter(self: &Arc<Self>, deadline: Instant) -> Entered {
         let patience = (Instant::now() + LANE_PATIENCE).min(deadline);
         let waited =
             tokio::time::timeout_at(patience, Arc::clone(&self.permits).acquire_owned()).await;
@@ -116,61 +131,42 @@ impl Lanes {
             Ok(Ok(permit)) => permit,
             // Past the deadline: the statement fails as it would have
             // waiting for the pool.
-            Err(_) if Instant::now() >= deadline => return None,
+            Err(_) if Instant::now() >= deadline => return Entered::TimedOut,
             // A lane is stuck (a statement waiting for a row lock someone
-            // holds, a half-open connection): this one goes past the
-            // lanes on a connection of the pool. (The semaphore is never
+            // holds, a half-open connection). (The semaphore is never
             // closed.)
-            Err(_) | Ok(Err(_)) => {
-                return match tokio::time::timeout_at(deadline, pool.acquire()).await {
-                    Ok(Ok(conn)) => Some(Ok(Conn::unlaned(conn))),
-                    Ok(Err(err)) => Some(Err(err)),
-                    Err(_) => None,
-                };
-            }
+            Err(_) | Ok(Err(_)) => return Entered::Past,
+        };
+        let lane = |taken| Lane {
+            lanes: Arc::clone(self),
+            _permit: permit,
+            taken,
         };
         let kept = self.lock().idle.pop();
-        let kept = match kept {
-            Some((conn, taken, since)) if since.elapsed() <= KEPT_UNTESTED => Some((conn, taken)),
+        match kept {
+            None => Entered::Lane(lane(Instant::now()), None),
+            Some((conn, taken, since)) if since.elapsed() <= KEPT_UNTESTED => {
+                Entered::Lane(lane(taken), Some(conn))
+            }
             // Unused for a while: the server may have ended its session
             // meanwhile (a restart, `pg_terminate_backend`), so it is
             // tested first, as the pool would.
             Some((mut conn, taken, _)) => {
-                match tokio::time::timeout_at(deadline, sqlx::Connection::ping(&mut *conn)).await {
-                    Ok(Ok(())) => Some((conn, taken)),
-                    Ok(Err(_)) => {
+                let tested =
+                    tokio::time::timeout_at(deadline, sqlx::Connection::ping(&mut *conn)).await;
+                match tested {
+                    Ok(Ok(())) => Entered::Lane(lane(taken), Some(conn)),
+                    failed => {
                         // Discarded without the pool's own test.
                         drop(conn.detach());
-                        None
-                    }
-                    Err(_) => {
-                        drop(conn.detach());
-                        return None;
+                        match failed {
+                            Err(_) => Entered::TimedOut,
+                            Ok(_) => Entered::Lane(lane(Instant::now()), None),
+                        }
                     }
                 }
             }
-            None => None,
-        };
-        let (conn, taken) = match kept {
-            Some(kept) => kept,
-            // Never raced against anything but the deadline: a cancelled
-            // acquire may drop a connection it was opening, and the pool
-            // opens another.
-            None => match tokio::time::timeout_at(deadline, pool.acquire()).await {
-                Ok(Ok(conn)) => (conn, Instant::now()),
-                Ok(Err(err)) => return Some(Err(err)),
-                Err(_) => return None,
-            },
-        };
-        Some(Ok(Conn {
-            conn: Some(conn),
-            lane: Some(Lane {
-                lanes: Arc::clone(self),
-                _permit: permit,
-                taken,
-            }),
-            reusable: false,
-        }))
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
@@ -201,21 +197,20 @@ impl Lanes {
     async fn sweep(self: Arc<Self>) {
         loop {
             tokio::time::sleep(KEPT_IDLE).await;
-            let returned: Vec<PoolConnection<Postgres>> = {
+            let (returned, done) = {
                 let mut kept = self.lock();
                 let now = Instant::now();
                 let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut kept.idle)
                     .into_iter()
                     .partition(|(_, _, since)| now.duration_since(*since) >= KEPT_IDLE);
                 kept.idle = fresh;
-                if kept.idle.is_empty() {
-                    kept.sweeping = false;
-                }
-                old.into_iter().map(|(conn, _, _)| conn).collect()
+                // The next keep starts another sweep.
+                kept.sweeping = !kept.idle.is_empty();
+                (old, !kept.sweeping)
             };
             // Outside the lock: each goes back to its pool.
             drop(returned);
-            if !self.lock().sweeping {
+            if done {
                 return;
             }
         }
@@ -223,7 +218,7 @@ impl Lanes {
 }
 
 /// The lane a connection occupies.
-struct Lane {
+pub(super) struct Lane {
     lanes: Arc<Lanes>,
     /// Released when the connection was kept or given back.
     _permit: OwnedSemaphorePermit,
@@ -241,11 +236,11 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    /// A connection of the pool outside the lanes.
-    pub(super) fn unlaned(conn: PoolConnection<Postgres>) -> Self {
+    /// A connection of the pool, in `lane` if it has one.
+    pub(super) fn new(conn: PoolConnection<Postgres>, lane: Option<Lane>) -> Self {
         Conn {
             conn: Some(conn),
-            lane: None,
+            lane,
             reusable: false,
         }
     }
@@ -299,23 +294,6 @@ impl DerefMut for Conn {
     }
 }
 
-impl PgStore {
-    /// A connection in one of this store's lanes, waiting until `deadline`
-    /// at most.
-    pub(super) async fn acquire_in_lane(
-        &self,
-        doing: &str,
-        deadline: Instant,
-        limit: Duration,
-    ) -> Result<Conn, Error> {
-        match self.inner.lanes.acquire(&self.inner.pool, deadline).await {
-            Some(Ok(conn)) => Ok(conn),
-            Some(Err(err)) => Err(self.error(doing, err)),
-            None => Err(self.timed_out(doing, limit)),
-        }
-    }
-}
-
 /// The store, for a round trip that runs in a lane: `in_conn!` and
 /// `on_conn!` given `&Laned(store)` acquire through [`Laned::acquire`]
 /// and otherwise use the store as it is.
@@ -330,10 +308,7 @@ impl Laned<'_> {
         deadline: Instant,
         limit: Duration,
     ) -> Result<Conn, Error> {
-        if let Some(conn) = crate::handoff::take(self.0.id()) {
-            return Ok(conn);
-        }
-        self.0.acquire_in_lane(doing, deadline, limit).await
+        self.0.acquire_conn(doing, deadline, limit, true).await
     }
 }
 

@@ -96,7 +96,7 @@
 //! connection is never raced against anything but its deadline (a
 //! cancelled acquire may drop a connection the pool was opening). No
 //! connection is held across a provider call or any other wait.
-
+//!
 //! Durability: claims, publishes and releases commit with
 //! `synchronous_commit = off` (local to their transaction). A crash of the
 //! server loses at most their last few milliseconds, which costs a fetch

@@ -198,8 +198,8 @@ impl PgStore {
         let mut members = Vec::new();
         let mut kept = None;
         let mut keep = |_: &PgStore, mut conn: Conn, read: &Result<Vec<PgRow>, Error>| {
-            conn.finish(read.is_ok());
             if read.is_ok() {
+                conn.finish(true);
                 kept = Some(conn);
             }
         };

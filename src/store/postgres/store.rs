@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use super::combine::Groups;
-use super::conn::{Conn, Lanes};
+use super::conn::{Conn, Entered, Lanes};
 use super::events;
 use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
 use super::read::{ReadAnswer, ReadGroup, ReadRequest};
@@ -124,7 +124,6 @@ pub(super) struct Inner {
     /// The lanes of the short statements, and the connections they keep
     /// (see `conn`).
     pub(super) lanes: Arc<Lanes>,
-    lane_count: NonZeroUsize,
     /// Who holds the leases this store takes: shows in the table's
     /// `lease_holder` column.
     pub(super) holder: String,
@@ -164,7 +163,7 @@ impl fmt::Debug for PgStore {
                 "max_locks_per_transaction",
                 &inner.max_locks_per_transaction,
             )
-            .field("lanes", &inner.lane_count)
+            .field("lanes", &inner.lanes.count())
             .finish_non_exhaustive()
     }
 }
@@ -222,7 +221,7 @@ impl PgStore {
     /// How many short statements this store runs at a time (see
     /// [`PgStoreBuilder::lanes`]).
     pub fn lanes(&self) -> NonZeroUsize {
-        self.inner.lane_count
+        self.inner.lanes.count()
     }
 
     /// The table this store reads and writes.
@@ -301,13 +300,36 @@ impl PgStore {
         deadline: tokio::time::Instant,
         limit: Duration,
     ) -> Result<Conn, Error> {
+        self.acquire_conn(doing, deadline, limit, false).await
+    }
+
+    /// A pooled connection, waiting until `deadline` at most: the one this
+    /// batch's read handed on, if any (it keeps its lane); else, with
+    /// `lane`, one in a lane (see `conn`); else one of the pool.
+    pub(super) async fn acquire_conn(
+        &self,
+        doing: &str,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        lane: bool,
+    ) -> Result<Conn, Error> {
         if let Some(conn) = crate::handoff::take(self.id()) {
             return Ok(conn);
         }
+        let lane = if lane {
+            match self.inner.lanes.enter(deadline).await {
+                Entered::Lane(lane, Some(kept)) => return Ok(Conn::new(kept, Some(lane))),
+                Entered::Lane(lane, None) => Some(lane),
+                Entered::Past => None,
+                Entered::TimedOut => return Err(self.timed_out(doing, limit)),
+            }
+        } else {
+            None
+        };
         // Never raced against anything but the deadline: a cancelled acquire
         // may drop a connection it was opening, and the pool opens another.
         match tokio::time::timeout_at(deadline, self.inner.pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(Conn::unlaned(conn)),
+            Ok(Ok(conn)) => Ok(Conn::new(conn, lane)),
             Ok(Err(err)) => Err(self.error(doing, err)),
             Err(_) => Err(self.timed_out(doing, limit)),
         }
@@ -707,17 +729,18 @@ impl PgStoreBuilder {
     /// database's cores are the bottleneck — with eight instances on a
     /// two-core server, one lane each cut the median request of the
     /// README's main job (its open scenario) by 40% and its p99 by half
-    /// against eight lanes each. A statement in a lane
-    /// never waits for an advisory lock or a provider, so a lane is never
-    /// held for long; should one get stuck (its publish waiting for a row
-    /// lock an outside transaction holds, a half-open connection), a
-    /// statement that waited a second for a lane runs past the lanes on a
-    /// connection of the pool. Statements that may wait (a claim waiting
-    /// for a busy lock, lease renewals, invalidations, writes,
-    /// held-transaction fills, purges) take no lane and are bounded by the
-    /// pool alone. Raise it for
-    /// a database far away (each statement then spends most of its time on
-    /// the network) or with cores to spare for few instances.
+    /// against eight lanes each.
+    ///
+    /// A statement in a lane never waits for an advisory lock or a
+    /// provider, so a lane is never held for long; should one get stuck
+    /// (its publish waiting for a row lock an outside transaction holds, a
+    /// half-open connection), a statement that waited a second for a lane
+    /// runs past the lanes on a connection of the pool. Statements that may
+    /// wait (a claim waiting for a busy lock, lease renewals,
+    /// invalidations, writes, held-transaction fills, purges) take no lane
+    /// and are bounded by the pool alone. Raise it for a database far away
+    /// (each statement then spends most of its time on the network) or with
+    /// cores to spare for few instances.
     pub fn lanes(mut self, lanes: NonZeroUsize) -> Self {
         self.lanes = lanes;
         self
@@ -794,8 +817,7 @@ impl PgStoreBuilder {
                 channel,
                 sql,
                 round_trips: AtomicU64::new(0),
-                lanes: Lanes::new(self.lanes.get()),
-                lane_count: self.lanes,
+                lanes: Lanes::new(self.lanes),
                 events: OnceLock::new(),
                 waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
