@@ -23,6 +23,7 @@
 //! cargo run --release --example hit_ratio
 //! cargo run --release --example hit_ratio -- --open
 //! cargo run --release --example hit_ratio -- --json
+//! cargo run --release --example hit_ratio -- --open --strategies cache-aside,loadlock --rounds 8
 //! cargo run --release --example hit_ratio -- --plot hit_ratio.svg --sweep-instances 1,2,4,8
 //! cargo run --release --example hit_ratio -- --trace docs/sample_trace.csv --speed 10 --sweep-ttl 5,30,120
 //! ```
@@ -38,10 +39,11 @@
 #[path = "../../tests/support/pg.rs"]
 mod pg;
 mod plot;
+mod rounds;
 mod trace;
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -118,6 +120,13 @@ struct Cli {
     /// would take minutes)].
     #[arg(long, value_delimiter = ',')]
     strategies: Vec<String>,
+    /// Run every strategy this many times, alternating the order (the
+    /// given one, then reversed), and also report each strategy's medians
+    /// of p50, p99 and wall time over the rounds with their ratios to
+    /// cache-aside's. The main table, the JSON's `strategies` and the plot
+    /// show the last round.
+    #[arg(long, default_value_t = NonZeroUsize::MIN)]
+    rounds: NonZeroUsize,
     /// Print one JSON object to stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -177,6 +186,7 @@ struct Args {
     pool_size: u32,
     lanes: std::num::NonZeroUsize,
     strategies: Vec<String>,
+    rounds: NonZeroUsize,
     json: bool,
     plot: Option<PathBuf>,
     sweep_instances: Vec<usize>,
@@ -250,6 +260,7 @@ impl Cli {
             pool_size: self.pool_size,
             lanes: self.lanes,
             strategies,
+            rounds: self.rounds,
             json: self.json,
             plot: self.plot,
             sweep_instances: self.sweep_instances,
@@ -910,6 +921,18 @@ fn per_second(log: &[(f64, bool)]) -> Vec<(u64, u64)> {
     seconds
 }
 
+impl Report {
+    fn measured(&self) -> rounds::Measured {
+        rounds::Measured {
+            name: self.name,
+            p50_ms: self.p50_ms,
+            p99_ms: self.p99_ms,
+            wall_s: self.wall_s,
+            duplicate_ratio: self.duplicate_ratio,
+        }
+    }
+}
+
 fn print_table(reports: &[Report]) {
     println!(
         "{:<12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
@@ -1092,12 +1115,26 @@ async fn main() {
         pb
     };
 
+    let rounds = args.rounds.get();
     let mut reports = Vec::new();
-    for &kind in &kinds {
-        let pb = bar(per_run(args.instances), kind.name().to_string());
-        reports.push(run(&env, kind, args.instances, args.ttl, &pb).await);
-        pb.finish_and_clear();
+    let mut measured = Vec::new();
+    for round in 0..rounds {
+        reports.clear();
+        for kind in rounds::order(&kinds, round) {
+            let label = if rounds > 1 {
+                format!("{} {}/{rounds}", kind.name(), round + 1)
+            } else {
+                kind.name().to_string()
+            };
+            let pb = bar(per_run(args.instances), label);
+            reports.push(run(&env, kind, args.instances, args.ttl, &pb).await);
+            pb.finish_and_clear();
+        }
+        // Shown in the order asked for, whatever order they ran in.
+        reports.sort_by_key(|r: &Report| kinds.iter().position(|k| k.name() == r.name));
+        measured.push(reports.iter().map(Report::measured).collect::<Vec<_>>());
     }
+    let summary = (rounds > 1).then(|| rounds::summarize(&measured));
     let mut sweep = Vec::new();
     for &n in &args.sweep_instances {
         for kind in [
@@ -1166,8 +1203,11 @@ async fn main() {
                 "max_batch": args.max_batch,
                 "pool_size": args.pool_size,
                 "lanes": args.lanes,
+                "rounds": args.rounds,
             },
             "strategies": reports,
+            "rounds": if rounds > 1 { serde_json::json!(measured) } else { serde_json::Value::Null },
+            "medians": summary,
             "sweep": sweep,
             "ttl_sweep": ttl_sweep,
         });
@@ -1191,6 +1231,12 @@ async fn main() {
             if args.shards == 1 { "" } else { "s" },
         );
         print_table(&reports);
+        if let Some(summary) = &summary {
+            println!(
+                "\nmedians of {rounds} rounds (the table above is the last; order alternating):"
+            );
+            rounds::print(summary);
+        }
         if !sweep.is_empty() {
             println!("\nhit ratio by instance count:");
             print_table(&sweep);
