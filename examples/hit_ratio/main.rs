@@ -929,6 +929,8 @@ impl Report {
             p99_ms: self.p99_ms,
             wall_s: self.wall_s,
             duplicate_ratio: self.duplicate_ratio,
+            provider_calls: self.provider_calls,
+            refused: self.refused,
         }
     }
 }

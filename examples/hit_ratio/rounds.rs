@@ -2,7 +2,9 @@
 //! the given order on even rounds and reversed on odd ones, so that none
 //! always runs first (on a machine whose caches, and whose server's, the
 //! previous run warmed); the summary gives each strategy's medians over the
-//! rounds and their ratios to cache-aside's, all measured in the one run.
+//! rounds (of p50, p99, wall time, calls and 429s; the worst round's
+//! duplicate-fetch ratio) and the ratios of the latency medians to
+//! cache-aside's, all measured in the one run.
 //! A single run of a short workload (the open scenario takes under a
 //! second) varies by several percent from one run to the next: a ratio
 //! from one pair of runs can fall either side of 1.
@@ -26,6 +28,9 @@ pub struct Measured {
     pub p99_ms: f64,
     pub wall_s: f64,
     pub duplicate_ratio: f64,
+    pub provider_calls: u64,
+    /// Calls the provider refused (429s).
+    pub refused: u64,
 }
 
 /// One strategy over every round.
@@ -38,6 +43,8 @@ pub struct Summary {
     pub wall_s: f64,
     /// The highest of the rounds: a duplicate in any round shows.
     pub duplicate_ratio: f64,
+    pub provider_calls: f64,
+    pub refused: f64,
     /// The medians' ratios to cache-aside's, when it ran.
     pub p50_vs_cache_aside: Option<f64>,
     pub p99_vs_cache_aside: Option<f64>,
@@ -79,6 +86,8 @@ pub fn summarize(rounds: &[Vec<Measured>]) -> Vec<Summary> {
                 p99_ms: of(|r| r.p99_ms),
                 wall_s: of(|r| r.wall_s),
                 duplicate_ratio: runs.iter().map(|r| r.duplicate_ratio).fold(0.0, f64::max),
+                provider_calls: of(|r| r.provider_calls as f64),
+                refused: of(|r| r.refused as f64),
                 p50_vs_cache_aside: None,
                 p99_vs_cache_aside: None,
             }
@@ -97,15 +106,26 @@ pub fn summarize(rounds: &[Vec<Measured>]) -> Vec<Summary> {
 pub fn print(summaries: &[Summary]) {
     let ratio = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}x"));
     println!(
-        "{:<14} {:>6} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10}",
-        "strategy", "rounds", "dup", "p50 ms", "p99 ms", "wall s", "p50/c-a", "p99/c-a"
+        "{:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10}",
+        "strategy",
+        "rounds",
+        "dup",
+        "calls",
+        "429s",
+        "p50 ms",
+        "p99 ms",
+        "wall s",
+        "p50/c-a",
+        "p99/c-a"
     );
     for s in summaries {
         println!(
-            "{:<14} {:>6} {:>7.3} {:>8.1} {:>8.1} {:>7.2} {:>10} {:>10}",
+            "{:<14} {:>6} {:>7.3} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>7.2} {:>10} {:>10}",
             s.name,
             s.rounds,
             s.duplicate_ratio,
+            s.provider_calls,
+            s.refused,
             s.p50_ms,
             s.p99_ms,
             s.wall_s,
@@ -126,6 +146,8 @@ mod tests {
             p99_ms,
             wall_s: p50_ms / 10.0,
             duplicate_ratio,
+            provider_calls: p50_ms as u64,
+            refused: 0,
         }
     }
 
@@ -166,6 +188,7 @@ mod tests {
         let (base, loadlock) = (&summaries[0], &summaries[1]);
         assert_eq!((base.rounds, base.p50_ms, base.p99_ms), (3, 22.0, 45.0));
         assert_eq!((loadlock.p50_ms, loadlock.p99_ms), (22.0, 44.0));
+        assert_eq!((loadlock.wall_s, loadlock.provider_calls), (2.2, 22.0));
         // The worst round's duplicates, not the median's.
         assert_eq!(loadlock.duplicate_ratio, 1.001);
         assert_eq!(base.duplicate_ratio, 1.3);
