@@ -122,9 +122,10 @@ struct Cli {
     strategies: Vec<String>,
     /// Run every strategy this many times, alternating the order (the
     /// given one, then reversed), and also report each strategy's medians
-    /// of p50, p99 and wall time over the rounds with their ratios to
+    /// over the rounds (p50, p99, wall time, calls, 429s; the worst
+    /// round's duplicate-fetch ratio) with the latency medians' ratios to
     /// cache-aside's. The main table, the JSON's `strategies` and the plot
-    /// show the last round.
+    /// show the last round; sweeps run once.
     #[arg(long, default_value_t = NonZeroUsize::MIN)]
     rounds: NonZeroUsize,
     /// Print one JSON object to stdout instead of the table.
