@@ -307,10 +307,12 @@ pub async fn three_keys_of_a_hundred_fail(cache: &loadlock::Cache<PerKey>, provi
     }
     let calls = provider.calls();
     assert_eq!(calls[0].len(), 100, "{calls:?}");
-    // The second round's keys normally go in one call; a machine busy
-    // enough to pause the loading task past the batch window's quiet
-    // period splits its window, and so its call (batching is tested on
-    // its own in `tests/batching.rs`).
+    // The second round's keys normally go in one call. The tests issue
+    // them from the runtime's `block_on` (outside any task), so they wait
+    // out the whole batch window while its task runs on a worker: a test
+    // thread the machine pauses for longer than the window mid `join_all`
+    // splits the window, and so the call (batching is tested on its own in
+    // `tests/batching.rs`).
     let mut again: Vec<u64> = calls[1..].concat();
     again.sort_unstable();
     assert_eq!(
