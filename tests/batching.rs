@@ -268,6 +268,14 @@ async fn loads_issued_together_dispatch_in_one_batch_before_the_window_ends() {
                 tokio::task::yield_now().await;
                 loader.load(200).await
             };
+            // More yields than the window's quiet passes: each pass of the
+            // scheduler runs this task before the window looks again.
+            let after_yields = async {
+                for _ in 0..5 {
+                    tokio::task::yield_now().await;
+                }
+                loader.load(205).await
+            };
             let after_ready = async {
                 futures::future::ready(()).await;
                 loader.load_many([201, 202]).await.map(|m| m.len())
@@ -280,7 +288,13 @@ async fn loads_issued_together_dispatch_in_one_batch_before_the_window_ends() {
                 let _ = tx.send(203);
                 loader.load(204).await
             };
-            tokio::join!(after_yield, after_ready, after_sibling, sibling)
+            tokio::join!(
+                after_yield,
+                after_ready,
+                after_sibling,
+                sibling,
+                after_yields
+            )
         };
         tokio::join!(direct, spawned, nested)
     };
@@ -297,9 +311,10 @@ async fn loads_issued_together_dispatch_in_one_batch_before_the_window_ends() {
     assert_eq!(nested.1.unwrap(), 2);
     assert!(nested.2.unwrap().is_some());
     assert!(nested.3.unwrap().is_some());
+    assert!(nested.4.unwrap().is_some());
     let calls = provider.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0].len(), 10 + 80 + 5);
+    assert_eq!(calls[0].len(), 10 + 80 + 6);
 }
 
 /// A window that holds a full provider call dispatches it at once, even
