@@ -7,7 +7,10 @@
 //! together go as one statement: the first to ask opens a group and
 //! starts its runner; whoever asks while the runner waits for a connection
 //! joins the group; once the runner has its connection it closes the group
-//! and runs it. Alone, a fill's statement runs at once, as before.
+//! and runs it. A read that finds a lane free and no group of its
+//! namespace open runs alone at once, in its caller's task: there is
+//! nothing to combine with, and a runner would only add a hand-over each
+//! way.
 //!
 //! What it guarantees:
 //!
@@ -100,6 +103,15 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
             leads,
             answer: receiver,
         }
+    }
+
+    /// Whether a group of `key` is open (its runner waits for a
+    /// connection).
+    pub(super) fn is_open(&self, key: &K) -> bool {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
     }
 
     /// Closes the open group of `key`: whoever asks from now on opens the

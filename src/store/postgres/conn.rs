@@ -121,6 +121,12 @@ impl Lanes {
         self.count
     }
 
+    /// Whether a lane is free at this moment (another statement may take
+    /// it first).
+    pub(super) fn free(&self) -> bool {
+        self.permits.available_permits() > 0
+    }
+
     /// Waits for a lane until `deadline` at most, and takes the connection
     /// a lane kept, if any (tested first when it went unused for a while).
     pub(super) async fn enter(self: &Arc<Self>, deadline: Instant) -> Entered {
