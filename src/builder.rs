@@ -120,13 +120,11 @@ impl<F: BatchFetch> CacheBuilder<F> {
     /// as a full provider call (`max_batch_size` keys) is in, and, when all
     /// its keys came from the one task that started it through a loader
     /// with no other handle (a `join_all`, `load_many`, resolvers sharing
-    /// `&loader`), once that task stopped issuing loads and eight passes
-    /// of the scheduler in a row brought no more (the window task yields in
-    /// between, so resolvers of that task woken by a sibling, or that yield
-    /// a few times before they load, are in). The keys of a loader cloned for other
-    /// tasks (tasks a request spawns, which other worker threads may still
-    /// be starting) or issued from outside any task on a multi-thread
-    /// runtime wait out the window. Zero dispatches as soon as the batch task runs, which only
+    /// `&loader`), once that task stopped issuing loads and no key arrived
+    /// for 200 µs more. The keys of a loader cloned for other tasks (tasks
+    /// a request spawns, which other worker threads may still be starting)
+    /// or issued from outside any task on a multi-thread runtime wait out
+    /// the window. Zero dispatches as soon as the batch task runs, which only
     /// batches loads issued in the same poll (`join_all`). See
     /// [`DEFAULT_BATCH_WINDOW`] for how the default was chosen, and
     /// [`wait_full_window`](Self::wait_full_window) to batch loads that

@@ -19,9 +19,7 @@ pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A window ends early when nothing more can come: the keys one request
 /// task issues through one loader handle (a `join_all`, `load_many`,
 /// resolvers sharing `&loader`) are dispatched as soon as that task
-/// stopped issuing them and eight passes of the scheduler brought no more
-/// (the window yields in between rather than waiting a time: a timed wait
-/// would keep a worker thread polling all along), and a window
+/// stopped issuing them and no key came for 200 µs more, and a window
 /// that holds a full provider call is dispatched at once. Keys of a loader
 /// cloned for other tasks (tasks a request spawns, which other worker
 /// threads may still be starting) or issued from outside any task wait

@@ -49,15 +49,10 @@ pub(crate) struct LoaderShared<F: BatchFetch> {
     handles: AtomicUsize,
 }
 
-/// How many passes of the scheduler in a row must bring no key before a
-/// window of one task's keys dispatches: a resolver of that task woken by
-/// a sibling, or one that yields a few times before it loads, has loaded
-/// by then (each pass runs that task before the window looks again). The
-/// window yields in between, so waiting costs other tasks nothing; it is
-/// counted in passes rather than time, because a window that waited a
-/// fixed time would keep a worker thread busy polling for all of it (on a
-/// small machine, a core the database's server needs).
-const QUIET_PASSES: u32 = 8;
+/// How long a window of one task's keys waits for more once a pass of the
+/// scheduler brought none (for resolvers of that task woken a little
+/// later), short next to a timer tick (1 ms).
+const QUIET: Duration = Duration::from_micros(200);
 
 struct LoaderState<K, V> {
     /// Every key this loader has answered or is answering. A failed flight
@@ -367,12 +362,12 @@ impl<F: BatchFetch> LoaderShared<F> {
     /// another task), as soon as that task stopped issuing loads: the window
     /// task is spawned from it and so first runs when it yields; it then
     /// yields to the scheduler in turn, so that whatever that task's
-    /// wake-ups issue comes first, and dispatches when [`QUIET_PASSES`]
-    /// passes in a row brought no key. Keys from several tasks, or of a
-    /// loader cloned for other tasks (tasks a request spawned at the same
-    /// moment, which other worker threads may still be running), or from
-    /// outside any task on a multi-thread runtime (`block_on`) wait out the
-    /// window, as do all keys with
+    /// wake-ups issue comes first, and dispatches when no key arrived for
+    /// [`QUIET`]. Keys from several tasks, or of a loader cloned for
+    /// other tasks (tasks a request spawned at the same moment, which other
+    /// worker threads may still be running), or from outside any task on a
+    /// multi-thread runtime (`block_on`) wait out the window, as do all
+    /// keys with
     /// [`wait_full_window`](crate::CacheBuilder::wait_full_window).
     async fn collect(&self, window: Duration) {
         let config = &self.cache.config;
@@ -385,7 +380,7 @@ impl<F: BatchFetch> LoaderShared<F> {
         // clock stands still while this task yields.
         let started = Instant::now();
         let (mut seen, mut one_task) = self.pending_len();
-        let mut quiet = 0;
+        let mut quiet_since = started;
         while one_task && !config.wait_full_window {
             if seen >= full {
                 return;
@@ -395,12 +390,9 @@ impl<F: BatchFetch> LoaderShared<F> {
             one_task = still_one;
             if now != seen {
                 seen = now;
-                quiet = 0;
-            } else {
-                quiet += 1;
-                if quiet >= QUIET_PASSES {
-                    return;
-                }
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= QUIET {
+                return;
             }
             if started.elapsed() >= window || tokio::time::Instant::now() >= deadline {
                 return;

@@ -268,8 +268,10 @@ async fn loads_issued_together_dispatch_in_one_batch_before_the_window_ends() {
                 tokio::task::yield_now().await;
                 loader.load(200).await
             };
-            // More yields than the window's quiet passes: each pass of the
-            // scheduler runs this task before the window looks again.
+            // Several yields before it loads: each a pass of the scheduler,
+            // which the window's quiet period outlasts. (Counting passes
+            // instead would split this off on a multi-thread runtime, where
+            // the window may run its passes on another worker meanwhile.)
             let after_yields = async {
                 for _ in 0..5 {
                     tokio::task::yield_now().await;
