@@ -7,10 +7,10 @@
 //! together go as one statement: the first to ask opens a group and
 //! starts its runner; whoever asks while the runner waits for a connection
 //! joins the group; once the runner has its connection it closes the group
-//! and runs it. A read that finds a lane free and no group of its
-//! namespace open runs alone at once, in its caller's task: there is
-//! nothing to combine with, and a runner would only add a hand-over each
-//! way.
+//! and runs it. A read that finds a lane free with a connection kept for
+//! it, and no group of its namespace open, runs alone at once, in its
+//! caller's task: there is nothing to combine with or wait for, and a
+//! runner would only add a hand-over each way.
 //!
 //! What it guarantees:
 //!

@@ -121,10 +121,12 @@ impl Lanes {
         self.count
     }
 
-    /// Whether a lane is free at this moment (another statement may take
-    /// it first).
-    pub(super) fn free(&self) -> bool {
-        self.permits.available_permits() > 0
+    /// Whether a statement could run at once: a lane is free and the lanes
+    /// keep a connection for it (another statement may take them first).
+    /// A statement that would wait for the pool is better off waiting where
+    /// others can combine with it.
+    pub(super) fn ready(&self) -> bool {
+        self.permits.available_permits() > 0 && !self.lock().idle.is_empty()
     }
 
     /// Waits for a lane until `deadline` at most, and takes the connection

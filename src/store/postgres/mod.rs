@@ -64,8 +64,9 @@
 //! fills of a namespace that wait for a connection at the same time go as
 //! one. Each member of a combined read receives exactly its own keys' rows,
 //! as that one statement read them. A fill's re-reads combine the same
-//! way. A read that finds a lane free and no group waiting runs at once in
-//! its caller's task, without a runner to hand over to. A combined claim only *tries* the locks (`_claim_tried`): a key
+//! way. A read that finds a lane free with a connection kept for it, and
+//! no group waiting, runs at once in its caller's task, without a runner
+//! to hand over to. A combined claim only *tries* the locks (`_claim_tried`): a key
 //! whose lock is busy is not looked at; its fill tries it again after a
 //! short wait (5 ms, or until a publish of the key wakes it), and after
 //! three busy answers claims it with the waiting claim above. So no fill

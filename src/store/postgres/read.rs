@@ -169,9 +169,9 @@ impl PgStore {
             return self.read_keys(namespace, &keys, grace, ticket).await;
         }
         let group = (namespace.to_owned(), grace);
-        if self.inner.lanes.free() && !self.inner.reads.is_open(&group) {
-            // Nothing to combine with: at once, in this task, without a
-            // runner to hand over to and back from.
+        if self.inner.lanes.ready() && !self.inner.reads.is_open(&group) {
+            // Nothing to combine with, and nothing to wait for: at once, in
+            // this task, without a runner to hand over to and back from.
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             return self.read_keys(namespace, &keys, grace, ticket).await;
         }
