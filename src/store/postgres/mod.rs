@@ -66,16 +66,17 @@
 //! as that one statement read them. A fill's re-reads combine the same
 //! way. A read that finds a lane free with a connection kept for it, and
 //! no group waiting, runs at once in its caller's task, without a runner
-//! to hand over to. A combined claim only *tries* the locks (`_claim_tried`): a key
-//! whose lock is busy is not looked at; its fill tries it again after a
-//! short wait (5 ms, or until a publish of the key wakes it), and after
-//! three busy answers claims it with the waiting claim above. So no fill
-//! waits for a lock because another fill's key was busy, and fills do not
-//! queue behind each other's lock waits. A combined publish (`_publish_many`) carries each
-//! key's own lease token and answers each fill with its own keys; a fill
-//! whose lease was revoked writes nothing while the others publish. A
-//! request with a NUL character in a key or value (which the database
-//! cannot store) always goes alone, so it fails alone. The protocol's
+//! to hand over to. A combined claim only *tries* the locks
+//! (`_claim_tried`): a key whose lock is busy is not looked at; its fill
+//! tries it again after a short wait (5 ms, or until a publish of the key
+//! wakes it), and after three busy answers claims it with the waiting
+//! claim above. So no fill waits for a lock because another fill's key was
+//! busy, and fills do not queue behind each other's lock waits. A combined
+//! publish (`_publish_many`) carries each key's own lease token and
+//! answers each fill with its own keys; a fill whose lease was revoked
+//! writes nothing while the others publish. A request with a NUL
+//! character in a key or value (which the database cannot store) always
+//! goes alone, so it fails alone. The protocol's
 //! functions use generic plans (`plan_cache_mode = force_generic_plan`),
 //! planned once per session instead of at every call.
 //!
