@@ -163,15 +163,15 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        if !combine::storable(keys.iter().map(String::as_str)) {
-            // Fails alone, never a group.
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            return self.read_keys(namespace, &keys, grace, ticket).await;
-        }
         let group = (namespace.to_owned(), grace);
-        if self.inner.lanes.ready() && !self.inner.reads.is_open(&group) {
-            // Nothing to combine with, and nothing to wait for: at once, in
-            // this task, without a runner to hand over to and back from.
+        // Alone: keys the database cannot store fail alone, never a group;
+        // and with a lane and its connection free and no group waiting
+        // there is nothing to combine with or wait for, so the read runs at
+        // once, in this task, without a runner to hand over to and back
+        // from.
+        let alone = !combine::storable(keys.iter().map(String::as_str))
+            || (self.inner.lanes.ready() && !self.inner.reads.is_open(&group));
+        if alone {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             return self.read_keys(namespace, &keys, grace, ticket).await;
         }
