@@ -94,6 +94,14 @@ async fn invalidations_and_events_through_pgbouncer() {
         .build()
         .unwrap();
     let mut events = reader.invalidations();
+    // The listener announces that it is listening with Missed; an
+    // invalidation committed before that would go unheard (and show only
+    // as that Missed).
+    let listening = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+    assert_eq!(
+        listening.expect("the listener listens"),
+        Some(Invalidation::Missed)
+    );
     reader.loader().load_many(0..5u64).await.unwrap();
     writer.invalidate([3]).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_secs(10), async {
