@@ -996,8 +996,10 @@ async fn a_combined_publish_settles_each_fill_on_its_own() {
 }
 
 /// Batches that queue for a connection together read in one statement,
-/// each receiving exactly its own keys; the claims of those that missed
-/// follow on that statement's connection, together.
+/// each receiving exactly its own keys; the claim of what they missed
+/// follows on that statement's connection, one statement for all of them
+/// (made by the read, the namespace's leases being known from its first
+/// fill).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_that_queue_together_read_and_claim_in_one_statement_each() {
     let db = TestDb::new("combined_reads").await;
@@ -1042,6 +1044,60 @@ async fn batches_that_queue_together_read_and_claim_in_one_statement_each() {
         cache.stats().store_hits,
         16,
         "the keys in the table were hits of the combined read"
+    );
+    db.cleanup().await;
+}
+
+/// A read claims what its batch missed, and a batch that then joins
+/// another's fill of the key instead (the key is in flight in this
+/// process) releases that lease at once: the fill it joined, whose own
+/// lease an invalidation revoked meanwhile, claims the key again and gets
+/// it, instead of waiting for the unused lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_a_read_claimed_for_nobody_is_released_at_once() {
+    let db = TestDb::new("unused_lease").await;
+    // One permit: the first fill passes, the next waits at the gate.
+    let gate = Arc::new(Semaphore::new(1));
+    let provider = Fake::<u64>::builder("pg/unused-lease")
+        .gate(gate.clone())
+        .build();
+    let cache = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    // A first fill: from now on this store's reads claim what they miss.
+    cache.loader().load(100).await.unwrap();
+    // A leads key 1 and waits at the gate.
+    let a = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(1).await }
+    });
+    wait_for_calls(&provider, 2).await;
+    // The invalidation revokes A's lease: key 1 is missing and unleased.
+    cache.invalidate([1]).await.unwrap();
+    // B's read claims key 1; B then joins A's fill, still in flight.
+    let b = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.loader().load(1).await }
+    });
+    wait_until(|| cache.stats().coalesced == 1).await;
+    // A's publish is refused (its lease was revoked); it claims the key
+    // again and fetches it, answering B too.
+    gate.add_permits(2);
+    let bounded = |load| tokio::time::timeout(Duration::from_secs(10), load);
+    let a = bounded(a)
+        .await
+        .expect("A is not held until a lease expires");
+    let b = bounded(b).await.expect("B is answered with A");
+    assert_eq!(a.unwrap().unwrap(), Some(value_of(&1)));
+    assert_eq!(b.unwrap().unwrap(), Some(value_of(&1)));
+    let stats = cache.stats();
+    assert_eq!(stats.lease_takeovers, 0, "no lease was left to expire");
+    assert_eq!(stats.leases_revoked, 1);
+    assert_eq!(
+        provider.call_count(),
+        3,
+        "the first fill, A's revoked fetch, A again"
     );
     db.cleanup().await;
 }

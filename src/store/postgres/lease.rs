@@ -19,6 +19,7 @@
 //!   lease past its expiry is taken over), and the number of rounds.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgRow;
@@ -26,6 +27,7 @@ use sqlx::Row;
 
 use super::combine::{self, Member};
 use super::conn::{Conn, Laned};
+use super::preclaim::{PendingClaim, PreClaimed};
 use super::read::Ticket;
 use super::rows::{Encoded, Written};
 use super::store::pg_millis;
@@ -201,6 +203,27 @@ impl PgStore {
         let namespace = fill.namespace();
         let texts: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
         let group_size = self.lease_group_size(fill);
+        let max_batch = fill.max_batch_size().max(1);
+        self.inner
+            .learned
+            .record(namespace, max_batch, group_size, |calls| {
+                lease_for(fill.fetch_bound(calls.saturating_mul(max_batch)))
+            });
+        // What the batch's read claimed for it, as the first round's claim:
+        // taken (and the rest of the read's answer let go of) before
+        // anything here waits, so leases this fill does not take are
+        // released for whoever waits for them.
+        let mut pre_claimed: Option<(i64, usize, HashMap<usize, Claimed>)> = None;
+        let pending = crate::handoff::take::<PendingClaim>(self.id());
+        if let Some(pre) = match pending {
+            Some(PendingClaim(claim)) => claim.await,
+            None => None,
+        } {
+            let keys: Vec<&str> = texts.iter().map(String::as_str).collect();
+            if let Some((token, taken_over, states)) = pre.answer(namespace, &keys) {
+                pre_claimed = Some((token, taken_over, states.into_iter().enumerate().collect()));
+            }
+        }
         let waiters = &self.inner.waiters;
         let mut pending: Vec<usize> = (0..texts.len()).collect();
         let mut revoked_rounds = 0;
@@ -231,11 +254,18 @@ impl PgStore {
                 let wait_for_locks = group
                     .iter()
                     .any(|i| locks_busy.get(i).is_some_and(|&n| n >= LOCK_TRIES));
-                let (token, taken_over, claimed) = if wait_for_locks {
-                    self.claim(namespace, &group_texts, lease).await?
-                } else {
-                    self.claim_tried(namespace, &group_texts, lease).await?
-                };
+                let (token, taken_over, claimed) =
+                    if let Some((token, taken_over, states)) = &mut pre_claimed {
+                        let claimed = group
+                            .iter()
+                            .map(|i| states.remove(i).unwrap_or(Claimed::Found))
+                            .collect();
+                        (*token, std::mem::take(taken_over), claimed)
+                    } else if wait_for_locks {
+                        self.claim(namespace, &group_texts, lease).await?
+                    } else {
+                        self.claim_tried(namespace, &group_texts, lease).await?
+                    };
                 fill.record_lock_wait(started.elapsed());
                 fill.record_takeovers(taken_over);
                 let mut leased = Vec::new();
@@ -278,6 +308,8 @@ impl PgStore {
                     next.extend(lost);
                 }
             }
+            // Only the first round's claims were made by the read.
+            pre_claimed = None;
             if revoked {
                 revoked_rounds += 1;
                 if revoked_rounds > MAX_REVOKED {
@@ -572,6 +604,47 @@ impl PgStore {
         }
     }
 
+    /// The claim a batch's read makes on its own connection `conn` for the
+    /// keys (distinct) it found no row for, each leased for as many
+    /// seconds as `secs` says, for the fills of its batches (see
+    /// `preclaim`): the statement a fill's claim would have sent, which
+    /// only tries locks.
+    pub(super) async fn pre_claim(
+        &self,
+        conn: Conn,
+        namespace: &str,
+        keys: Vec<String>,
+        secs: Vec<f64>,
+    ) -> Result<Arc<PreClaimed>, Error> {
+        let inner = &*self.inner;
+        let ids: Vec<i64> = keys.iter().map(|key| lock_id(namespace, key)).collect();
+        let rows: Vec<PgRow> = crate::handoff::scope(async {
+            // The statement takes the read's connection, in its lane.
+            crate::handoff::offer(self.id(), conn);
+            self.count_round_trips(1);
+            on_conn!(
+                &Laned(self),
+                "claiming keys",
+                Duration::ZERO,
+                None,
+                |conn| inner
+                    .sql
+                    .claim_tried
+                    .query()
+                    .bind(namespace)
+                    .bind(&keys)
+                    .bind(&ids)
+                    .bind(namespace_lock_id(namespace))
+                    .bind(&inner.holder)
+                    .bind(&secs)
+                    .fetch_all(conn)
+            )
+        })
+        .await?;
+        let (token, states) = self.claim_rows(keys.len(), rows)?;
+        Ok(PreClaimed::new(self, namespace, keys, token, states))
+    }
+
     /// Reads the rows of a claim of `expected` keys: the token, and per key
     /// its state and whether its lease was taken over.
     fn claim_rows(
@@ -821,7 +894,12 @@ impl PgStore {
 
     /// Gives up the leases `token` holds on `keys` (sorted: rows are locked
     /// in key order), waking their waiters.
-    async fn release(&self, namespace: &str, keys: &[String], token: i64) -> Result<(), Error> {
+    pub(super) async fn release(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        token: i64,
+    ) -> Result<(), Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
         on_conn!(

@@ -89,10 +89,20 @@
 //! trip when it comes back and again when it goes out) and returns it to
 //! the pool after 100 ms unused; a statement that failed, timed out or was
 //! cancelled hands its connection to the pool instead. When a read missed
-//! keys, its connection (and lane) goes straight to the claims that follow
-//! (the batches do nothing that may wait in between): the batches of a
-//! combined read that missed share it, and their claims run together on
-//! it (the first waits at most 2 ms for the others to join). Statements
+//! keys, its connection (and lane) goes straight to the claim that follows.
+//! Once a fill of the namespace has run (so the store knows how long its
+//! leases must be), the read makes that claim itself (`preclaim`): right
+//! after its statement, on the same connection, one `_claim_tried` for
+//! every key its batches found no row for, each leased as its batch's fill
+//! would lease it; the batches whose keys were all found are answered
+//! before it, and the batches that missed receive the read's rows at once
+//! and the claim's answer when their fills need it. A fill takes the
+//! leases of the keys it leads; leases no fill takes (its batch joined a
+//! fill of this process instead) are released as soon as every batch of
+//! the read let go of the answer. Otherwise (before the first fill, or for
+//! a batch that missed a stale value, which it may serve), the batches of a
+//! combined read that missed share the connection and their claims run
+//! together on it (the first waits at most 2 ms for the others to join). Statements
 //! that may wait for a lock or for user code (a claim waiting for a busy
 //! lock, renewals, invalidations, writes, held-transaction fills, purges)
 //! take no lane and a connection of the pool. Waiting for a lane or a
@@ -264,6 +274,7 @@ mod invalidate;
 mod lease;
 mod locked;
 mod migrate;
+mod preclaim;
 mod rate_limit;
 mod read;
 mod rows;

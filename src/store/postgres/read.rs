@@ -6,20 +6,25 @@
 //! statement (see `combine`): the first opens a group and starts its
 //! runner, the others join until the runner has its connection. Every
 //! member receives the rows of its own keys, as read by that one statement.
-//! When a member missed keys, it also receives a [`Ticket`] to the
-//! statement's connection, so that the claims following the read take that
-//! connection instead of queueing for the pool again.
+//! When a member missed keys, it also receives what its claim starts from:
+//! the claim the read makes for it on the statement's connection, right
+//! after the statement (see `preclaim`), or a [`Ticket`] to that
+//! connection, so that the claims following the read take it instead of
+//! queueing for the pool again. Members that missed nothing are answered
+//! before any claim.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
 use sqlx::postgres::{PgRow, Postgres};
 use sqlx::types::Json;
 use sqlx::{Executor, Row};
 
 use super::combine;
 use super::conn::{Conn, Laned};
+use super::preclaim::PendingClaim;
 use super::{FillMode, PgStore};
 use crate::store::Lookup;
 use crate::{Entry, Error};
@@ -40,9 +45,27 @@ pub(super) struct ReadRequest {
     ticket: bool,
 }
 
-/// What a combined read answers a member: the statement's rows, and a
-/// ticket to its connection when the member missed a key.
-pub(super) type ReadAnswer = (Arc<ReadRows>, Option<Ticket>);
+/// What a combined read answers a member: the statement's rows, and when
+/// the member missed a key, what its fill's claim starts from.
+pub(super) type ReadAnswer = (Arc<ReadRows>, Option<Handed>);
+
+/// What a read hands on to the claim of a batch that missed keys.
+pub(super) enum Handed {
+    /// A share in the read's connection, for the batch's own claim.
+    Ticket(Ticket),
+    /// The claim the read made for the batch (see `preclaim`).
+    Claimed(PendingClaim),
+}
+
+impl Handed {
+    /// Offers it to the batch's next statement.
+    fn offer(self, store: &PgStore) {
+        match self {
+            Handed::Ticket(ticket) => crate::handoff::offer(store.id(), ticket),
+            Handed::Claimed(claimed) => crate::handoff::offer(store.id(), claimed),
+        }
+    }
+}
 
 /// The rows of one read statement, by key.
 pub(super) struct ReadRows {
@@ -65,6 +88,22 @@ impl ReadRows {
         self.by_key
             .get(key)
             .is_some_and(|&i| self.rows[i].try_get::<bool, _>(2).unwrap_or(false))
+    }
+
+    /// Whether `key` is missing with nothing a batch might serve instead:
+    /// no row, or an expired one without a value (a tombstone, an expired
+    /// negative entry). Not a stale value, nor one that does not decode.
+    fn claimable(&self, key: &str) -> bool {
+        match self.by_key.get(key) {
+            None => true,
+            Some(&i) => {
+                let row = &self.rows[i];
+                !row.try_get::<bool, _>(2).unwrap_or(true)
+                    && row
+                        .try_get_raw(1)
+                        .is_ok_and(|value| sqlx::ValueRef::is_null(&value))
+            }
+        }
     }
 
     /// The lookups of `keys`, aligned with them.
@@ -190,9 +229,9 @@ impl PgStore {
                 async move { store.run_reads(group).await },
             );
         }
-        let (rows, ticket) = combine::answered(joined.answer).await?;
-        if let Some(ticket) = ticket {
-            crate::handoff::offer(self.id(), ticket);
+        let (rows, handed) = combine::answered(joined.answer).await?;
+        if let Some(handed) = handed {
+            handed.offer(self);
         }
         Ok(rows.lookups(namespace, &keys))
     }
@@ -249,18 +288,99 @@ impl PgStore {
                 member.request.ticket && member.request.keys.iter().any(|key| !rows.fresh(key))
             })
             .collect();
-        let claiming = missed.iter().filter(|&&missed| missed).count();
-        let mut tickets = match kept {
-            Some(conn) if claiming > 0 && self.fill_mode() == FillMode::Lease => {
-                Ticket::issue(conn, claiming)
-            }
-            _ => Vec::new(),
-        }
-        .into_iter();
+        // Members whose keys were all found are answered first: a hit
+        // never waits for a claim.
+        let lease_mode = self.fill_mode() == FillMode::Lease;
+        let mut claiming = Vec::new();
         for (member, missed) in members.into_iter().zip(missed) {
-            let ticket = if missed { tickets.next() } else { None };
-            member.answer(Ok((Arc::clone(&rows), ticket)));
+            if missed && lease_mode {
+                claiming.push(member);
+            } else {
+                member.answer(Ok((Arc::clone(&rows), None)));
+            }
         }
+        if claiming.is_empty() {
+            return;
+        }
+        // The claim made here, when every member that missed keys missed
+        // only claimable ones: one claim for all of them.
+        let claimable = claiming.iter().all(|member| {
+            let mut keys = member.request.keys.iter();
+            keys.all(|key| rows.fresh(key) || rows.claimable(key))
+        });
+        let to_claim: Vec<Vec<&str>> = claiming
+            .iter()
+            .map(|member| {
+                let keys = member.request.keys.iter().map(String::as_str);
+                keys.filter(|key| !rows.fresh(key)).collect()
+            })
+            .collect();
+        let pre_claimed = match (kept, claimable) {
+            (Some(conn), true) => Some(self.claim_for_read(conn, &group.0, &to_claim)),
+            (kept, _) => kept.map(Err),
+        };
+        let mut handed: Vec<Handed> = match pre_claimed {
+            Some(Ok(claim)) => (0..claiming.len())
+                .map(|_| Handed::Claimed(claim.clone()))
+                .collect(),
+            Some(Err(conn)) => Ticket::issue(conn, claiming.len())
+                .into_iter()
+                .map(Handed::Ticket)
+                .collect(),
+            None => Vec::new(),
+        };
+        for member in claiming {
+            member.answer(Ok((Arc::clone(&rows), handed.pop())));
+        }
+    }
+
+    /// Starts the claim of the keys each batch of a read missed (`missed`,
+    /// one list per batch) on the read's connection `conn`, in a task of
+    /// its own, once the namespace's lease terms are known and each
+    /// batch's keys fit one claim; each key is leased as its batch's fill
+    /// would lease it (the first batch's, for a key several missed).
+    /// Otherwise it gives the connection back, for the batches' own claims.
+    fn claim_for_read(
+        &self,
+        conn: Conn,
+        namespace: &str,
+        missed: &[Vec<&str>],
+    ) -> Result<PendingClaim, Conn> {
+        let Some(terms) = self.inner.learned.get(namespace) else {
+            return Err(conn);
+        };
+        let mut seen = HashSet::new();
+        let (mut keys, mut secs) = (Vec::new(), Vec::new());
+        for batch in missed {
+            let Some(lease) = terms.lease(batch.len()) else {
+                return Err(conn);
+            };
+            for &key in batch {
+                if seen.insert(key) {
+                    keys.push(key.to_owned());
+                    secs.push(lease.as_secs_f64());
+                }
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(conn);
+        };
+        let (store, namespace) = (self.clone(), namespace.to_owned());
+        let claim = async move {
+            match store.pre_claim(conn, &namespace, keys, secs).await {
+                Ok(claimed) => Some(claimed),
+                Err(err) => {
+                    tracing::debug!(namespace, error = %err,
+                        "a read's claim failed; its batches claim for themselves");
+                    None
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        // Driven to the end whoever waits for it.
+        runtime.spawn(claim.clone());
+        Ok(PendingClaim(claim))
     }
 
     /// A read of its own (keys the database cannot store fail alone); with
@@ -276,7 +396,8 @@ impl PgStore {
     where
         V: serde::de::DeserializeOwned + Clone,
     {
-        let then = |store: &PgStore, mut conn: Conn, looked: &Result<Vec<Lookup<V>>, Error>| {
+        let mut kept = None;
+        let mut then = |store: &PgStore, mut conn: Conn, looked: &Result<Vec<Lookup<V>>, Error>| {
             match looked {
                 Ok(looked)
                     if batch
@@ -285,12 +406,12 @@ impl PgStore {
                         }) =>
                 {
                     conn.finish(true);
-                    crate::handoff::offer(store.id(), conn);
+                    kept = Some(conn);
                 }
                 _ => store.done_with(conn, looked),
             }
         };
-        on_conn!(
+        let looked: Vec<Lookup<V>> = on_conn!(
             &Laned(self),
             "reading cache rows",
             Duration::ZERO,
@@ -300,7 +421,31 @@ impl PgStore {
                 let rows = self.select_rows(conn, namespace, keys, grace).await?;
                 Ok(self.lookups(rows, namespace, keys))
             }
-        )
+        )?;
+        let Some(conn) = kept else {
+            return Ok(looked);
+        };
+        // Missed keys: claimed here when all are claimable (see
+        // `preclaim`), or else the connection goes on to the batch's claim.
+        let claimable = looked
+            .iter()
+            .all(|lookup| matches!(lookup, Lookup::Hit(_) | Lookup::NegativeHit | Lookup::Miss));
+        let handed = if claimable && self.fill_mode() == FillMode::Lease {
+            let missed = keys
+                .iter()
+                .zip(&looked)
+                .filter(|(_, lookup)| matches!(lookup, Lookup::Miss))
+                .map(|(&key, _)| key)
+                .collect();
+            self.claim_for_read(conn, namespace, &[missed])
+        } else {
+            Err(conn)
+        };
+        match handed {
+            Ok(claim) => crate::handoff::offer(self.id(), claim),
+            Err(conn) => crate::handoff::offer(self.id(), conn),
+        }
+        Ok(looked)
     }
 
     /// The read statement on `executor` (a connection, or a transaction

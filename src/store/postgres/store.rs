@@ -14,6 +14,7 @@ use super::combine::Groups;
 use super::conn::{Conn, Entered, Lanes};
 use super::events;
 use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
+use super::preclaim::Learned;
 use super::read::{ReadAnswer, ReadGroup, ReadRequest};
 use super::rows::Written;
 use super::sql::Statements;
@@ -142,6 +143,9 @@ pub(super) struct Inner {
     pub(super) claims: Groups<String, ClaimRequest, ClaimAnswer>,
     /// Publishes of fills queueing together.
     pub(super) publishes: Groups<PublishGroup, PublishRequest, Vec<Written>>,
+    /// How long each namespace's fills lease keys for, so that a read can
+    /// claim what it missed (see `preclaim`).
+    pub(super) learned: Learned,
 }
 
 impl fmt::Debug for PgStore {
@@ -824,6 +828,7 @@ impl PgStoreBuilder {
                 reads: Groups::new(),
                 claims: Groups::new(),
                 publishes: Groups::new(),
+                learned: Learned::default(),
             }),
         })
     }

@@ -1,0 +1,219 @@
+//! Claims made right after a batch's optimistic read, by the read itself.
+//!
+//! A batch that missed keys claims them next. Left to the batch, the claim
+//! waits for the batch's task to wake, sort the read's answer and register
+//! its flights — and the connection the read used waits with it, idle, in
+//! its lane. So once a namespace has had a fill (which tells the store how
+//! long its leases must be), the read claims the keys it found no row for
+//! at once, on its own connection, in the claim statement a fill would
+//! have sent (`_claim_tried`: locks only tried, nothing waited for), in a
+//! task of its own; the batches receive the read's rows meanwhile, and
+//! their fills wait for the claim's answer. The read itself stays the
+//! statement it was: no lock, no transaction, and nothing it found waits
+//! for the claim; the claim is a statement and a transaction of its own,
+//! after it.
+//!
+//! What it guarantees:
+//!
+//! * **The same claim, earlier.** A fill uses the answer as it would have
+//!   used its own claim's: a key leased to it is fetched under that lease
+//!   (and published only where the lease is still its token's), a key
+//!   leased by another holder is waited for, a fresh row is re-read, a key
+//!   whose lock was busy is claimed again.
+//! * **A lease is used by one fill.** The batches of one read share the
+//!   answer; the first fill of this process to lead a leased key takes its
+//!   lease, and a later fill of the same key (the first one already left
+//!   the in-flight table) re-reads it instead.
+//! * **Nothing is held for nobody.** Leases no fill takes (a batch joined
+//!   another's fill of the key instead, or was dropped) are released as
+//!   soon as every batch of the read let go of the answer, waking whoever
+//!   waits for them; a holder that died lets them expire like any other.
+//! * **Only rows that were missing.** Keys the read found a row for (a
+//!   stale value, an undecodable one) are left to the fill, so a stale
+//!   value a background refresh renews is never leased by the read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::lease::{ClaimAnswer, Claimed};
+use super::PgStore;
+
+/// How a namespace's fills lease keys: the most keys one claim covers,
+/// and the lease a claim of so many keys takes, which depends only on the
+/// provider calls they make.
+#[derive(Clone, PartialEq)]
+pub(super) struct LeaseTerms {
+    max_batch: usize,
+    group_size: usize,
+    /// At `k - 1`: the lease of a claim of `k` provider calls' keys.
+    leases: Arc<[Duration]>,
+}
+
+impl LeaseTerms {
+    /// The lease a fill would take for a claim of `keys` keys; `None` when
+    /// they are more than one claim covers.
+    pub(super) fn lease(&self, keys: usize) -> Option<Duration> {
+        if keys == 0 || keys > self.group_size {
+            return None;
+        }
+        self.leases.get(keys.div_ceil(self.max_batch) - 1).copied()
+    }
+}
+
+/// What a namespace's fills told the store.
+enum Known {
+    Terms(LeaseTerms),
+    /// Fills of the namespace lease differently (caches with other
+    /// providers' settings share it): reads claim nothing for them.
+    Conflicting,
+}
+
+/// How each namespace's fills lease keys, by namespace, as they told it.
+#[derive(Default)]
+pub(super) struct Learned(Mutex<HashMap<String, Known>>);
+
+impl Learned {
+    /// Records how a fill of `namespace` leases keys: at most `group_size`
+    /// per claim, provider calls of at most `max_batch` keys, and
+    /// `lease_of(k)` for a claim of `k` calls' keys.
+    pub(super) fn record(
+        &self,
+        namespace: &str,
+        max_batch: usize,
+        group_size: usize,
+        lease_of: impl Fn(usize) -> Duration,
+    ) {
+        let max_batch = max_batch.max(1);
+        let calls = group_size.div_ceil(max_batch).max(1);
+        let mut learned = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match learned.get(namespace) {
+            // The same terms: only the ends are compared, each fill.
+            Some(Known::Terms(known))
+                if known.max_batch == max_batch
+                    && known.group_size == group_size
+                    && known.leases.len() == calls
+                    && known.leases.first() == Some(&lease_of(1))
+                    && known.leases.last() == Some(&lease_of(calls)) => {}
+            Some(Known::Conflicting) => {}
+            Some(Known::Terms(_)) => {
+                learned.insert(namespace.to_owned(), Known::Conflicting);
+            }
+            None => {
+                let terms = LeaseTerms {
+                    max_batch,
+                    group_size,
+                    leases: (1..=calls).map(lease_of).collect(),
+                };
+                learned.insert(namespace.to_owned(), Known::Terms(terms));
+            }
+        }
+    }
+
+    /// How `namespace`'s fills lease keys, once one of them ran (and all
+    /// that ran agreed).
+    pub(super) fn get(&self, namespace: &str) -> Option<LeaseTerms> {
+        let learned = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match learned.get(namespace) {
+            Some(Known::Terms(terms)) => Some(terms.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The claim a read started for its batches: its answer once made, `None`
+/// when it failed (the fills then claim for themselves).
+#[derive(Clone)]
+pub(super) struct PendingClaim(
+    pub(super) futures::future::Shared<futures::future::BoxFuture<'static, Option<Arc<PreClaimed>>>>,
+);
+
+/// A claim made for the batches of one read, shared by them.
+pub(super) struct PreClaimed {
+    store: PgStore,
+    namespace: String,
+    token: i64,
+    /// Each key's answer, and whether its lease was taken over.
+    states: HashMap<String, (Claimed, bool)>,
+    /// Keys leased by the claim that no fill has taken yet.
+    untaken: Mutex<HashSet<String>>,
+}
+
+impl PreClaimed {
+    /// The answer of a claim of `keys` (distinct) in `namespace`.
+    pub(super) fn new(
+        store: &PgStore,
+        namespace: &str,
+        keys: Vec<String>,
+        token: i64,
+        states: Vec<(Claimed, bool)>,
+    ) -> Arc<Self> {
+        let untaken = keys
+            .iter()
+            .zip(&states)
+            .filter(|(_, (state, _))| matches!(state, Claimed::Leased))
+            .map(|(key, _)| key.clone())
+            .collect();
+        Arc::new(PreClaimed {
+            store: store.clone(),
+            namespace: namespace.to_owned(),
+            token,
+            states: keys.into_iter().zip(states).collect(),
+            untaken: Mutex::new(untaken),
+        })
+    }
+
+    /// The claim's answer for a fill of `keys` of `namespace`, as a claim
+    /// of its own would answer (`None`: another namespace). A leased key is
+    /// taken by this fill; one another fill took already, or one the claim
+    /// did not cover, is answered as found, so the fill re-reads it (and
+    /// claims it afresh if it is still missing).
+    pub(super) fn answer(&self, namespace: &str, keys: &[&str]) -> Option<ClaimAnswer> {
+        if namespace != self.namespace {
+            return None;
+        }
+        let mut untaken = self.untaken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken_over = 0;
+        let states = keys
+            .iter()
+            .map(|&key| match self.states.get(key) {
+                Some((Claimed::Leased, took_over)) if untaken.remove(key) => {
+                    taken_over += usize::from(*took_over);
+                    Claimed::Leased
+                }
+                Some((Claimed::Leased, _)) | None => Claimed::Found,
+                Some((state, _)) => *state,
+            })
+            .collect();
+        Some((self.token, taken_over, states))
+    }
+}
+
+impl Drop for PreClaimed {
+    /// Releases the leases no fill took, in the background, waking their
+    /// waiters (a fill of this process that found one leased waits for
+    /// it).
+    fn drop(&mut self) {
+        let mut keys: Vec<String> =
+            std::mem::take(&mut *self.untaken.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
+        if keys.is_empty() {
+            return;
+        }
+        keys.sort_unstable();
+        let (store, namespace, token) = (
+            self.store.clone(),
+            std::mem::take(&mut self.namespace),
+            self.token,
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store.release(&namespace, &keys, token).await {
+                    tracing::warn!(namespace, error = %err,
+                        "could not release leases no fill took; they expire on their own");
+                }
+            });
+        }
+    }
+}
