@@ -605,7 +605,7 @@ impl PgStore {
     }
 
     /// The claim a batch's read makes on its own connection `conn` for the
-    /// keys (distinct) it found no row for, each leased for as many
+    /// keys (distinct) it found no value for, each leased for as many
     /// seconds as `secs` says, for the fills of its batches (see
     /// `preclaim`): the statement a fill's claim would have sent, which
     /// only tries locks.

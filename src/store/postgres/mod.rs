@@ -93,7 +93,7 @@
 //! Once a fill of the namespace has run (so the store knows how long its
 //! leases must be), the read makes that claim itself (`preclaim`): right
 //! after its statement, on the same connection, one `_claim_tried` for
-//! every key its batches found no row for, each leased as its batch's fill
+//! every key its batches found no value for, each leased as its batch's fill
 //! would lease it; the batches whose keys were all found are answered
 //! before it, and the batches that missed receive the read's rows at once
 //! and the claim's answer when their fills need it. A fill takes the

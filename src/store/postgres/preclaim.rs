@@ -4,8 +4,8 @@
 //! waits for the batch's task to wake, sort the read's answer and register
 //! its flights — and the connection the read used waits with it, idle, in
 //! its lane. So once a namespace has had a fill (which tells the store how
-//! long its leases must be), the read claims the keys it found no row for
-//! at once, on its own connection, in the claim statement a fill would
+//! long its leases must be), the read claims the keys it found no value for
+//! (no row, a tombstone, an expired negative entry) at once, on its own connection, in the claim statement a fill would
 //! have sent (`_claim_tried`: locks only tried, nothing waited for), in a
 //! task of its own; the batches receive the read's rows meanwhile, and
 //! their fills wait for the claim's answer. The read itself stays the
@@ -28,9 +28,10 @@
 //!   another's fill of the key instead, or was dropped) are released as
 //!   soon as every batch of the read let go of the answer, waking whoever
 //!   waits for them; a holder that died lets them expire like any other.
-//! * **Only rows that were missing.** Keys the read found a row for (a
-//!   stale value, an undecodable one) are left to the fill, so a stale
-//!   value a background refresh renews is never leased by the read.
+//! * **Only keys with nothing to serve.** A batch that missed a key the
+//!   read found a value for (a stale one, an undecodable one) claims for
+//!   itself, as before, so a stale value a background refresh renews is
+//!   never leased by the read.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
