@@ -213,16 +213,14 @@ impl PgStore {
         // taken (and the rest of the read's answer let go of) before
         // anything here waits, so leases this fill does not take are
         // released for whoever waits for them.
-        let mut pre_claimed: Option<(i64, usize, HashMap<usize, Claimed>)> = None;
+        let mut pre_claimed: Option<ClaimAnswer> = None;
         let pending = crate::handoff::take::<PendingClaim>(self.id());
         if let Some(pre) = match pending {
             Some(PendingClaim(claim)) => claim.await,
             None => None,
         } {
             let keys: Vec<&str> = texts.iter().map(String::as_str).collect();
-            if let Some((token, taken_over, states)) = pre.answer(namespace, &keys) {
-                pre_claimed = Some((token, taken_over, states.into_iter().enumerate().collect()));
-            }
+            pre_claimed = pre.answer(namespace, &keys);
         }
         let waiters = &self.inner.waiters;
         let mut pending: Vec<usize> = (0..texts.len()).collect();
@@ -256,10 +254,8 @@ impl PgStore {
                     .any(|i| locks_busy.get(i).is_some_and(|&n| n >= LOCK_TRIES));
                 let (token, taken_over, claimed) =
                     if let Some((token, taken_over, states)) = &mut pre_claimed {
-                        let claimed = group
-                            .iter()
-                            .map(|i| states.remove(i).unwrap_or(Claimed::Found))
-                            .collect();
+                        // Aligned with the fill's keys, each in one group.
+                        let claimed = group.iter().map(|&i| states[i]).collect();
                         (*token, std::mem::take(taken_over), claimed)
                     } else if wait_for_locks {
                         self.claim(namespace, &group_texts, lease).await?
@@ -538,23 +534,8 @@ impl PgStore {
                             }
                         }
                     }
-                    let ids: Vec<i64> = keys.iter().map(|key| lock_id(&namespace, key)).collect();
-                    self.count_round_trips(1);
                     let (keys, namespace) = (&keys, &namespace);
-                    async move {
-                        inner
-                            .sql
-                            .claim_tried
-                            .query()
-                            .bind(namespace)
-                            .bind(keys)
-                            .bind(ids)
-                            .bind(namespace_lock_id(namespace))
-                            .bind(&inner.holder)
-                            .bind(secs)
-                            .fetch_all(conn)
-                            .await
-                    }
+                    async move { self.send_claim_tried(conn, namespace, keys, &secs).await }
                 }
             )
         }
@@ -616,33 +597,47 @@ impl PgStore {
         keys: Vec<String>,
         secs: Vec<f64>,
     ) -> Result<Arc<PreClaimed>, Error> {
-        let inner = &*self.inner;
-        let ids: Vec<i64> = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let rows: Vec<PgRow> = crate::handoff::scope(async {
             // The statement takes the read's connection, in its lane.
             crate::handoff::offer(self.id(), conn);
-            self.count_round_trips(1);
             on_conn!(
                 &Laned(self),
                 "claiming keys",
                 Duration::ZERO,
                 None,
-                |conn| inner
-                    .sql
-                    .claim_tried
-                    .query()
-                    .bind(namespace)
-                    .bind(&keys)
-                    .bind(&ids)
-                    .bind(namespace_lock_id(namespace))
-                    .bind(&inner.holder)
-                    .bind(&secs)
-                    .fetch_all(conn)
+                |conn| self.send_claim_tried(conn, namespace, &keys, &secs)
             )
         })
         .await?;
         let (token, states) = self.claim_rows(keys.len(), rows)?;
         Ok(PreClaimed::new(self, namespace, keys, token, states))
+    }
+
+    /// The claim statement that only tries locks (`_claim_tried`), of
+    /// `keys` (distinct) of `namespace`, each leased for as many seconds as
+    /// `secs` says, on `conn`: one round trip.
+    async fn send_claim_tried(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        namespace: &str,
+        keys: &[String],
+        secs: &[f64],
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        let inner = &*self.inner;
+        let ids: Vec<i64> = keys.iter().map(|key| lock_id(namespace, key)).collect();
+        self.count_round_trips(1);
+        inner
+            .sql
+            .claim_tried
+            .query()
+            .bind(namespace)
+            .bind(keys)
+            .bind(ids)
+            .bind(namespace_lock_id(namespace))
+            .bind(&inner.holder)
+            .bind(secs)
+            .fetch_all(conn)
+            .await
     }
 
     /// Reads the rows of a claim of `expected` keys: the token, and per key

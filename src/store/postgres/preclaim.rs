@@ -33,7 +33,7 @@
 //!   itself, as before, so a stale value a background refresh renews is
 //!   never leased by the read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,10 +134,10 @@ pub(super) struct PreClaimed {
     store: PgStore,
     namespace: String,
     token: i64,
-    /// Each key's answer, and whether its lease was taken over.
-    states: HashMap<String, (Claimed, bool)>,
-    /// Keys leased by the claim that no fill has taken yet.
-    untaken: Mutex<HashSet<String>>,
+    /// Each key's answer, and whether its lease was taken over; a key
+    /// still answered as leased is one no fill has taken yet (a fill that
+    /// takes it leaves it answered as found).
+    states: Mutex<HashMap<String, (Claimed, bool)>>,
 }
 
 impl PreClaimed {
@@ -149,18 +149,11 @@ impl PreClaimed {
         token: i64,
         states: Vec<(Claimed, bool)>,
     ) -> Arc<Self> {
-        let untaken = keys
-            .iter()
-            .zip(&states)
-            .filter(|(_, (state, _))| matches!(state, Claimed::Leased))
-            .map(|(key, _)| key.clone())
-            .collect();
         Arc::new(PreClaimed {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
-            states: keys.into_iter().zip(states).collect(),
-            untaken: Mutex::new(untaken),
+            states: Mutex::new(keys.into_iter().zip(states).collect()),
         })
     }
 
@@ -173,17 +166,18 @@ impl PreClaimed {
         if namespace != self.namespace {
             return None;
         }
-        let mut untaken = self.untaken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken_over = 0;
         let states = keys
             .iter()
-            .map(|&key| match self.states.get(key) {
-                Some((Claimed::Leased, took_over)) if untaken.remove(key) => {
+            .map(|&key| match known.get_mut(key) {
+                Some((state @ Claimed::Leased, took_over)) => {
+                    *state = Claimed::Found;
                     taken_over += usize::from(*took_over);
                     Claimed::Leased
                 }
-                Some((Claimed::Leased, _)) | None => Claimed::Found,
                 Some((state, _)) => *state,
+                None => Claimed::Found,
             })
             .collect();
         Some((self.token, taken_over, states))
@@ -195,10 +189,12 @@ impl Drop for PreClaimed {
     /// waiters (a fill of this process that found one leased waits for
     /// it).
     fn drop(&mut self) {
-        let mut keys: Vec<String> =
-            std::mem::take(&mut *self.untaken.lock().unwrap_or_else(|e| e.into_inner()))
-                .into_iter()
-                .collect();
+        let states = std::mem::take(self.states.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let mut keys: Vec<String> = states
+            .into_iter()
+            .filter(|(_, (state, _))| matches!(state, Claimed::Leased))
+            .map(|(key, _)| key)
+            .collect();
         if keys.is_empty() {
             return;
         }
