@@ -232,6 +232,83 @@ async fn a_key_cleared_and_loaded_again_in_one_window_is_read_once() {
     db.cleanup().await;
 }
 
+/// Claims of fills that queue together go as one statement, whose
+/// transaction locks every key it claims: never more than
+/// `max_locks_per_transaction` of them, however many fills queue (the
+/// server's lock table is shared by every session), and the same for the
+/// claim a read makes for the batches it answers. A trigger on the table
+/// records the advisory locks each claiming transaction holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_that_combine_stay_within_the_lock_cap() {
+    let db = TestDb::new("claim_cap").await;
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .max_locks_per_transaction(8)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let schema = &db.schema;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {schema}.locks_seen (tx bigint, locks bigint); \
+         CREATE FUNCTION {schema}.count_locks() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           INSERT INTO {schema}.locks_seen SELECT txid_current(), count(*) FROM pg_locks \
+             WHERE pid = pg_backend_pid() AND locktype = 'advisory'; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER count_locks BEFORE INSERT ON {schema}.cache \
+           FOR EACH ROW EXECUTE FUNCTION {schema}.count_locks()"
+    )))
+    .execute(&mut PgConnection::connect(&db.url).await.unwrap())
+    .await
+    .unwrap();
+    let provider = Fake::<u64>::builder("pg/claim-cap")
+        .max_batch(4)
+        .delay(Duration::from_millis(20))
+        .build();
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    // Rounds of 32 requests of 4 keys each, all at once: the first before
+    // any fill told the store its leases (the batches claim for
+    // themselves), the others after (their reads claim for them).
+    for round in 0..3u64 {
+        let barrier = Arc::new(Barrier::new(32));
+        let requests = (0..32u64).map(|r| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let first = (round * 32 + r) * 4;
+                cache.loader().load_many(first..first + 4).await
+            })
+        });
+        for answered in join_all(requests).await {
+            assert_eq!(answered.unwrap().unwrap().len(), 4);
+        }
+    }
+    let per_key = provider.fetches_per_key();
+    assert_eq!(per_key.len(), 3 * 32 * 4);
+    assert!(per_key.values().all(|&n| n == 1), "{per_key:?}");
+    let (most_locks, most_rows): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT max(locks), max(n) FROM (SELECT tx, max(locks) AS locks, count(*) AS n \
+         FROM {schema}.locks_seen GROUP BY tx) t"
+    )))
+    .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+    .await
+    .unwrap();
+    // The keys' locks and the namespace's (shared).
+    assert!(
+        most_locks <= 8 + 1,
+        "a claim held {most_locks} advisory locks"
+    );
+    assert!(
+        most_rows > 4,
+        "claims of several fills went as one: at most {most_rows} keys per claim"
+    );
+    db.cleanup().await;
+}
+
 /// A fill of more keys than one claim may lock runs in groups, one after
 /// the other. When a later group's provider call fails, the keys an earlier
 /// group already published are answered with their values, and only the

@@ -6,8 +6,8 @@
 //! fills queue for connections anyway, so those of a namespace that queue
 //! together go as one statement: the first to ask opens a group and
 //! starts its runner; whoever asks while the runner waits for a connection
-//! joins the group; once the runner has its connection it closes the group
-//! and runs it. A read that finds a lane free with a connection kept for
+//! joins the group (while it has room: see below); once the runner has its
+//! connection it closes the group and runs it. A read that finds a lane free with a connection kept for
 //! it, and no group of its namespace open, runs alone at once, in its
 //! caller's task: there is nothing to combine with or wait for, and a
 //! runner would only add a hand-over each way.
@@ -30,8 +30,13 @@
 //! * **A combined read changes nothing a member sees**: it is one statement
 //!   without locks, as each member's own read would have been, begun after
 //!   every member asked.
+//! * **A combined claim locks no more keys than one claim may**: a group
+//!   takes members up to a number of keys (for claims, the store's
+//!   `max_locks_per_transaction`); whoever comes after opens the next
+//!   group, which runs after it. Reads and publishes take no advisory lock
+//!   and have no such bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Mutex;
 
@@ -52,51 +57,72 @@ impl<R, A> Member<R, A> {
     }
 }
 
-/// An open group: its number and its members.
-type Open<R, A> = (u64, Vec<Member<R, A>>);
+/// An open group: its number, its members, and how many keys they bring.
+struct Open<R, A> {
+    number: u64,
+    members: Vec<Member<R, A>>,
+    keys: usize,
+}
 
 /// The open groups of one kind of statement, by `K` (what a statement has
 /// in common: the namespace, and for a publish its times to live).
 pub(super) struct Groups<K, R, A> {
-    /// Per key, the open group: its number and its members.
-    open: Mutex<HashMap<K, Open<R, A>>>,
+    /// Per key, the open groups, oldest first: each waits for a connection
+    /// (its runner's), and only the newest takes members.
+    open: Mutex<HashMap<K, VecDeque<Open<R, A>>>>,
     /// The number of the next group opened.
     next: std::sync::atomic::AtomicU64,
+    /// The most keys a group takes: a request that would bring it past
+    /// this opens the next group instead (unless the group is empty).
+    max_keys: usize,
 }
 
 /// What joining a group asks of the caller.
 pub(super) struct Joined<A> {
     /// The caller opened the group (this one): it must start the group's
-    /// runner, and [`abandon`](Groups::abandon) it if the runner never
-    /// runs.
+    /// runner, which [`close`](Groups::close)s it by this number, and
+    /// [`abandon`](Groups::abandon) it if the runner never runs.
     pub(super) leads: Option<u64>,
     /// The caller's answer.
     pub(super) answer: oneshot::Receiver<Result<A, Error>>,
 }
 
 impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
-    pub(super) fn new() -> Self {
+    /// Groups of at most `max_keys` keys each (a request of more keys
+    /// forms a group of its own).
+    pub(super) fn new(max_keys: usize) -> Self {
         Groups {
             open: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicU64::new(0),
+            max_keys: max_keys.max(1),
         }
     }
 
-    /// Adds `request` to the open group of `key`, opening one when there is
-    /// none.
-    pub(super) fn join(&self, key: &K, request: R) -> Joined<A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, VecDeque<Open<R, A>>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `request`, of `keys` keys, to the newest open group of `key`,
+    /// or opens a group when there is none or it has no room left.
+    pub(super) fn join(&self, key: &K, request: R, keys: usize) -> Joined<A> {
         let (answer, receiver) = oneshot::channel();
         let member = Member { request, answer };
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let leads = match open.get_mut(key) {
-            Some((_, members)) => {
-                members.push(member);
+        let mut open = self.lock();
+        let queue = open.entry(key.clone()).or_default();
+        let leads = match queue.back_mut() {
+            Some(group) if group.keys.saturating_add(keys) <= self.max_keys => {
+                group.members.push(member);
+                group.keys += keys;
                 None
             }
-            None => {
-                let group = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                open.insert(key.clone(), (group, vec![member]));
-                Some(group)
+            _ => {
+                let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                queue.push_back(Open {
+                    number,
+                    members: vec![member],
+                    keys,
+                });
+                Some(number)
             }
         };
         Joined {
@@ -108,35 +134,34 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
     /// Whether a group of `key` is open (its runner waits for a
     /// connection).
     pub(super) fn is_open(&self, key: &K) -> bool {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key)
+        self.lock().get(key).is_some_and(|queue| !queue.is_empty())
     }
 
-    /// Closes the open group of `key`: whoever asks from now on opens the
-    /// next one.
-    pub(super) fn close(&self, key: &K) -> Vec<Member<R, A>> {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key)
-            .map(|(_, members)| members)
-            .unwrap_or_default()
-    }
-
-    /// Fails the members of group `group` of `key` with [`Error::Closed`] if
-    /// it is still open: its runner was dropped (its runtime shut down)
-    /// before it took the group, and nobody else would answer them.
-    pub(super) fn abandon(&self, key: &K, group: u64) {
-        let members = {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            match open.get(key) {
-                Some((open_group, _)) if *open_group == group => open.remove(key),
-                _ => None,
-            }
+    /// Takes group `number` of `key` out of the open ones, with its
+    /// members: whoever asks from now on joins another group. Empty when
+    /// it was taken already.
+    pub(super) fn close(&self, key: &K, number: u64) -> Vec<Member<R, A>> {
+        let mut open = self.lock();
+        let Some(queue) = open.get_mut(key) else {
+            return Vec::new();
         };
-        for member in members.map(|(_, members)| members).unwrap_or_default() {
+        let members = queue
+            .iter()
+            .position(|group| group.number == number)
+            .and_then(|at| queue.remove(at))
+            .map(|group| group.members)
+            .unwrap_or_default();
+        if queue.is_empty() {
+            open.remove(key);
+        }
+        members
+    }
+
+    /// Fails the members of group `number` of `key` with [`Error::Closed`]
+    /// if it is still open: its runner was dropped (its runtime shut down)
+    /// before it took the group, and nobody else would answer them.
+    pub(super) fn abandon(&self, key: &K, number: u64) {
+        for member in self.close(key, number) {
             member.answer(Err(Error::Closed));
         }
     }
@@ -204,18 +229,18 @@ mod tests {
 
     #[test]
     fn the_first_to_ask_leads_and_closing_opens_the_next_group() {
-        let groups: Groups<&str, u32, u32> = Groups::new();
-        let first = groups.join(&"ns", 1);
-        let second = groups.join(&"ns", 2);
-        let other = groups.join(&"other", 3);
+        let groups: Groups<&str, u32, u32> = Groups::new(100);
+        let first = groups.join(&"ns", 1, 1);
+        let second = groups.join(&"ns", 2, 1);
+        let other = groups.join(&"other", 3, 1);
         assert!(first.leads.is_some() && second.leads.is_none() && other.leads.is_some());
-        let members = groups.close(&"ns");
+        let members = groups.close(&"ns", first.leads.unwrap());
         assert_eq!(
             members.iter().map(|m| m.request).collect::<Vec<_>>(),
             [1, 2]
         );
         assert!(
-            groups.join(&"ns", 4).leads.is_some(),
+            groups.join(&"ns", 4, 1).leads.is_some(),
             "a closed group takes no one"
         );
         for member in members {
@@ -226,27 +251,52 @@ mod tests {
         assert_eq!(first.try_recv().unwrap().unwrap(), 10);
     }
 
+    #[test]
+    fn a_full_group_leaves_the_next_requests_to_a_new_one() {
+        let groups: Groups<&str, u32, u32> = Groups::new(10);
+        let first = groups.join(&"ns", 1, 6);
+        let second = groups.join(&"ns", 2, 4);
+        // Past the cap: the next group, which a request larger than the cap
+        // does not join either.
+        let third = groups.join(&"ns", 3, 1);
+        let big = groups.join(&"ns", 4, 50);
+        let fifth = groups.join(&"ns", 5, 1);
+        assert!(first.leads.is_some() && second.leads.is_none());
+        assert!(third.leads.is_some() && big.leads.is_some() && fifth.leads.is_some());
+        let requests = |members: Vec<Member<u32, u32>>| -> Vec<u32> {
+            members.into_iter().map(|m| m.request).collect()
+        };
+        // Each runner takes its own group, whatever the order.
+        assert_eq!(requests(groups.close(&"ns", big.leads.unwrap())), [4]);
+        assert_eq!(requests(groups.close(&"ns", first.leads.unwrap())), [1, 2]);
+        assert_eq!(requests(groups.close(&"ns", third.leads.unwrap())), [3]);
+        assert!(groups.is_open(&"ns"));
+        assert_eq!(requests(groups.close(&"ns", fifth.leads.unwrap())), [5]);
+        assert!(!groups.is_open(&"ns"));
+        assert!(groups.close(&"ns", first.leads.unwrap()).is_empty());
+    }
+
     #[tokio::test]
     async fn a_member_whose_runner_went_away_is_closed() {
-        let groups: Groups<&str, u32, u32> = Groups::new();
-        let joined = groups.join(&"ns", 1);
-        drop(groups.close(&"ns"));
+        let groups: Groups<&str, u32, u32> = Groups::new(100);
+        let joined = groups.join(&"ns", 1, 1);
+        drop(groups.close(&"ns", joined.leads.unwrap()));
         assert!(matches!(answered(joined.answer).await, Err(Error::Closed)));
     }
 
     #[tokio::test]
     async fn an_abandoned_group_is_answered_and_only_that_group() {
-        let groups: Groups<&str, u32, u32> = Groups::new();
-        let first = groups.join(&"ns", 1);
+        let groups: Groups<&str, u32, u32> = Groups::new(100);
+        let first = groups.join(&"ns", 1, 1);
         let group = first.leads.unwrap();
         let guard = OnDrop::new(|| groups.abandon(&"ns", group));
         drop(guard);
         assert!(matches!(answered(first.answer).await, Err(Error::Closed)));
         // A group opened after its runner took its own is not touched.
-        let second = groups.join(&"ns", 2);
+        let second = groups.join(&"ns", 2, 1);
         groups.abandon(&"ns", group);
-        let members = groups.close(&"ns");
-        assert_eq!(members.len(), 1, "{:?}", second.leads);
+        let members = groups.close(&"ns", second.leads.unwrap());
+        assert_eq!(members.len(), 1);
     }
 
     #[test]

@@ -470,11 +470,12 @@ impl PgStore {
         };
         if !combine::storable(keys.iter().copied()) {
             let (member, answer) = combine::member(request);
-            self.run_claims(namespace.to_owned(), vec![member]).await;
+            self.run_claims(namespace.to_owned(), None, vec![member])
+                .await;
             return combine::answered(answer).await;
         }
         let namespace = namespace.to_owned();
-        let joined = self.inner.claims.join(&namespace, request);
+        let joined = self.inner.claims.join(&namespace, request, keys.len());
         // The connection this batch's read left for its claim (or its ticket
         // to the connection of a combined read): the runner's, or (when this
         // claim joined a group) the next waiting statement's.
@@ -495,7 +496,7 @@ impl PgStore {
                     if let Some(conn) = conn {
                         crate::handoff::offer(store.id(), conn);
                     }
-                    store.run_claims(namespace, Vec::new()).await;
+                    store.run_claims(namespace, Some(group), Vec::new()).await;
                 }),
             );
         } else {
@@ -505,13 +506,17 @@ impl PgStore {
         combine::answered(joined.answer).await
     }
 
-    /// Runs the claims of `members` (or, when none are given, of the group
-    /// open for `namespace` once a connection is at hand) as one statement
-    /// and answers each.
-    async fn run_claims(&self, namespace: String, members: Vec<Member<ClaimRequest, ClaimAnswer>>) {
+    /// Runs the claims of `members` (or, with a `group`, of that group of
+    /// `namespace` once a connection is at hand) as one statement and
+    /// answers each.
+    async fn run_claims(
+        &self,
+        namespace: String,
+        group: Option<u64>,
+        members: Vec<Member<ClaimRequest, ClaimAnswer>>,
+    ) {
         let inner = &*self.inner;
         let mut members = members;
-        let combined = members.is_empty();
         // Each key once, with the lease of the first fill asking for it.
         let mut keys: Vec<String> = Vec::new();
         let outcome = async {
@@ -521,8 +526,8 @@ impl PgStore {
                 Duration::ZERO,
                 None,
                 |conn| {
-                    if combined {
-                        members = inner.claims.close(&namespace);
+                    if let Some(group) = group {
+                        members = inner.claims.close(&namespace, group);
                     }
                     let mut seen = HashSet::new();
                     let mut secs = Vec::new();
@@ -540,8 +545,8 @@ impl PgStore {
             )
         }
         .await;
-        if combined && members.is_empty() {
-            members = inner.claims.close(&namespace);
+        if let Some(group) = group.filter(|_| members.is_empty()) {
+            members = inner.claims.close(&namespace, group);
         }
         let answered = outcome.and_then(|rows| self.claim_rows(keys.len(), rows));
         let (token, states) = match answered {
@@ -729,31 +734,33 @@ impl PgStore {
             || !combine::storable(request.values.iter().flatten().map(String::as_str));
         if alone {
             let (member, answer) = combine::member(request);
-            self.run_publishes(group, vec![member]).await;
+            self.run_publishes(group, None, vec![member]).await;
             return combine::answered(answer).await;
         }
-        let joined = self.inner.publishes.join(&group, request);
+        let keys = request.keys.len();
+        let joined = self.inner.publishes.join(&group, request, keys);
         if let Some(number) = joined.leads {
             let (store, abandoned) = (self.clone(), self.clone());
             let abandoned_group = group.clone();
             combine::spawn_runner(
                 move || abandoned.inner.publishes.abandon(&abandoned_group, number),
-                async move { store.run_publishes(group, Vec::new()).await },
+                async move { store.run_publishes(group, Some(number), Vec::new()).await },
             );
         }
         combine::answered(joined.answer).await
     }
 
-    /// Runs the publishes of `members` (more join while the connection is
-    /// awaited, unless they came alone) as one statement and answers each.
+    /// Runs the publishes of `members` (or, with a `number`, of that group
+    /// of `group`, which others join while the connection is awaited) as
+    /// one statement and answers each.
     async fn run_publishes(
         &self,
         group: PublishGroup,
+        number: Option<u64>,
         members: Vec<Member<PublishRequest, Vec<Written>>>,
     ) {
         let inner = &*self.inner;
         let mut members = members;
-        let combined = members.is_empty();
         let (namespace, ttl, negative_ttl) = &group;
         let outcome = async {
             on_conn!(
@@ -762,8 +769,8 @@ impl PgStore {
                 inner.lock_timeout,
                 None,
                 |conn| {
-                    if combined {
-                        members = inner.publishes.close(&group);
+                    if let Some(number) = number {
+                        members = inner.publishes.close(&group, number);
                     }
                     let mut rows: Vec<(&str, Option<&str>, i64)> = members
                         .iter()
@@ -800,10 +807,10 @@ impl PgStore {
             )
         }
         .await;
-        if combined && members.is_empty() {
+        if let Some(number) = number.filter(|_| members.is_empty()) {
             // The connection never came: whoever joined meanwhile shares
             // the error.
-            members = inner.publishes.close(&group);
+            members = inner.publishes.close(&group, number);
         }
         let rows = match outcome {
             Ok(rows) => rows,

@@ -220,13 +220,13 @@ impl PgStore {
             keys: Arc::clone(&keys),
             ticket,
         };
-        let joined = self.inner.reads.join(&group, request);
+        let joined = self.inner.reads.join(&group, request, keys.len());
         if let Some(number) = joined.leads {
             let (store, abandoned) = (self.clone(), self.clone());
             let abandoned_group = group.clone();
             combine::spawn_runner(
                 move || abandoned.inner.reads.abandon(&abandoned_group, number),
-                async move { store.run_reads(group).await },
+                async move { store.run_reads(group, number).await },
             );
         }
         let (rows, handed) = combine::answered(joined.answer).await?;
@@ -236,9 +236,9 @@ impl PgStore {
         Ok(rows.lookups(namespace, &keys))
     }
 
-    /// Runs the reads of the group open for `group` as one statement, once a
+    /// Runs the reads of group `number` of `group` as one statement, once a
     /// connection is at hand, and answers each member.
-    async fn run_reads(&self, group: ReadGroup) {
+    async fn run_reads(&self, group: ReadGroup, number: u64) {
         let inner = &*self.inner;
         let mut members = Vec::new();
         let mut kept = None;
@@ -256,7 +256,7 @@ impl PgStore {
                 None,
                 then keep,
                 |conn| {
-                    members = inner.reads.close(&group);
+                    members = inner.reads.close(&group, number);
                     let mut seen = HashSet::new();
                     let keys: Vec<&str> = members
                         .iter()
@@ -271,7 +271,7 @@ impl PgStore {
         }
         .await;
         if members.is_empty() {
-            members = inner.reads.close(&group);
+            members = inner.reads.close(&group, number);
         }
         let rows = match outcome {
             Ok(rows) => Arc::new(ReadRows::new(rows)),
@@ -361,6 +361,11 @@ impl PgStore {
                     secs.push(lease.as_secs_f64());
                 }
             }
+        }
+        // One transaction locks them all: within the cap, or the batches
+        // claim for themselves (in groups within it).
+        if keys.len() > self.inner.max_locks_per_transaction {
+            return Err(conn);
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(conn);

@@ -751,9 +751,12 @@ impl PgStoreBuilder {
     }
 
     /// The most keys one claim or fill transaction locks; larger miss sets
-    /// are filled in several groups, one after another. The server's lock
-    /// table is shared and finite (default settings fail near 10–20
-    /// thousand locks in one transaction). At least 1.
+    /// are filled in several groups, one after another, and claims of
+    /// several fills that go as one statement (those that queue together,
+    /// and the claim a read makes for the batches it answers) stay within
+    /// it too. The server's lock table is shared and finite (default
+    /// settings fail near 10–20 thousand locks in one transaction). At
+    /// least 1.
     pub fn max_locks_per_transaction(mut self, max: usize) -> Self {
         self.max_locks_per_transaction = max;
         self
@@ -825,9 +828,12 @@ impl PgStoreBuilder {
                 events: OnceLock::new(),
                 waiters: Arc::new(Waiters::default()),
                 closing: tokio::sync::watch::channel(()).0,
-                reads: Groups::new(),
-                claims: Groups::new(),
-                publishes: Groups::new(),
+                // Reads and publishes take no advisory lock: a group of them
+                // is as large as what queues. A combined claim locks every
+                // key of its group in one transaction, within the cap.
+                reads: Groups::new(usize::MAX),
+                claims: Groups::new(self.max_locks_per_transaction),
+                publishes: Groups::new(usize::MAX),
                 learned: Learned::default(),
             }),
         })
