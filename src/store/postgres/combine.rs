@@ -7,10 +7,10 @@
 //! together go as one statement: the first to ask opens a group and
 //! starts its runner; whoever asks while the runner waits for a connection
 //! joins the group (while it has room: see below); once the runner has its
-//! connection it closes the group and runs it. A read that finds a lane free with a connection kept for
-//! it, and no group of its namespace open, runs alone at once, in its
-//! caller's task: there is nothing to combine with or wait for, and a
-//! runner would only add a hand-over each way.
+//! connection it closes the group and runs it. A read that finds a lane
+//! free with a connection kept for it, and no group of its namespace open,
+//! runs alone at once, in its caller's task: there is nothing to combine
+//! with or wait for, and a runner would only add a hand-over each way.
 //!
 //! What it guarantees:
 //!
@@ -72,8 +72,9 @@ pub(super) struct Groups<K, R, A> {
     open: Mutex<HashMap<K, VecDeque<Open<R, A>>>>,
     /// The number of the next group opened.
     next: std::sync::atomic::AtomicU64,
-    /// The most keys a group takes: a request that would bring it past
-    /// this opens the next group instead (unless the group is empty).
+    /// The most keys a group takes: a request that would bring the newest
+    /// group past this opens the next group instead (a request of more
+    /// keys than this forms a group of its own).
     max_keys: usize,
 }
 
