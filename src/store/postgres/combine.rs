@@ -68,7 +68,8 @@ struct Open<R, A> {
 /// in common: the namespace, and for a publish its times to live).
 pub(super) struct Groups<K, R, A> {
     /// Per key, the open groups, oldest first: each waits for a connection
-    /// (its runner's), and only the newest takes members.
+    /// (its runner's), and only the newest takes members. A key has an
+    /// entry only while it has an open group.
     open: Mutex<HashMap<K, VecDeque<Open<R, A>>>>,
     /// The number of the next group opened.
     next: std::sync::atomic::AtomicU64,
@@ -109,8 +110,9 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
         let (answer, receiver) = oneshot::channel();
         let member = Member { request, answer };
         let mut open = self.lock();
-        let queue = open.entry(key.clone()).or_default();
-        let leads = match queue.back_mut() {
+        // The key is cloned only to open its first group.
+        let newest = open.get_mut(key).and_then(VecDeque::back_mut);
+        let leads = match newest {
             Some(group) if group.keys.saturating_add(keys) <= self.max_keys => {
                 group.members.push(member);
                 group.keys += keys;
@@ -118,11 +120,17 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
             }
             _ => {
                 let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                queue.push_back(Open {
+                let group = Open {
                     number,
                     members: vec![member],
                     keys,
-                });
+                };
+                match open.get_mut(key) {
+                    Some(queue) => queue.push_back(group),
+                    None => {
+                        open.insert(key.clone(), VecDeque::from([group]));
+                    }
+                }
                 Some(number)
             }
         };
@@ -135,7 +143,7 @@ impl<K: Eq + Hash + Clone, R, A> Groups<K, R, A> {
     /// Whether a group of `key` is open (its runner waits for a
     /// connection).
     pub(super) fn is_open(&self, key: &K) -> bool {
-        self.lock().get(key).is_some_and(|queue| !queue.is_empty())
+        self.lock().contains_key(key)
     }
 
     /// Takes group `number` of `key` out of the open ones, with its
