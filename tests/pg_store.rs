@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::lock_id;
-use loadlock::{Cache, Error, FillMode, LockMode, PgStore, Quota, RetryPolicy};
+use loadlock::{Cache, Error, FillMode, LockMode, PgRateLimit, PgStore, Quota, RetryPolicy};
 use sqlx::{Connection, PgConnection};
 use support::pg::TestDb;
 use support::{value_of, Fake};
@@ -1219,6 +1219,63 @@ async fn a_lease_outlives_a_rate_limit_wait_longer_than_itself() {
     );
     assert_eq!(other.stats().lease_takeovers, 0);
     assert!(other.stats().lease_waits >= 1, "the other instance waited");
+    db.cleanup().await;
+}
+
+/// With leases the fleet budget is charged when a call is made, after the
+/// claim, for keys this instance leased: 8 instances missing the same key
+/// at once under a budget of one call per 2 s make one call, and none of
+/// them waits for budget (charged before the claim, as held transactions
+/// must, seven would wait 2 s each for a call they never make). The budget
+/// binds: the next call, for another key, waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_budget_pays_only_for_calls_made() {
+    let db = TestDb::new("budget_after_claim").await;
+    let fake = Fake::<u64>::builder("pg/budget-after-claim")
+        .delay(Duration::from_millis(200))
+        .build();
+    let once_per_2s =
+        Quota::per_period(NonZeroU32::new(1).unwrap(), Duration::from_secs(2)).unwrap();
+    let table = format!("{}.rate_limit", db.schema);
+    let mut caches = Vec::new();
+    for _ in 0..8 {
+        let budget = PgRateLimit::with_table(db.pool(2).await, once_per_2s, &table).unwrap();
+        budget.migrate().await.unwrap();
+        caches.push(
+            Cache::builder(fake.clone())
+                .store(db.store(LockMode::PerKey).await)
+                .fleet_rate_limit(budget)
+                .build()
+                .unwrap(),
+        );
+    }
+    let barrier = Arc::new(Barrier::new(caches.len()));
+    let loads = caches.iter().map(|cache| {
+        let (cache, barrier) = (cache.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            cache.loader().load(7).await
+        })
+    });
+    // Bounded: charged before the claim, the last would wait 14 s.
+    let answers = tokio::time::timeout(Duration::from_secs(30), join_all(loads))
+        .await
+        .expect("every instance answered");
+    for answer in answers {
+        assert_eq!(answer.unwrap().unwrap(), Some(value_of(&7)));
+    }
+    assert_eq!(fake.calls(), vec![vec![7]]);
+    let waited: u64 = caches.iter().map(|c| c.stats().rate_limited_waits).sum();
+    assert_eq!(waited, 0, "an instance waited for budget it did not spend");
+    assert_eq!(
+        caches[0].loader().load(8).await.unwrap(),
+        Some(value_of(&8))
+    );
+    assert_eq!(
+        caches[0].stats().rate_limited_waits,
+        1,
+        "the second call waits for the budget"
+    );
     db.cleanup().await;
 }
 
