@@ -108,49 +108,12 @@ async fn a_bounded_store_keeps_at_most_its_capacity() {
     assert!(again.version > first.version, "versions only grow");
 }
 
-/// A fill whose provider call fails releases its leases at once: another
-/// cache on the same store, waiting for the key, claims and fetches it
-/// itself instead of waiting for the lease to expire (it lasts the
-/// provider timeout, 60 s here).
+/// A fill whose provider call fails releases its leases at once (see
+/// `support::a_failed_fill_releases_its_leases_at_once`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_fill_releases_its_leases_at_once() {
     let store = MemoryStore::new();
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let failing = Fake::<u64>::builder("mem/release")
-        .gate(gate.clone())
-        .build();
-    failing.fail_next(1);
-    let first = Cache::builder(failing.clone())
-        .store(store.clone())
-        .provider_timeout(Duration::from_secs(60))
-        .retry(loadlock::RetryPolicy::none())
-        .build()
-        .unwrap();
-    let healthy = Fake::<u64>::new("mem/release");
-    let second = Cache::builder(healthy.clone())
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let failed = tokio::spawn(async move { first.loader().load(1).await });
-    while failing.call_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // The key is leased by the first cache's fill: the second waits.
-    let waiting = tokio::spawn(async move { second.loader().load(1).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the key is leased by the first fill"
-    );
-    gate.add_permits(1);
-    assert!(failed.await.unwrap().is_err());
-    let loaded = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the waiting fill did not wait for the lease to expire")
-        .unwrap()
-        .unwrap();
-    assert_eq!(loaded, Some(support::value_of(&1)));
-    assert_eq!(healthy.keys_fetched(), 1);
+    support::a_failed_fill_releases_its_leases_at_once(store.clone(), store, "mem/release").await;
 }
 
 /// A fill that fails in a later round fails only the keys of that round:

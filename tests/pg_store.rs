@@ -1279,6 +1279,20 @@ async fn the_fleet_budget_pays_only_for_calls_made() {
     db.cleanup().await;
 }
 
+/// A fill whose provider call fails releases its leases at once, on
+/// Postgres too: another instance waiting for the key claims it then (see
+/// `support::a_failed_fill_releases_its_leases_at_once`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_fill_releases_its_leases_at_once() {
+    let db = TestDb::new("release").await;
+    let (first, second) = (
+        db.store(LockMode::PerKey).await,
+        db.store(LockMode::PerKey).await,
+    );
+    support::a_failed_fill_releases_its_leases_at_once(first, second, "pg/release").await;
+    db.cleanup().await;
+}
+
 /// A provider whose answer depends on the tenant: safe to cache only with
 /// the tenant in the namespace.
 #[derive(Clone)]

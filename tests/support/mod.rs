@@ -405,3 +405,48 @@ pub async fn a_held_lock_times_out(db: &pg::TestDb, store: loadlock::PgStore, na
     assert_eq!(cache.loader().load(5).await.unwrap(), Some(value_of(&5)));
     assert_eq!(provider.call_count(), 1);
 }
+
+/// A fill whose provider call fails releases its leases at once: a cache on
+/// `second`, waiting for the key a cache on `first` leased, claims and
+/// fetches it itself instead of waiting for the lease to expire (it lasts
+/// the provider timeout, 30 s here). `first` and `second` share one table
+/// (or are one store).
+pub async fn a_failed_fill_releases_its_leases_at_once<S>(first: S, second: S, namespace: &str)
+where
+    S: loadlock::store::Store<Fake<u64>> + Clone,
+{
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let failing = Fake::<u64>::builder(namespace).gate(gate.clone()).build();
+    failing.fail_next(1);
+    let first = loadlock::Cache::builder(failing.clone())
+        .store(first)
+        .provider_timeout(Duration::from_secs(30))
+        .retry(loadlock::RetryPolicy::none())
+        .build()
+        .unwrap();
+    let healthy = Fake::<u64>::new(namespace);
+    let second = loadlock::Cache::builder(healthy.clone())
+        .store(second)
+        .build()
+        .unwrap();
+    let failed = tokio::spawn(async move { first.loader().load(1).await });
+    while failing.call_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The key is leased by the first cache's fill: the second waits.
+    let waiting = tokio::spawn(async move { second.loader().load(1).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the key is leased by the first fill"
+    );
+    gate.add_permits(1);
+    assert!(failed.await.unwrap().is_err());
+    let loaded = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting fill did not wait for the lease to expire")
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded, Some(value_of(&1)));
+    assert_eq!(healthy.keys_fetched(), 1);
+}
