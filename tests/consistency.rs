@@ -121,8 +121,19 @@ enum Meets {
     Revokes,
 }
 
+/// What ends the fill's claim on the key in the classic race.
+#[derive(Clone, Copy)]
+enum By {
+    /// `Cache::invalidate`, after the source changed.
+    Invalidate,
+    /// `Cache::write`, whose update runs with the keys locked (the source
+    /// changed already; it has nothing left to do).
+    Write,
+}
+
 /// The classic race, step by step: a fill has read v1 and is held before it
-/// writes; the source changes to v2 and `invalidate` is called. Either it
+/// writes; the source changes to v2 and `invalidate` (or `write`) is called
+/// on another instance. Either it
 /// waits for the fill, or it revokes the fill's lease, and the fill, which
 /// fetched v1, must neither write nor deliver it. Once it returns, every
 /// instance loads v2. `namespace` is the test's own (advisory locks are
@@ -130,6 +141,7 @@ enum Meets {
 async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(
     stores: Vec<S>,
     meets: Meets,
+    by: By,
     namespace: &str,
 ) {
     let source = Source::default();
@@ -163,7 +175,10 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(
         let (cache, started) = (others[0].clone(), started.clone());
         async move {
             started.add_permits(1);
-            cache.invalidate([1]).await
+            match by {
+                By::Invalidate => cache.invalidate([1]).await.map_err(|e| e.to_string()),
+                By::Write => cache.write([1], async {}).await.map_err(|e| e.to_string()),
+            }
         }
     });
     started.acquire().await.unwrap().forget();
@@ -208,10 +223,23 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(
 async fn classic_race_memory_store() {
     let store = MemoryStore::new();
     let stores = vec![store.clone(), store.clone(), store];
-    slow_reader_cannot_write_back(stores, Meets::Revokes, "consistency/classic").await;
+    slow_reader_cannot_write_back(
+        stores,
+        Meets::Revokes,
+        By::Invalidate,
+        "consistency/classic",
+    )
+    .await;
 }
 
-async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_by_write_memory_store() {
+    let store = MemoryStore::new();
+    let stores = vec![store.clone(), store.clone(), store];
+    slow_reader_cannot_write_back(stores, Meets::Revokes, By::Write, "consistency/classic-w").await;
+}
+
+async fn classic_race_on_postgres(fill: FillMode, meets: Meets, by: By, tag: &str) {
     let db = TestDb::new(tag).await;
     let mut stores = Vec::new();
     for _ in 0..3 {
@@ -219,7 +247,7 @@ async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
     }
     let pool = stores[0].pool().clone();
     let namespace = format!("consistency/classic/{tag}");
-    slow_reader_cannot_write_back(stores, meets, &namespace).await;
+    slow_reader_cannot_write_back(stores, meets, by, &namespace).await;
     // The table holds v2, never the v1 fetched before the invalidation.
     let value: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT value FROM {} WHERE namespace = $1 AND key = '1'",
@@ -235,12 +263,29 @@ async fn classic_race_on_postgres(fill: FillMode, meets: Meets, tag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn classic_race_postgres_leases() {
-    classic_race_on_postgres(FillMode::Lease, Meets::Revokes, "classic_lease").await;
+    classic_race_on_postgres(
+        FillMode::Lease,
+        Meets::Revokes,
+        By::Invalidate,
+        "classic_lease",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_by_write_postgres_leases() {
+    classic_race_on_postgres(FillMode::Lease, Meets::Revokes, By::Write, "classic_write").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn classic_race_postgres_held_transactions() {
-    classic_race_on_postgres(FillMode::HeldTransaction, Meets::Waits, "classic_held").await;
+    classic_race_on_postgres(
+        FillMode::HeldTransaction,
+        Meets::Waits,
+        By::Invalidate,
+        "classic_held",
+    )
+    .await;
 }
 
 /// One recorded load: the key, when it started, the version it returned.
