@@ -637,6 +637,77 @@ async fn versions_only_grow_postgres() {
     db.cleanup().await;
 }
 
+/// `put_if_version` revokes a lease as an invalidation does: the refill of
+/// an expired entry, held at the provider after reading v1, loses its lease
+/// to a compare-and-set of v2 made with the entry's version on another
+/// instance; the refill neither writes v1 over v2 nor delivers it, and
+/// fetches again.
+async fn compare_and_set_revokes_a_refill<S: Store<SlowReader> + Clone>(stores: [S; 2], tag: &str) {
+    const TTL: Duration = Duration::from_millis(200);
+    let source = Source::default();
+    source.write(1); // v1
+    let namespace = format!("consistency/{tag}");
+    let gate = Arc::new(Semaphore::new(0));
+    let mut slow = SlowReader::new(&source, &namespace);
+    slow.gate = Some(gate.clone());
+    let [first, second] = stores;
+    let holder = Cache::builder(slow.clone())
+        .store(first)
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let other = Cache::builder(SlowReader::new(&source, &namespace))
+        .store(second)
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let entry = other.loader().load_entry(1).await.unwrap().unwrap();
+    assert_eq!(entry.value, 1);
+    tokio::time::sleep(TTL * 2).await;
+
+    // The entry expired: the holder's refill leases the key, reads v1, and
+    // is held.
+    let refilling = tokio::spawn({
+        let holder = holder.clone();
+        async move { holder.loader().load(1).await }
+    });
+    slow.read_done.acquire().await.unwrap().forget();
+    assert_eq!(source.write(1), 2); // v2
+    let put = tokio::time::timeout(
+        Duration::from_secs(10),
+        other.put_if_version(1, entry.version, 2),
+    )
+    .await
+    .expect("a compare-and-set must not wait for a leased refill")
+    .unwrap();
+    assert!(put > entry.version);
+    gate.add_permits(2);
+    assert_eq!(
+        refilling.await.unwrap().unwrap(),
+        Some(2),
+        "a refill whose lease was revoked delivers nothing it fetched before"
+    );
+    assert_eq!(holder.stats().leases_revoked, 1);
+    assert_eq!(other.loader().load(1).await.unwrap(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compare_and_set_revokes_a_refill_memory_store() {
+    let store = MemoryStore::new();
+    compare_and_set_revokes_a_refill([store.clone(), store], "cas-refill-mem").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compare_and_set_revokes_a_refill_postgres() {
+    let db = TestDb::new("cas_refill").await;
+    let stores = [
+        db.store(LockMode::PerKey).await,
+        db.store(LockMode::PerKey).await,
+    ];
+    compare_and_set_revokes_a_refill(stores, "cas-refill-pg").await;
+    db.cleanup().await;
+}
+
 /// A namespace invalidation makes every key of it fetch afresh, on every
 /// instance, and leaves other namespaces alone.
 async fn namespace_invalidation<S: Store<SlowReader> + Clone>(stores: Vec<S>, tag: &str) {
