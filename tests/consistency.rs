@@ -129,11 +129,13 @@ enum By {
     /// `Cache::write`, whose update runs with the keys locked (the source
     /// changed already; it has nothing left to do).
     Write,
+    /// `Cache::invalidate_namespace`.
+    Namespace,
 }
 
 /// The classic race, step by step: a fill has read v1 and is held before it
-/// writes; the source changes to v2 and `invalidate` (or `write`) is called
-/// on another instance. Either it
+/// writes; the source changes to v2 and `invalidate` (or `write`, or
+/// `invalidate_namespace`) is called on another instance. Either it
 /// waits for the fill, or it revokes the fill's lease, and the fill, which
 /// fetched v1, must neither write nor deliver it. Once it returns, every
 /// instance loads v2. `namespace` is the test's own (advisory locks are
@@ -178,6 +180,10 @@ async fn slow_reader_cannot_write_back<S: Store<SlowReader> + Clone>(
             match by {
                 By::Invalidate => cache.invalidate([1]).await.map_err(|e| e.to_string()),
                 By::Write => cache.write([1], async {}).await.map_err(|e| e.to_string()),
+                By::Namespace => cache
+                    .invalidate_namespace()
+                    .await
+                    .map_err(|e| e.to_string()),
             }
         }
     });
@@ -239,6 +245,19 @@ async fn classic_race_by_write_memory_store() {
     slow_reader_cannot_write_back(stores, Meets::Revokes, By::Write, "consistency/classic-w").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_by_namespace_invalidation_memory_store() {
+    let store = MemoryStore::new();
+    let stores = vec![store.clone(), store.clone(), store];
+    slow_reader_cannot_write_back(
+        stores,
+        Meets::Revokes,
+        By::Namespace,
+        "consistency/classic-ns",
+    )
+    .await;
+}
+
 async fn classic_race_on_postgres(fill: FillMode, meets: Meets, by: By, tag: &str) {
     let db = TestDb::new(tag).await;
     let mut stores = Vec::new();
@@ -275,6 +294,11 @@ async fn classic_race_postgres_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn classic_race_by_write_postgres_leases() {
     classic_race_on_postgres(FillMode::Lease, Meets::Revokes, By::Write, "classic_write").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_race_by_namespace_invalidation_postgres_leases() {
+    classic_race_on_postgres(FillMode::Lease, Meets::Revokes, By::Namespace, "classic_ns").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
