@@ -838,6 +838,77 @@ async fn purge_expired_deletes_in_bounded_batches_without_blocking() {
     db.cleanup().await;
 }
 
+/// `invalidate_namespace` costs the same whatever the namespace holds: it
+/// starts the namespace's next generation (the same round trips whatever
+/// its size, no row of the namespace touched), after which every row of the older one is a miss;
+/// `purge_expired` reclaims them, and leaves other namespaces alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_invalidation_is_one_row_write_whatever_the_namespace_holds() {
+    let db = TestDb::new("ns_generation").await;
+    let store = db.store(LockMode::PerKey).await;
+    let provider = Fake::<u64>::builder("pg/ns-generation")
+        .max_batch(1000)
+        .build();
+    let cache = Cache::builder(provider.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let other = Cache::builder(Fake::<u64>::new("pg/ns-generation-other"))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    other.loader().load_many(0..10).await.unwrap();
+    // How many rows a namespace has, and the newest version among them
+    // (any row rewritten would have a newer one).
+    let rows_of = |namespace: &'static str| {
+        let (url, table) = (db.url.clone(), db.table());
+        async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*), coalesce(max(version), 0) FROM {table} WHERE namespace = $1"
+            )))
+            .bind(namespace)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+        }
+    };
+    let mut costs = Vec::new();
+    for size in [10u64, 5_000] {
+        cache.loader().load_many(0..size).await.unwrap();
+        let rows = rows_of("pg/ns-generation").await;
+        assert_eq!(rows.0, size as i64);
+        let before = store.round_trips();
+        cache.invalidate_namespace().await.unwrap();
+        costs.push(store.round_trips() - before);
+        // No row was deleted or rewritten, yet every one is a miss.
+        assert_eq!(rows_of("pg/ns-generation").await, rows);
+        let fetched = provider.keys_fetched();
+        cache.loader().load_many(0..size).await.unwrap();
+        assert_eq!(provider.keys_fetched() - fetched, size as usize);
+        cache.invalidate_namespace().await.unwrap();
+    }
+    assert_eq!(
+        costs[0], costs[1],
+        "the same round trips for 10 keys and 5,000"
+    );
+
+    // The old generations' rows are reclaimed; the other namespace's stay.
+    let mut purged = 0;
+    loop {
+        let n = store.purge_expired(1000).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        purged += n;
+    }
+    assert_eq!(purged, 5_000);
+    assert_eq!(rows_of("pg/ns-generation").await.0, 0);
+    assert_eq!(rows_of("pg/ns-generation-other").await.0, 10);
+    assert_eq!(other.loader().load(3).await.unwrap(), Some(value_of(&3)));
+    db.cleanup().await;
+}
+
 async fn wait_until(mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
