@@ -481,11 +481,11 @@ impl PgStore {
         // claim joined a group) the next waiting statement's.
         let handed = crate::handoff::take::<Conn>(self.id());
         let ticket = crate::handoff::take::<Ticket>(self.id());
-        if let Some(group) = joined.leads {
+        if let Some(number) = joined.leads {
             let (store, abandoned) = (self.clone(), self.clone());
             let abandoned_namespace = namespace.clone();
             combine::spawn_runner(
-                move || abandoned.inner.claims.abandon(&abandoned_namespace, group),
+                move || abandoned.inner.claims.abandon(&abandoned_namespace, number),
                 crate::handoff::scope(async move {
                     let conn = match (handed, ticket) {
                         (Some(conn), _) => Some(conn),
@@ -496,7 +496,7 @@ impl PgStore {
                     if let Some(conn) = conn {
                         crate::handoff::offer(store.id(), conn);
                     }
-                    store.run_claims(namespace, Some(group), Vec::new()).await;
+                    store.run_claims(namespace, Some(number), Vec::new()).await;
                 }),
             );
         } else {
@@ -506,13 +506,13 @@ impl PgStore {
         combine::answered(joined.answer).await
     }
 
-    /// Runs the claims of `members` (or, with a `group`, of that group of
+    /// Runs the claims of `members` (or, with a `number`, of that group of
     /// `namespace` once a connection is at hand) as one statement and
     /// answers each.
     async fn run_claims(
         &self,
         namespace: String,
-        group: Option<u64>,
+        number: Option<u64>,
         members: Vec<Member<ClaimRequest, ClaimAnswer>>,
     ) {
         let inner = &*self.inner;
@@ -526,8 +526,8 @@ impl PgStore {
                 Duration::ZERO,
                 None,
                 |conn| {
-                    if let Some(group) = group {
-                        members = inner.claims.close(&namespace, group);
+                    if let Some(number) = number {
+                        members = inner.claims.close(&namespace, number);
                     }
                     let mut seen = HashSet::new();
                     let mut secs = Vec::new();
@@ -545,8 +545,8 @@ impl PgStore {
             )
         }
         .await;
-        if let Some(group) = group.filter(|_| members.is_empty()) {
-            members = inner.claims.close(&namespace, group);
+        if let Some(number) = number.filter(|_| members.is_empty()) {
+            members = inner.claims.close(&namespace, number);
         }
         let answered = outcome.and_then(|rows| self.claim_rows(keys.len(), rows));
         let (token, states) = match answered {
