@@ -35,6 +35,7 @@
 //! 127.0.0.1:5432, or a throwaway cluster started from the installed server
 //! binaries (it stops itself shortly after the run).
 
+mod delay;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/pg.rs"]
 mod pg;
@@ -279,9 +280,9 @@ impl Cli {
 
 // ---------------------------------------------------------------- provider
 
-/// The simulated provider: a latency per call and a rate limit enforced on
-/// its side (a GCRA, burst of 1/10 s): a call beyond it is refused with a
-/// retry-after, like an HTTP 429.
+/// The simulated provider: a latency per call (kept to the microsecond: see
+/// `delay`) and a rate limit enforced on its side (a GCRA, burst of 1/10 s):
+/// a call beyond it is refused with a retry-after, like an HTTP 429.
 struct Sim {
     latency: Duration,
     max_batch: usize,
@@ -343,7 +344,7 @@ impl Sim {
         }
         self.calls.fetch_add(1, Relaxed);
         self.keys.fetch_add(keys.len() as u64, Relaxed);
-        tokio::time::sleep(self.latency).await;
+        delay::sleep(self.latency).await;
         Ok(keys.iter().map(|&k| (k, value(k))).collect())
     }
 
