@@ -92,6 +92,11 @@ struct Cli {
     /// 20].
     #[arg(long)]
     latency_ms: Option<u64>,
+    /// Vary each call's latency by up to this fraction either way, drawn
+    /// uniformly (0.1: 45–55 ms for a latency of 50 ms) [default: 0, every
+    /// call the same].
+    #[arg(long, default_value_t = 0.0)]
+    jitter: f64,
     /// Provider rate limit, calls per second, for the whole fleet (it
     /// answers "429" beyond it) [default: 100; with --open, 20000].
     #[arg(long)]
@@ -181,6 +186,7 @@ struct Args {
     requests: usize,
     duration: Option<f64>,
     latency_ms: u64,
+    jitter: f64,
     rate_limit: u32,
     /// Whether loadlock gets a fleet budget (`fleet_rate_limit`).
     fleet_limit: bool,
@@ -219,6 +225,9 @@ impl Cli {
         if self.shards == 0 {
             bad("--shards must be at least 1".into());
         }
+        if !(0.0..1.0).contains(&self.jitter) {
+            bad("--jitter must be a fraction from 0 up to (not including) 1".into());
+        }
         if !self.shard_urls.is_empty() && self.shard_urls.len() + 1 != self.shards {
             bad(format!(
                 "--shards {} needs {} --shard-urls (the first shard is the run's own server)",
@@ -256,6 +265,7 @@ impl Cli {
             requests: self.requests.unwrap_or(pick(5, 30) as usize),
             duration: self.duration,
             latency_ms: self.latency_ms.unwrap_or(pick(50, 20)),
+            jitter: self.jitter,
             rate_limit: self.rate_limit.unwrap_or(pick(100, 20_000) as u32),
             fleet_limit: !open && !self.no_fleet_limit,
             max_batch: self.max_batch,
@@ -280,11 +290,14 @@ impl Cli {
 
 // ---------------------------------------------------------------- provider
 
-/// The simulated provider: a latency per call (kept to the microsecond: see
-/// `delay`) and a rate limit enforced on its side (a GCRA, burst of 1/10 s):
-/// a call beyond it is refused with a retry-after, like an HTTP 429.
+/// The simulated provider: a latency per call (kept to tens of
+/// microseconds, see `delay`; varied by `--jitter`) and a rate limit
+/// enforced on its side (a GCRA, burst of 1/10 s): a call beyond it is
+/// refused with a retry-after, like an HTTP 429.
 struct Sim {
     latency: Duration,
+    /// The most a call's latency varies either way, as a fraction of it.
+    jitter: f64,
     max_batch: usize,
     emission: Duration,
     tolerance: Duration,
@@ -314,6 +327,7 @@ impl Sim {
         let emission = Duration::from_secs(1) / args.rate_limit.max(1);
         Arc::new(Sim {
             latency: Duration::from_millis(args.latency_ms),
+            jitter: args.jitter,
             max_batch: args.max_batch,
             emission,
             tolerance: Duration::from_millis(100),
@@ -344,7 +358,13 @@ impl Sim {
         }
         self.calls.fetch_add(1, Relaxed);
         self.keys.fetch_add(keys.len() as u64, Relaxed);
-        delay::sleep(self.latency).await;
+        let latency = if self.jitter > 0.0 {
+            self.latency
+                .mul_f64(1.0 + rand::thread_rng().gen_range(-self.jitter..=self.jitter))
+        } else {
+            self.latency
+        };
+        delay::sleep(latency).await;
         Ok(keys.iter().map(|&k| (k, value(k))).collect())
     }
 
@@ -1201,6 +1221,7 @@ async fn main() {
                 "speed": args.speed,
                 "ttl_s": args.ttl,
                 "latency_ms": args.latency_ms,
+                "jitter": args.jitter,
                 "rate_limit": args.rate_limit,
                 "fleet_limit": args.fleet_limit,
                 "shards": args.shards,
@@ -1218,8 +1239,13 @@ async fn main() {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!(
-            "{workload}; provider {} ms, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
+            "{workload}; provider {} ms{}, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
             args.latency_ms,
+            if args.jitter > 0.0 {
+                format!(" ± {}%", args.jitter * 100.0)
+            } else {
+                String::new()
+            },
             args.rate_limit,
             args.max_batch,
             args.ttl,
