@@ -93,8 +93,8 @@ struct Cli {
     #[arg(long)]
     latency_ms: Option<u64>,
     /// Vary each call's latency by up to this fraction either way, drawn
-    /// uniformly (0.1: 45–55 ms for a latency of 50 ms) [default: 0, every
-    /// call the same].
+    /// uniformly (0.1: 45–55 ms for a latency of 50 ms; 0: every call
+    /// takes the same).
     #[arg(long, default_value_t = 0.0)]
     jitter: f64,
     /// Provider rate limit, calls per second, for the whole fleet (it
