@@ -238,7 +238,10 @@ impl<F: BatchFetch> CacheBuilder<F> {
 
     /// Limits provider calls across every instance sharing `limit`'s table,
     /// and pauses them all when the provider asks one of them to back off.
-    /// Calls waiting for this budget share calls as described at
+    /// A call that finds the budget spent takes the next free turn and
+    /// waits for it, so turns go in the order calls asked (see
+    /// [`PgRateLimit`](crate::PgRateLimit)). Calls waiting for this budget
+    /// share calls as described at
     /// [`rate_limit_calls`](Self::rate_limit_calls).
     #[cfg(feature = "postgres")]
     pub fn fleet_rate_limit(mut self, limit: crate::PgRateLimit) -> Self {

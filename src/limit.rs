@@ -150,15 +150,24 @@ type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddl
 /// A limiter shared by every instance of a fleet; see `PgRateLimit`.
 #[async_trait::async_trait]
 pub(crate) trait FleetLimiter: Send + Sync + fmt::Debug + 'static {
-    /// Charges one call to `namespace`'s budget if it conforms, returning
-    /// zero; otherwise charges nothing and returns how long to wait before
-    /// trying again (the budget, or a pause another instance was told of).
-    async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error>;
+    /// Charges one call to `namespace`'s budget for its next free turn, and
+    /// says when that is; while the namespace is paused (another instance
+    /// was told to back off), charges nothing and says for how long.
+    async fn reserve(&self, namespace: &str) -> Result<FleetTurn, Error>;
     /// How long the namespace is paused for by a provider's back-off, if it
     /// is.
     async fn paused_for(&self, namespace: &str) -> Result<Duration, Error>;
     /// Pauses the namespace for `delay` across the fleet.
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error>;
+}
+
+/// A fleet budget's answer to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FleetTurn {
+    /// Charged: the call may go once this has passed (zero: now).
+    In(Duration),
+    /// Paused for this long; nothing charged.
+    Paused(Duration),
 }
 
 /// Everything that limits provider calls of one cache.
@@ -277,13 +286,29 @@ impl Limiter {
         }
         if let Some(fleet) = &self.fleet {
             loop {
-                let wait = fleet.try_acquire(namespace).await?;
-                if wait.is_zero() {
-                    break;
+                match fleet.reserve(namespace).await? {
+                    FleetTurn::In(wait) if wait.is_zero() => break,
+                    FleetTurn::In(wait) => {
+                        waited = true;
+                        Self::trace_wait(namespace, wait, "fleet rate limit");
+                        tokio::time::sleep(wait).await;
+                        // A pause recorded while this call waited for its
+                        // turn holds it too; the turn is then given up (going
+                        // after the pause on a turn taken before it would
+                        // add to the calls the budget lets through then).
+                        let paused = fleet.paused_for(namespace).await?;
+                        if paused.is_zero() {
+                            break;
+                        }
+                        Self::trace_wait(namespace, paused, "fleet paused");
+                        tokio::time::sleep(paused).await;
+                    }
+                    FleetTurn::Paused(wait) => {
+                        waited = true;
+                        Self::trace_wait(namespace, wait, "fleet paused");
+                        tokio::time::sleep(wait).await;
+                    }
                 }
-                waited = true;
-                Self::trace_wait(namespace, wait, "fleet rate limit");
-                tokio::time::sleep(wait).await;
             }
         }
         if waited {

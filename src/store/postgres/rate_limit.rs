@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 
 use super::table::{Sql, TableName};
-use crate::limit::FleetLimiter;
+use crate::limit::{FleetLimiter, FleetTurn};
 use crate::{Error, Quota};
 
 /// A provider budget shared by every instance: one GCRA state row per
@@ -16,6 +16,14 @@ use crate::{Error, Quota};
 /// one [`Quota`]. When the provider tells any instance to back off (429 with
 /// `Retry-After`), that instance records `blocked_until` in the row, and
 /// every instance pauses until then.
+///
+/// A call that finds the budget spent reserves the next free turn in the
+/// same statement and waits for it: turns go to calls in the order they
+/// asked, whichever instance they run on, and each call is charged with one
+/// round trip however long it waits (plus one read when its turn comes, to
+/// honour a pause recorded meanwhile). A call whose wait is cancelled, or
+/// that a pause holds past its turn, leaves that turn unused: the budget
+/// then lets fewer calls through, never more.
 ///
 /// Give it a pool of its own (two connections are plenty): it is charged
 /// while fills hold connections of the store's pool, and must not wait for
@@ -55,7 +63,7 @@ struct Inner {
     pool: PgPool,
     table: TableName,
     quota: Quota,
-    charge: Sql,
+    reserve: Sql,
     pause: Sql,
     paused_for: Sql,
     prepared: bool,
@@ -123,12 +131,15 @@ impl PgRateLimit {
 
     fn build(pool: PgPool, quota: Quota, table: TableName, prepared: bool) -> Result<Self, Error> {
         let t = table.quoted("");
-        let charge_fn = table.quoted("_charge");
+        let reserve_fn = table.quoted("_reserve");
         Ok(PgRateLimit {
             inner: Arc::new(Inner {
                 pool,
                 quota,
-                charge: Sql::new(format!("SELECT {charge_fn}($1, $2, $3)"), prepared),
+                reserve: Sql::new(
+                    format!("SELECT wait, reserved FROM {reserve_fn}($1, $2, $3)"),
+                    prepared,
+                ),
                 pause: Sql::new(format!(
                     "INSERT INTO {t} AS r (namespace, tat, blocked_until) \
                      VALUES ($1, clock_timestamp(), clock_timestamp() + make_interval(secs => $2)) \
@@ -150,8 +161,8 @@ impl PgRateLimit {
         self.inner.quota
     }
 
-    /// Creates the table and its charge function; idempotent and safe when
-    /// many instances call it at once (serialized by an advisory lock).
+    /// Creates the table and its functions; idempotent and safe when many
+    /// instances call it at once (serialized by an advisory lock).
     ///
     /// # Errors
     ///
@@ -172,6 +183,9 @@ impl PgRateLimit {
         // GCRA: a call conforms when tat - now <= tolerance; it then moves
         // tat to max(tat, now) + emission. Returns the seconds to wait (0 when
         // charged). The row lock makes the check and the charge atomic.
+        // Instances of earlier versions charge with it (and wait and ask
+        // again); it keeps the same GCRA as `_reserve`, so a fleet in the
+        // middle of an upgrade stays within the quota.
         statements.push(format!(
             "CREATE OR REPLACE FUNCTION {charge}(ns text, emission float8, tolerance float8) \
              RETURNS float8 LANGUAGE plpgsql AS $fn$ \
@@ -192,6 +206,33 @@ impl PgRateLimit {
                RETURN 0; \
              END $fn$",
             charge = table.quoted("_charge"),
+        ));
+        // The same GCRA, reserving: a call that does not conform now is
+        // charged for the moment it will (tat - tolerance), and tat moves
+        // on as if it had come then, so the next call's turn is after it.
+        // Returns the seconds until the turn and `true`; while the
+        // namespace is paused, the seconds left of the pause and `false`
+        // (nothing charged: ask again after it).
+        statements.push(format!(
+            "CREATE OR REPLACE FUNCTION {reserve}(ns text, emission float8, tolerance float8) \
+             RETURNS TABLE (wait float8, reserved boolean) LANGUAGE plpgsql AS $fn$ \
+             DECLARE cur timestamptz; blocked timestamptz; t timestamptz; base timestamptz; \
+             BEGIN \
+               INSERT INTO {t} (namespace, tat) VALUES (ns, clock_timestamp()) \
+                 ON CONFLICT (namespace) DO NOTHING; \
+               SELECT r.tat, r.blocked_until INTO cur, blocked FROM {t} r \
+                 WHERE r.namespace = ns FOR UPDATE; \
+               t := clock_timestamp(); \
+               IF blocked IS NOT NULL AND blocked > t THEN \
+                 RETURN QUERY SELECT extract(epoch FROM blocked - t)::float8, false; \
+                 RETURN; \
+               END IF; \
+               base := greatest(cur, t); \
+               UPDATE {t} SET tat = base + make_interval(secs => emission) WHERE namespace = ns; \
+               RETURN QUERY SELECT greatest(extract(epoch FROM base - t) - tolerance, 0)::float8, \
+                                   true; \
+             END $fn$",
+            reserve = table.quoted("_reserve"),
         ));
         let fail = |e| Error::store(format!("migrating the rate limit table {table}"), e);
         let mut tx = super::migrate::begin_migration(&self.inner.pool, table, self.inner.prepared)
@@ -249,29 +290,28 @@ impl PgRateLimit {
 
 #[async_trait::async_trait]
 impl FleetLimiter for PgRateLimit {
-    async fn try_acquire(&self, namespace: &str) -> Result<Duration, Error> {
+    async fn reserve(&self, namespace: &str) -> Result<FleetTurn, Error> {
         let quota = self.inner.quota;
-        let emission = quota.emission_interval();
-        let tolerance = quota.tolerance();
-        let charge = self
+        let reserve = self
             .inner
-            .charge
-            .query_scalar()
+            .reserve
+            .query_as::<(f64, bool)>()
             .bind(namespace.to_owned())
-            .bind(emission.as_secs_f64())
-            .bind(tolerance.as_secs_f64());
-        let wait: f64 = self
-            .pinned(|conn| Box::pin(charge.fetch_one(conn)))
+            .bind(quota.emission_interval().as_secs_f64())
+            .bind(quota.tolerance().as_secs_f64());
+        let (wait, reserved) = self
+            .pinned(|conn| Box::pin(reserve.fetch_one(conn)))
             .await
             .map_err(|e| self.error("charging the fleet rate limit", e))?;
-        // Exactly 0 means charged; any other answer is a wait (at least 1 µs,
-        // so a tiny or unreadable wait is never taken for a charge).
-        if wait == 0.0 {
-            return Ok(Duration::ZERO);
-        }
-        Ok(Duration::try_from_secs_f64(wait)
-            .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_micros(1)))
+        // An unreadable wait is taken as a second (a turn is at most that
+        // late; a pause is asked about again).
+        let wait = Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(1));
+        Ok(if reserved {
+            FleetTurn::In(wait)
+        } else {
+            // At least 1 µs, so a pause is never taken for a turn.
+            FleetTurn::Paused(wait.max(Duration::from_micros(1)))
+        })
     }
 
     async fn paused_for(&self, namespace: &str) -> Result<Duration, Error> {

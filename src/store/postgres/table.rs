@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
-use sqlx::query::{Query, QueryScalar};
+use sqlx::query::{Query, QueryAs, QueryScalar};
 use sqlx::{AssertSqlSafe, FromRow, SqlSafeStr, SqlStr};
 
 use crate::Error;
@@ -114,6 +114,14 @@ impl Sql {
     /// The statement, for `sqlx::query`.
     pub(crate) fn query(&self) -> Query<'static, Postgres, PgArguments> {
         sqlx::query(self.text.clone()).persistent(self.prepared)
+    }
+
+    /// The statement, for `sqlx::query_as`.
+    pub(crate) fn query_as<O>(&self) -> QueryAs<'static, Postgres, O, PgArguments>
+    where
+        O: for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_as(self.text.clone()).persistent(self.prepared)
     }
 
     /// The statement, for `sqlx::query_scalar`.
