@@ -29,7 +29,7 @@ use crate::{Error, Quota};
 /// while fills hold connections of the store's pool, and must not wait for
 /// one of them.
 ///
-/// The table (default `loadlock_rate_limit`) and its charge function are
+/// The table (default `loadlock_rate_limit`) and its functions are
 /// created by [`migrate`](PgRateLimit::migrate):
 ///
 /// ```sql
