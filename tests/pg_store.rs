@@ -1308,18 +1308,7 @@ async fn the_fleet_budget_pays_only_for_calls_made() {
     let once_per_2s =
         Quota::per_period(NonZeroU32::new(1).unwrap(), Duration::from_secs(2)).unwrap();
     let table = format!("{}.rate_limit", db.schema);
-    let mut caches = Vec::new();
-    for _ in 0..8 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, once_per_2s, &table).unwrap();
-        budget.migrate().await.unwrap();
-        caches.push(
-            Cache::builder(fake.clone())
-                .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
-                .build()
-                .unwrap(),
-        );
-    }
+    let caches = budgeted(&db, &fake, once_per_2s, &table, 8).await;
     let barrier = Arc::new(Barrier::new(caches.len()));
     let loads = caches.iter().map(|cache| {
         let (cache, barrier) = (cache.clone(), barrier.clone());
@@ -1350,82 +1339,50 @@ async fn the_fleet_budget_pays_only_for_calls_made() {
     db.cleanup().await;
 }
 
-/// A provider for the fleet budget's turns: records when each call began
-/// and with which keys; the first call of [`REFUSED`] waits until the test
-/// lets it go, and is then refused with a 429 (retry after 1 s).
-#[derive(Clone)]
-struct Turns {
-    calls: Arc<std::sync::Mutex<Vec<Call>>>,
-    let_refusal_go: Arc<Semaphore>,
-    refused_at: Arc<std::sync::Mutex<Option<Instant>>>,
+/// `n` instances of `provider`, each a cache on a store and a fleet budget
+/// of its own pool, sharing the budget `quota` in `table`.
+async fn budgeted<P>(
+    db: &TestDb,
+    provider: &P,
+    quota: Quota,
+    table: &str,
+    n: usize,
+) -> Vec<Cache<P>>
+where
+    P: loadlock::BatchFetch + Clone,
+    P::Value: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let mut caches = Vec::new();
+    for _ in 0..n {
+        let budget = PgRateLimit::with_table(db.pool(2).await, quota, table).unwrap();
+        budget.migrate().await.unwrap();
+        caches.push(
+            Cache::builder(provider.clone())
+                .store(db.store(LockMode::PerKey).await)
+                .fleet_rate_limit(budget)
+                .build()
+                .unwrap(),
+        );
+    }
+    caches
 }
 
-const REFUSED: u64 = 100;
+/// A load spawned on its own task.
+type Load = tokio::task::JoinHandle<Result<Option<String>, Error>>;
 
-/// When a call began, and its keys.
-type Call = (Instant, Vec<u64>);
-
-#[derive(Debug)]
-struct TooMany;
-
-impl std::fmt::Display for TooMany {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("429: retry after 1 s")
-    }
-}
-
-impl std::error::Error for TooMany {}
-
-#[async_trait::async_trait]
-impl loadlock::BatchFetch for Turns {
-    type Key = u64;
-    type Value = u64;
-    type Error = TooMany;
-
-    fn namespace(&self) -> &str {
-        "pg/budget-turns"
-    }
-
-    async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, TooMany> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((Instant::now(), keys.to_vec()));
-        let first_refusal = keys.contains(&REFUSED) && self.refused_at.lock().unwrap().is_none();
-        if first_refusal {
-            self.let_refusal_go.acquire().await.unwrap().forget();
-            *self.refused_at.lock().unwrap() = Some(Instant::now());
-            return Err(TooMany);
-        }
-        Ok(keys.iter().map(|&k| (k, k)).collect())
-    }
-
-    fn classify(&self, _: &TooMany) -> loadlock::ErrorClass {
-        loadlock::ErrorClass::RateLimited {
-            retry_after: Some(Duration::from_secs(1)),
-        }
+/// Waits (30 s at most) for each load, and checks it answered its key's
+/// value.
+async fn answered(loads: Vec<(u64, Load)>) {
+    for (key, load) in loads {
+        let answer = tokio::time::timeout(Duration::from_secs(30), load)
+            .await
+            .expect("every load answered");
+        assert_eq!(answer.unwrap().unwrap(), Some(value_of(&key)));
     }
 }
 
-impl Turns {
-    fn new() -> Self {
-        Turns {
-            calls: Arc::default(),
-            let_refusal_go: Arc::new(Semaphore::new(0)),
-            refused_at: Arc::default(),
-        }
-    }
-
-    /// When the call with `key` began.
-    fn started(&self, key: u64) -> Instant {
-        let calls = self.calls.lock().unwrap();
-        calls
-            .iter()
-            .find(|(_, keys)| keys.contains(&key))
-            .map(|(at, _)| *at)
-            .unwrap_or_else(|| panic!("no call with key {key}"))
-    }
-}
+/// The namespace of the fleet budget's turns in the tests below.
+const TURNS: &str = "pg/budget-turns";
 
 /// The instant the fleet budget's GCRA row has reached, read until it
 /// moves past `seen` (a call was charged or took a turn), for `patience` at
@@ -1439,7 +1396,7 @@ async fn budget_moved(
     let deadline = Instant::now() + patience;
     loop {
         let tat: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT extract(epoch FROM tat)::float8 FROM {table} WHERE namespace = 'pg/budget-turns'"
+            "SELECT extract(epoch FROM tat)::float8 FROM {table} WHERE namespace = '{TURNS}'"
         )))
         .fetch_optional(&mut *conn)
         .await
@@ -1460,7 +1417,7 @@ async fn leased(conn: &mut PgConnection, table: &str, key: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let leased: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} WHERE namespace = 'pg/budget-turns' \
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE namespace = '{TURNS}' \
                AND key = $1 AND lease_token IS NOT NULL)"
         )))
         .bind(key.to_string())
@@ -1485,27 +1442,19 @@ async fn leased(conn: &mut PgConnection, table: &str, key: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_budget_turns_go_in_the_order_calls_asked() {
     let db = TestDb::new("budget_turns").await;
-    let provider = Turns::new();
+    let provider = Fake::<u64>::new(TURNS);
     let table = format!("{}.rate_limit", db.schema);
     let ten_per_second = Quota::per_second(NonZeroU32::new(10).unwrap());
-    let mut caches = Vec::new();
-    for _ in 0..8 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, ten_per_second, &table).unwrap();
-        budget.migrate().await.unwrap();
-        caches.push(
-            Cache::builder(provider.clone())
-                .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
-                .build()
-                .unwrap(),
-        );
-    }
+    let caches = budgeted(&db, &provider, ten_per_second, &table, 8).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let mut seen = None;
     let mut loads = Vec::new();
     for (key, cache) in (0u64..).zip(&caches) {
         let cache = cache.clone();
-        loads.push(tokio::spawn(async move { cache.loader().load(key).await }));
+        loads.push((
+            key,
+            tokio::spawn(async move { cache.loader().load(key).await }),
+        ));
         leased(&mut conn, &db.table(), key).await;
         // A budget that made waiting calls ask again later would not move
         // for them: the next call then starts 50 ms on, and they race.
@@ -1513,23 +1462,15 @@ async fn fleet_budget_turns_go_in_the_order_calls_asked() {
             .await
             .or(seen);
     }
-    for (key, load) in (0u64..).zip(loads) {
-        let answer = tokio::time::timeout(Duration::from_secs(30), load)
-            .await
-            .expect("every load answered");
-        assert_eq!(answer.unwrap().unwrap(), Some(key));
-    }
-    let order: Vec<Vec<u64>> = provider
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, keys)| keys.clone())
-        .collect();
-    assert_eq!(order, (0..8).map(|k| vec![k]).collect::<Vec<_>>());
+    answered(loads).await;
+    assert_eq!(
+        provider.calls(),
+        (0..8).map(|k| vec![k]).collect::<Vec<_>>()
+    );
     // The budget still binds: seven turns after the first, less a margin
     // for when each call woke.
-    let span = provider.started(7) - provider.started(0);
+    let started = provider.call_times();
+    let span = started[7] - started[0];
     assert!(span >= Duration::from_millis(650), "8 calls in {span:?}");
     let waited: u64 = caches.iter().map(|c| c.stats().rate_limited_waits).sum();
     assert_eq!(waited, 7, "every call but the first waited for its turn");
@@ -1542,25 +1483,23 @@ async fn fleet_budget_turns_go_in_the_order_calls_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_pause_holds_a_call_that_took_its_turn_before_it() {
     let db = TestDb::new("budget_pause").await;
-    let provider = Turns::new();
+    // Calls wait for the test; the first is refused with a 429 (retry
+    // after 1 s).
+    let gate = Arc::new(Semaphore::new(0));
+    let provider = Fake::<u64>::builder(TURNS)
+        .gate(gate.clone())
+        .failures(loadlock::ErrorClass::RateLimited {
+            retry_after: Some(Duration::from_secs(1)),
+        })
+        .build();
+    provider.fail_next(1);
     let table = format!("{}.rate_limit", db.schema);
     let one_per_400ms = Quota::per_period(NonZeroU32::MIN, Duration::from_millis(400)).unwrap();
-    let mut caches = Vec::new();
-    for _ in 0..2 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, one_per_400ms, &table).unwrap();
-        budget.migrate().await.unwrap();
-        caches.push(
-            Cache::builder(provider.clone())
-                .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
-                .build()
-                .unwrap(),
-        );
-    }
+    let caches = budgeted(&db, &provider, one_per_400ms, &table, 2).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     // A is charged and calls; its call waits for the test.
     let a = caches[0].clone();
-    let refused = tokio::spawn(async move { a.loader().load(REFUSED).await });
+    let refused = tokio::spawn(async move { a.loader().load(100).await });
     let charged = budget_moved(&mut conn, &table, None, Duration::from_secs(10))
         .await
         .expect("A was charged");
@@ -1570,21 +1509,21 @@ async fn a_fleet_pause_holds_a_call_that_took_its_turn_before_it() {
     budget_moved(&mut conn, &table, Some(charged), Duration::from_secs(10))
         .await
         .expect("B took a turn");
-    // Now the provider refuses A's call: the fleet pauses for 1 s, past B's
-    // turn.
-    provider.let_refusal_go.add_permits(1);
-    for (key, load) in [(REFUSED, refused), (1, waiting)] {
-        let answer = tokio::time::timeout(Duration::from_secs(30), load)
-            .await
-            .expect("every load answered");
-        assert_eq!(answer.unwrap().unwrap(), Some(key));
-    }
-    let refused_at = provider.refused_at.lock().unwrap().expect("A was refused");
-    let b_called = provider.started(1);
+    // Now the provider refuses A's call: the fleet pauses for 1 s from
+    // then, past B's turn.
+    let released = Instant::now();
+    gate.add_permits(8);
+    answered(vec![(100, refused), (1, waiting)]).await;
+    let calls = provider.calls();
+    let b_call = calls
+        .iter()
+        .position(|keys| keys == &[1])
+        .expect("B called");
+    let b_called = provider.call_times()[b_call];
     assert!(
-        b_called >= refused_at + Duration::from_millis(950),
+        b_called >= released + Duration::from_millis(950),
         "B called {:?} after the 429 that paused the fleet for 1 s",
-        b_called.duration_since(refused_at)
+        b_called.duration_since(released)
     );
     db.cleanup().await;
 }

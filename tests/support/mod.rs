@@ -8,9 +8,9 @@ use std::fmt::{self, Display};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use loadlock::BatchFetch;
+use loadlock::{BatchFetch, ErrorClass};
 
 /// The error the fake returns when told to fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,9 @@ struct Inner<K> {
     delay: Duration,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
+    failures: ErrorClass,
     calls: Mutex<Vec<Vec<K>>>,
+    started: Mutex<Vec<Instant>>,
     fail_next: AtomicUsize,
     panic_next: AtomicUsize,
 }
@@ -55,6 +57,11 @@ impl<K: Eq + Hash + Clone> Fake<K> {
     /// Every call so far, with its keys in the order received.
     pub fn calls(&self) -> Vec<Vec<K>> {
         self.inner.calls.lock().unwrap().clone()
+    }
+
+    /// When each call so far began, in the order of [`calls`](Self::calls).
+    pub fn call_times(&self) -> Vec<Instant> {
+        self.inner.started.lock().unwrap().clone()
     }
 
     pub fn call_count(&self) -> usize {
@@ -98,6 +105,7 @@ pub struct FakeBuilder<K> {
     delay: Duration,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
+    failures: ErrorClass,
 }
 
 impl<K: Eq + Hash + Clone> FakeBuilder<K> {
@@ -108,6 +116,7 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
             delay: Duration::ZERO,
             gate: None,
             not_found: HashSet::new(),
+            failures: ErrorClass::Permanent,
         }
     }
 
@@ -129,6 +138,13 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
         self
     }
 
+    /// How the cache is told to treat the calls told to fail (default:
+    /// permanent failures).
+    pub fn failures(mut self, class: ErrorClass) -> Self {
+        self.failures = class;
+        self
+    }
+
     pub fn not_found(mut self, keys: impl IntoIterator<Item = K>) -> Self {
         self.not_found.extend(keys);
         self
@@ -142,7 +158,9 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
                 delay: self.delay,
                 gate: self.gate,
                 not_found: self.not_found,
+                failures: self.failures,
                 calls: Mutex::new(Vec::new()),
+                started: Mutex::new(Vec::new()),
                 fail_next: AtomicUsize::new(0),
                 panic_next: AtomicUsize::new(0),
             }),
@@ -173,8 +191,17 @@ where
         self.inner.max_batch
     }
 
+    fn classify(&self, _: &FakeError) -> ErrorClass {
+        self.inner.failures
+    }
+
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, String>, FakeError> {
-        self.inner.calls.lock().unwrap().push(keys.to_vec());
+        {
+            // One lock for both, so the two records keep one order.
+            let mut calls = self.inner.calls.lock().unwrap();
+            calls.push(keys.to_vec());
+            self.inner.started.lock().unwrap().push(Instant::now());
+        }
         if !self.inner.delay.is_zero() {
             tokio::time::sleep(self.inner.delay).await;
         }
