@@ -11,78 +11,37 @@
 //! deadline, whatever the phase (a provider call of 20 ms measured
 //! 20.1–20.2 ms at the median from the caller's side).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-/// A sleeper waiting for its deadline; ordered by deadline, then arrival.
-struct Sleeper {
-    at: Instant,
-    seq: u64,
-    wake: oneshot::Sender<()>,
-}
+/// The sleepers' wake-ups by deadline, earliest first (a number breaks
+/// ties).
+type Sleepers = BTreeMap<(Instant, u64), oneshot::Sender<()>>;
 
-impl PartialEq for Sleeper {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
+/// The sleepers, and the number of the next one.
+static SLEEPERS: Mutex<(Sleepers, u64)> = Mutex::new((BTreeMap::new(), 0));
 
-impl Eq for Sleeper {}
-
-impl PartialOrd for Sleeper {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Sleeper {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
-#[derive(Default)]
-struct Sleepers {
-    /// Earliest deadline first, and the number of the next sleeper.
-    queue: Mutex<(BinaryHeap<Reverse<Sleeper>>, u64)>,
-    /// Signalled when a sleeper with an earlier deadline than all the
-    /// others arrives.
-    earlier: Condvar,
-}
-
-fn sleepers() -> &'static Sleepers {
-    static SLEEPERS: OnceLock<&'static Sleepers> = OnceLock::new();
-    SLEEPERS.get_or_init(|| {
-        let sleepers: &'static Sleepers = Box::leak(Box::default());
-        std::thread::Builder::new()
-            .name("provider-latency".into())
-            .spawn(move || wake_on_time(sleepers))
-            .expect("a thread for the provider's latency");
-        sleepers
-    })
-}
+/// Signalled when a sleeper with an earlier deadline than all the others
+/// arrives.
+static EARLIER: Condvar = Condvar::new();
 
 /// Wakes each sleeper at its deadline, for as long as the process runs.
-fn wake_on_time(sleepers: &Sleepers) {
-    let mut queue = sleepers.queue.lock().unwrap();
+fn wake_on_time() {
+    let mut sleepers = SLEEPERS.lock().unwrap();
     loop {
         let now = Instant::now();
-        match queue.0.peek() {
-            None => queue = sleepers.earlier.wait(queue).unwrap(),
-            Some(Reverse(first)) if first.at <= now => {
-                if let Some(Reverse(due)) = queue.0.pop() {
+        match sleepers.0.first_key_value().map(|(&(at, _), _)| at) {
+            None => sleepers = EARLIER.wait(sleepers).unwrap(),
+            Some(at) if at <= now => {
+                if let Some((_, wake)) = sleepers.0.pop_first() {
                     // A sleeper dropped meanwhile is skipped.
-                    let _ = due.wake.send(());
+                    let _ = wake.send(());
                 }
             }
-            Some(Reverse(first)) => {
-                let left = first.at - now;
-                queue = sleepers.earlier.wait_timeout(queue, left).unwrap().0;
-            }
+            Some(at) => sleepers = EARLIER.wait_timeout(sleepers, at - now).unwrap().0,
         }
     }
 }
@@ -90,17 +49,26 @@ fn wake_on_time(sleepers: &Sleepers) {
 /// Sleeps for `duration`, ending within tens of microseconds of it.
 /// Cancel safe: a dropped sleep is forgotten at its deadline.
 pub async fn sleep(duration: Duration) {
-    let sleepers = sleepers();
+    static WAKER: Once = Once::new();
+    WAKER.call_once(|| {
+        std::thread::Builder::new()
+            .name("provider-latency".into())
+            .spawn(wake_on_time)
+            .expect("a thread for the provider's latency");
+    });
     let (wake, woken) = oneshot::channel();
     let at = Instant::now() + duration;
     {
-        let mut queue = sleepers.queue.lock().unwrap();
-        let seq = queue.1;
-        queue.1 += 1;
-        let first = queue.0.peek().is_none_or(|Reverse(first)| at < first.at);
-        queue.0.push(Reverse(Sleeper { at, seq, wake }));
+        let mut sleepers = SLEEPERS.lock().unwrap();
+        let seq = sleepers.1;
+        sleepers.1 += 1;
+        let first = sleepers
+            .0
+            .first_key_value()
+            .is_none_or(|(&(first, _), _)| at < first);
+        sleepers.0.insert((at, seq), wake);
         if first {
-            sleepers.earlier.notify_one();
+            EARLIER.notify_one();
         }
     }
     let _ = woken.await;
