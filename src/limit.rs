@@ -296,12 +296,9 @@ impl Limiter {
                         // turn holds it too; the turn is then given up (going
                         // after the pause on a turn taken before it would
                         // add to the calls the budget lets through then).
-                        let paused = fleet.paused_for(namespace).await?;
-                        if paused.is_zero() {
+                        if !Self::wait_out_pause(fleet.as_ref(), namespace).await? {
                             break;
                         }
-                        Self::trace_wait(namespace, paused, "fleet paused");
-                        tokio::time::sleep(paused).await;
                     }
                     FleetTurn::Paused(wait) => {
                         waited = true;
@@ -347,23 +344,28 @@ impl Limiter {
             return self.acquire(namespace, keys, counters).await;
         }
         if let Some(fleet) = &self.fleet {
-            let mut waited = false;
-            loop {
-                let paused = fleet.paused_for(namespace).await?;
-                if paused.is_zero() {
-                    break;
-                }
-                waited = true;
-                Self::trace_wait(namespace, paused, "fleet paused");
-                tokio::time::sleep(paused).await;
-            }
-            if waited {
+            if Self::wait_out_pause(fleet.as_ref(), namespace).await? {
                 // The permit was paid before the pause; spending it now
                 // would add to the calls the budget lets through after it.
                 return self.acquire(namespace, keys, counters).await;
             }
         }
         Ok(())
+    }
+
+    /// Waits until the fleet is not paused for `namespace`; returns whether
+    /// it was.
+    async fn wait_out_pause(fleet: &dyn FleetLimiter, namespace: &str) -> Result<bool, Error> {
+        let mut waited = false;
+        loop {
+            let paused = fleet.paused_for(namespace).await?;
+            if paused.is_zero() {
+                return Ok(waited);
+            }
+            waited = true;
+            Self::trace_wait(namespace, paused, "fleet paused");
+            tokio::time::sleep(paused).await;
+        }
     }
 
     /// Charges `keys` more keys to the keys quota, if there is one: the keys
