@@ -6,12 +6,14 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
-use crate::limit::{Limiter, Prepaid};
+use crate::limit::{Announce, Limiter, Prepaid};
 use crate::merge::{Boarding, Maker, Seat};
 use crate::stats::Counters;
 use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
@@ -22,6 +24,23 @@ pub(crate) type Answers<K, V> = HashMap<K, Result<V, Error>>;
 
 /// The calls of `F` open to more keys.
 type MergedCalls<F> = Boarding<<F as BatchFetch>::Key, Result<<F as BatchFetch>::Value, Error>>;
+
+/// A provider call's part in a fleet that shares calls (a store's; see
+/// `PgStore`): announced while it waits for its turn of the fleet's
+/// budget, it carries the keys other fills joined to it meanwhile.
+pub(crate) trait SharedCall<K, V>: Send + Sync {
+    /// The call waits `wait` for its turn, with room for `room` more keys:
+    /// makes it known; false when it was not (only one call of a fill is
+    /// announced).
+    fn announce(&self, wait: Duration, room: usize) -> BoxFuture<'_, bool>;
+    /// The announced call's turn came: no more keys join it. The keys that
+    /// did, at most `room` (the rest are let go of), to ask for with the
+    /// call's own.
+    fn close(&self, room: usize) -> BoxFuture<'_, Vec<K>>;
+    /// What the call answered for the keys `close` gave (an error: the call
+    /// failed as a whole).
+    fn answered(&self, answers: Result<Answers<K, V>, Error>);
+}
 
 /// The maker of a merged call (see [`crate::merge`]) of `F`'s keys.
 type CallMaker<F> = Maker<<F as BatchFetch>::Key, Result<<F as BatchFetch>::Value, Error>>;
@@ -91,6 +110,11 @@ impl<F: BatchFetch> ProviderCaller<F> {
             .await
     }
 
+    /// Whether calls wait for turns of a fleet-wide budget.
+    pub(crate) fn takes_fleet_turns(&self) -> bool {
+        self.policy.limiter.has_fleet()
+    }
+
     /// The longest fetching `keys` keys may take, rate-limited waits aside
     /// (a store that leases keys renews its leases across them): its calls
     /// in sequence (`chunk_concurrency` at a time), each with every attempt
@@ -138,12 +162,13 @@ impl<F: BatchFetch> ProviderCaller<F> {
         keys: &[F::Key],
         prepaid: &Prepaid,
         counters: &Counters,
+        sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
         // Collected first: a stream of futures built by a closure trips the
         // compiler's `Send` inference in async traits.
         let calls: Vec<_> = keys
             .chunks(self.max_batch_size)
-            .map(|chunk| self.call_chunk(chunk, prepaid, counters))
+            .map(|chunk| self.call_chunk(chunk, prepaid, counters, sharing))
             .collect();
         let mut results = futures::stream::iter(calls).buffered(self.policy.chunk_concurrency);
         let mut all = HashMap::with_capacity(keys.len());
@@ -171,9 +196,10 @@ impl<F: BatchFetch> ProviderCaller<F> {
         chunk: &[F::Key],
         prepaid: &Prepaid,
         counters: &Counters,
+        sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
         if self.policy.limiter.is_unlimited() || prepaid.covers(chunk.len()) {
-            return self.make_call(chunk, None, prepaid, counters).await;
+            return self.make_call(chunk, None, prepaid, counters, None).await;
         }
         loop {
             match self.boarding.board(chunk, self.max_batch_size) {
@@ -184,7 +210,9 @@ impl<F: BatchFetch> ProviderCaller<F> {
                     // Its maker was cancelled: another call.
                 }
                 Seat::Maker(maker) => {
-                    return self.make_call(chunk, Some(maker), prepaid, counters).await;
+                    return self
+                        .make_call(chunk, Some(maker), prepaid, counters, sharing)
+                        .await;
                 }
             }
         }
@@ -192,15 +220,30 @@ impl<F: BatchFetch> ProviderCaller<F> {
 
     /// One call: limiter, call, and retries as the error's class says; with
     /// `maker`, for every key that joined it while it waited for its permit
-    /// too.
+    /// too; with `sharing` as well, for the keys of other fills it carried
+    /// (answered to `sharing`, not here).
     async fn make_call(
         &self,
         chunk: &[F::Key],
         mut maker: Option<CallMaker<F>>,
         prepaid: &Prepaid,
         counters: &Counters,
+        sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
-        let answer = self.call_keys(chunk, &mut maker, prepaid, counters).await;
+        let sharing = sharing.filter(|_| maker.is_some());
+        let mut carried = Vec::new();
+        let mut answer = self
+            .call_keys(chunk, &mut maker, prepaid, counters, sharing, &mut carried)
+            .await;
+        if let (Some(sharing), false) = (sharing, carried.is_empty()) {
+            sharing.answered(match &mut answer {
+                Ok(answers) => Ok(carried
+                    .iter()
+                    .filter_map(|key| answers.remove_entry(key))
+                    .collect()),
+                Err(err) => Err(err.clone()),
+            });
+        }
         match maker {
             Some(maker) => maker.answer(answer),
             None => answer,
@@ -213,6 +256,8 @@ impl<F: BatchFetch> ProviderCaller<F> {
         maker: &mut Option<CallMaker<F>>,
         prepaid: &Prepaid,
         counters: &Counters,
+        sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
+        carried: &mut Vec<F::Key>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
         let policy = &self.policy;
         let mut backoff = policy.retry.backoff();
@@ -225,15 +270,39 @@ impl<F: BatchFetch> ProviderCaller<F> {
         let mut asked: Vec<F::Key> = chunk.to_vec();
         let mut closed = maker.is_none();
         let mut done: Answers<F::Key, F::Value> = HashMap::with_capacity(chunk.len());
+        // Whether this call was announced to the fleet through `sharing`.
+        let announced = AtomicBool::new(false);
         loop {
+            let announce: Option<Announce<'_>> = match (sharing, closed) {
+                (Some(sharing), false) => {
+                    let (room, announced) =
+                        (self.max_batch_size.saturating_sub(asked.len()), &announced);
+                    Some(Box::new(move |wait| {
+                        Box::pin(async move {
+                            if room > 0 && sharing.announce(wait, room).await {
+                                announced.store(true, Ordering::Relaxed);
+                            }
+                        })
+                    }))
+                }
+                _ => None,
+            };
             policy
                 .limiter
-                .before_call(&self.namespace, asked.len(), prepaid, counters)
+                .before_call(&self.namespace, asked.len(), prepaid, counters, announce)
                 .await?;
             if let (Some(maker), false) = (maker.as_mut(), closed) {
                 // Permitted: no more joiners. Keys that joined while it
-                // waited are charged to a keys quota now.
-                let all = maker.close();
+                // waited are charged to a keys quota now, with those other
+                // fills of the fleet joined to it, as many as it has room
+                // for.
+                let mut all = maker.close();
+                if let (Some(sharing), true) = (sharing, announced.load(Ordering::Relaxed)) {
+                    let room = self.max_batch_size.saturating_sub(all.len());
+                    *carried = sharing.close(room).await;
+                    Counters::add(&counters.carried_keys, carried.len());
+                    all.extend(carried.iter().cloned());
+                }
                 if all.len() > asked.len() {
                     policy
                         .limiter

@@ -165,6 +165,27 @@ pub trait BatchFetch: Send + Sync + 'static {
         let _ = key;
         Ok(())
     }
+
+    /// The key whose [`Display`] form is `text`, if this provider can tell;
+    /// the default cannot (`None`).
+    ///
+    /// Implement it (for most key types, `text.parse().ok()`) to let a
+    /// fleet share provider calls under a fleet-wide budget
+    /// ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit)
+    /// with a [`PgStore`](crate::PgStore) in its default fill mode): a call
+    /// that waits for its turn then also carries the keys other instances
+    /// started missing meanwhile, which they would otherwise fetch in turns
+    /// of their own. Fewer turns are taken, and a missing key waits for the
+    /// next turn of the fleet, not of its own instance. Every instance
+    /// sharing the namespace must then be able to fetch every key of it.
+    ///
+    /// It must invert `Display`: `parse_key(&key.to_string())` is
+    /// `Some(key)`. A text it cannot parse (`None`) is not carried; its
+    /// lease is released, and the instance that missed it claims it again.
+    fn parse_key(&self, text: &str) -> Option<Self::Key> {
+        let _ = text;
+        None
+    }
 }
 
 /// How a provider error should be handled; from [`BatchFetch::classify`].
@@ -224,5 +245,9 @@ impl<F: BatchFetch + ?Sized> BatchFetch for Arc<F> {
 
     fn check_key(&self, key: &Self::Key) -> Result<(), String> {
         (**self).check_key(key)
+    }
+
+    fn parse_key(&self, text: &str) -> Option<Self::Key> {
+        (**self).parse_key(text)
     }
 }

@@ -83,6 +83,7 @@ pub struct HttpBatchProvider<K, V> {
     items_path: Vec<String>,
     item_error_field: Option<String>,
     max_batch_size: usize,
+    parse_key: Option<fn(&str) -> Option<K>>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -96,6 +97,7 @@ impl<K, V> fmt::Debug for HttpBatchProvider<K, V> {
             .field("items_path", &self.items_path)
             .field("item_error_field", &self.item_error_field)
             .field("max_batch_size", &self.max_batch_size)
+            .field("parses_keys", &self.parse_key.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +122,7 @@ impl<K, V> HttpBatchProvider<K, V> {
             items_path: vec!["items".into()],
             item_error_field: None,
             max_batch_size: 100,
+            parse_key: None,
             _types: PhantomData,
         })
     }
@@ -165,6 +168,16 @@ impl<K, V> HttpBatchProvider<K, V> {
     #[must_use]
     pub fn max_batch_size(mut self, max: usize) -> Self {
         self.max_batch_size = max;
+        self
+    }
+
+    /// How to tell a key from its text: lets calls waiting for a fleet
+    /// budget carry keys other instances missed (see
+    /// [`BatchFetch::parse_key`]). For most key types,
+    /// `.parse_keys(|text| text.parse().ok())`. Not set by default.
+    #[must_use]
+    pub fn parse_keys(mut self, parse: fn(&str) -> Option<K>) -> Self {
+        self.parse_key = Some(parse);
         self
     }
 }
@@ -306,6 +319,10 @@ where
         } else {
             Ok(())
         }
+    }
+
+    fn parse_key(&self, text: &str) -> Option<K> {
+        self.parse_key.and_then(|parse| parse(text))
     }
 
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, V>, HttpError> {

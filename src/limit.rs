@@ -23,6 +23,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -161,6 +162,15 @@ pub(crate) trait FleetLimiter: Send + Sync + fmt::Debug + 'static {
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error>;
 }
 
+/// What a call runs while it waits for a turn of the fleet's budget, told
+/// how long it waits: it makes the call known to the fleet, so that
+/// others' keys join it (see [`crate::caller::SharedCall`]).
+pub(crate) type Announce<'a> = Box<dyn FnOnce(Duration) -> BoxFuture<'a, ()> + Send + 'a>;
+
+/// The shortest wait for a turn worth announcing: a shorter one is over
+/// before another instance could join it.
+pub(crate) const ANNOUNCED_TURN: Duration = Duration::from_millis(2);
+
 /// A fleet budget's answer to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FleetTurn {
@@ -261,6 +271,10 @@ impl Limiter {
         })
     }
 
+    pub(crate) fn has_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
     pub(crate) fn is_unlimited(&self) -> bool {
         self.calls.is_none() && self.keys.is_none() && self.fleet.is_none()
     }
@@ -272,6 +286,20 @@ impl Limiter {
         namespace: &str,
         keys: usize,
         counters: &Counters,
+    ) -> Result<(), Error> {
+        self.acquire_announcing(namespace, keys, counters, None)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire), running `announce` (once, while it
+    /// waits) when the fleet's budget gives this call a turn at least
+    /// [`ANNOUNCED_TURN`] away, with the wait.
+    async fn acquire_announcing(
+        &self,
+        namespace: &str,
+        keys: usize,
+        counters: &Counters,
+        mut announce: Option<Announce<'_>>,
     ) -> Result<(), Error> {
         let mut waited = false;
         if let Some(gcra) = &self.calls {
@@ -291,7 +319,14 @@ impl Limiter {
                     FleetTurn::In(wait) => {
                         waited = true;
                         Self::trace_wait(namespace, wait, "fleet rate limit");
-                        tokio::time::sleep(wait).await;
+                        match announce.take().filter(|_| wait >= ANNOUNCED_TURN) {
+                            Some(announce) => {
+                                let until = Instant::now() + wait;
+                                announce(wait).await;
+                                tokio::time::sleep_until(until).await;
+                            }
+                            None => tokio::time::sleep(wait).await,
+                        }
                         // A pause recorded while this call waited for its
                         // turn holds it too; the turn is then given up (going
                         // after the pause on a turn taken before it would
@@ -332,16 +367,21 @@ impl Limiter {
     }
 
     /// Before a call: spends the prepaid permit (then only honours a fleet
-    /// pause recorded since), or acquires a new one.
+    /// pause recorded since), or acquires a new one, running `announce`
+    /// (once) with the wait when the fleet's budget gives the call a turn
+    /// [`ANNOUNCED_TURN`] or more away.
     pub(crate) async fn before_call(
         &self,
         namespace: &str,
         keys: usize,
         prepaid: &Prepaid,
         counters: &Counters,
+        announce: Option<Announce<'_>>,
     ) -> Result<(), Error> {
         if !prepaid.take(keys) {
-            return self.acquire(namespace, keys, counters).await;
+            return self
+                .acquire_announcing(namespace, keys, counters, announce)
+                .await;
         }
         if let Some(fleet) = &self.fleet {
             if Self::wait_out_pause(fleet.as_ref(), namespace).await? {

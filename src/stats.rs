@@ -66,6 +66,12 @@ pub struct Stats {
     /// [`CacheBuilder::rate_limit_calls`](crate::CacheBuilder::rate_limit_calls)):
     /// provider calls saved.
     pub merged_calls: u64,
+    /// Keys this cache's provider calls fetched for fills of other
+    /// instances (or other fills of this one) that joined them while they
+    /// waited for their turn of a fleet budget (see
+    /// [`BatchFetch::parse_key`](crate::BatchFetch::parse_key)): turns of
+    /// the budget those fills did not take.
+    pub carried_keys: u64,
     /// `load` / `load_many` calls that returned an error.
     pub errors: u64,
     /// Keys invalidated through this cache.
@@ -177,6 +183,7 @@ pub(crate) struct Counters {
     pub(crate) provider_timeouts: Counter,
     pub(crate) rate_limited_waits: Counter,
     pub(crate) merged_calls: Counter,
+    pub(crate) carried_keys: Counter,
     pub(crate) errors: Counter,
     pub(crate) invalidations: Counter,
     pub(crate) stale_served: Counter,
@@ -237,6 +244,8 @@ impl Counters {
             metrics::counter!("loadlock_rate_limited_waits_total", "namespace" => ns.clone());
         counters.merged_calls.metric =
             metrics::counter!("loadlock_merged_calls_total", "namespace" => ns.clone());
+        counters.carried_keys.metric =
+            metrics::counter!("loadlock_carried_keys_total", "namespace" => ns.clone());
         counters.errors.metric =
             metrics::counter!("loadlock_errors_total", "namespace" => ns.clone());
         counters.invalidations.metric =
@@ -309,6 +318,7 @@ impl Counters {
             provider_timeouts: self.provider_timeouts.load(Relaxed),
             rate_limited_waits: self.rate_limited_waits.load(Relaxed),
             merged_calls: self.merged_calls.load(Relaxed),
+            carried_keys: self.carried_keys.load(Relaxed),
             errors: self.errors.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
@@ -373,6 +383,10 @@ fn describe() {
     describe_counter!(
         "loadlock_merged_calls_total",
         "Chunks that rode on another chunk's call while waiting for the budget (calls saved)."
+    );
+    describe_counter!(
+        "loadlock_carried_keys_total",
+        "Keys fetched for other instances' fills that joined a call waiting for its turn."
     );
     describe_counter!(
         "loadlock_errors_total",

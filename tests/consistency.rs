@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::ShardedStore;
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, MemoryStore, PgStore, RetryPolicy, Store};
+use loadlock::{
+    BatchFetch, Cache, FillMode, LockMode, MemoryStore, PgRateLimit, PgStore, Quota, RetryPolicy,
+    Store,
+};
 use rand::{Rng, SeedableRng};
 use support::pg::TestDb;
 use tokio::sync::Semaphore;
@@ -52,6 +55,9 @@ struct SlowReader {
     /// for the given time: on a runtime of one thread, the whole instance
     /// hangs (its lease renewals too), as a stopped process would.
     hang: Arc<Mutex<Option<(u64, Duration)>>>,
+    /// Whether it tells keys from their texts (so its calls waiting for a
+    /// fleet budget carry other instances' keys).
+    parse: bool,
 }
 
 impl SlowReader {
@@ -64,6 +70,7 @@ impl SlowReader {
             read_done: Arc::new(Semaphore::new(0)),
             max_batch: 100,
             hang: Arc::new(Mutex::new(None)),
+            parse: false,
         }
     }
 }
@@ -80,6 +87,10 @@ impl BatchFetch for SlowReader {
 
     fn max_batch_size(&self) -> usize {
         self.max_batch
+    }
+
+    fn parse_key(&self, text: &str) -> Option<u64> {
+        self.parse.then(|| text.parse().ok()).flatten()
     }
 
     async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
@@ -349,7 +360,8 @@ async fn history<S: Store<SlowReader> + Clone>(
     tag: &str,
     seed: u64,
     staller: Option<S>,
-) -> (usize, usize, u64) {
+    budget: Option<PgRateLimit>,
+) -> (usize, usize, u64, u64) {
     let stall = staller.is_some();
     const KEYS: u64 = 4;
     const WORKERS: usize = 16;
@@ -358,10 +370,15 @@ async fn history<S: Store<SlowReader> + Clone>(
     let caches: Vec<Cache<SlowReader>> = stores
         .iter()
         .map(|store| {
-            Cache::builder(SlowReader::new(&source, &format!("consistency/{tag}")))
-                .store(store.clone())
-                .build()
-                .unwrap()
+            let mut provider = SlowReader::new(&source, &format!("consistency/{tag}"));
+            provider.parse = budget.is_some();
+            let cache = Cache::builder(provider).store(store.clone());
+            match &budget {
+                Some(budget) => cache.fleet_rate_limit(budget.clone()),
+                None => cache,
+            }
+            .build()
+            .unwrap()
         })
         .collect();
     let reads = Arc::new(Mutex::new(Vec::new()));
@@ -511,7 +528,8 @@ async fn history<S: Store<SlowReader> + Clone>(
         "{} stale reads after an invalidation returned (key, seen, required): {stale:?}",
         stale.len()
     );
-    (reads.len(), invalidations.len(), takeovers)
+    let carried = caches.iter().map(|cache| cache.stats().carried_keys).sum();
+    (reads.len(), invalidations.len(), takeovers, carried)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -519,7 +537,14 @@ async fn randomized_history_memory_store() {
     let store = MemoryStore::new();
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i, _) = history(vec![store.clone(); 4], &format!("mem{seed}"), seed, None).await;
+        let (l, i, _, _) = history(
+            vec![store.clone(); 4],
+            &format!("mem{seed}"),
+            seed,
+            None,
+            None,
+        )
+        .await;
         loads += l;
         invalidations += i;
     }
@@ -535,11 +560,59 @@ async fn randomized_history_postgres() {
     }
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i, _) = history(stores.clone(), &format!("pg{seed}"), seed, None).await;
+        let (l, i, _, _) = history(stores.clone(), &format!("pg{seed}"), seed, None, None).await;
         loads += l;
         invalidations += i;
     }
     eprintln!("postgres, 4 instances: {loads} loads checked against {invalidations} invalidations");
+    db.cleanup().await;
+}
+
+/// The history on Postgres under a fleet budget that binds (100 calls/s
+/// for the 4 instances), the provider parsing keys: calls that wait for
+/// their turn carry keys other instances joined to them, and no load
+/// returns a value older than an invalidation that returned before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_postgres_sharing_calls() {
+    let db = TestDb::new("history_shared").await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(db.store(LockMode::PerKey).await);
+    }
+    let budget = PgRateLimit::with_table(
+        db.pool(2).await,
+        Quota::per_second(std::num::NonZeroU32::new(100).unwrap()),
+        &format!("{}.rate_limit", db.schema),
+    )
+    .unwrap();
+    budget.migrate().await.unwrap();
+    let (mut loads, mut invalidations, mut carried) = (0, 0, 0);
+    for seed in 0..3 {
+        let (l, i, _, c) = history(
+            stores.clone(),
+            &format!("shared{seed}"),
+            seed,
+            None,
+            Some(budget.clone()),
+        )
+        .await;
+        loads += l;
+        invalidations += i;
+        carried += c;
+    }
+    assert!(carried > 0, "no call carried another instance's keys");
+    let announced: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}_calls",
+        db.table()
+    )))
+    .fetch_one(&db.pool(1).await)
+    .await
+    .unwrap();
+    assert_eq!(announced, 0, "calls still announced after the history");
+    eprintln!(
+        "postgres, 4 instances sharing calls: {loads} loads checked against \
+         {invalidations} invalidations, {carried} keys carried"
+    );
     db.cleanup().await;
 }
 
@@ -552,11 +625,12 @@ async fn randomized_history_memory_store_with_lease_takeovers() {
     let store = MemoryStore::new();
     let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
     for seed in 0..2 {
-        let (l, i, t) = history(
+        let (l, i, t, _) = history(
             vec![store.clone(); 4],
             &format!("mstall{seed}"),
             seed,
             Some(store.clone()),
+            None,
         )
         .await;
         loads += l;
@@ -587,7 +661,14 @@ async fn randomized_history_postgres_with_lease_takeovers() {
     for seed in 0..2 {
         // A store of its own per run: its connections die with its runtime.
         let staller = db.store(LockMode::PerKey).await;
-        let (l, i, t) = history(stores.clone(), &format!("stall{seed}"), seed, Some(staller)).await;
+        let (l, i, t, _) = history(
+            stores.clone(),
+            &format!("stall{seed}"),
+            seed,
+            Some(staller),
+            None,
+        )
+        .await;
         loads += l;
         invalidations += i;
         takeovers += t;
@@ -881,7 +962,8 @@ async fn randomized_history_sharded_postgres() {
     }
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
-        let (l, i, _) = history(stores.clone(), &format!("sharded{seed}"), seed, None).await;
+        let (l, i, _, _) =
+            history(stores.clone(), &format!("sharded{seed}"), seed, None, None).await;
         loads += l;
         invalidations += i;
     }
@@ -927,7 +1009,8 @@ async fn randomized_history_through_pgbouncer() {
     }
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..3 {
-        let (l, i, _) = history(stores.clone(), &format!("bouncer{seed}"), seed, None).await;
+        let (l, i, _, _) =
+            history(stores.clone(), &format!("bouncer{seed}"), seed, None, None).await;
         loads += l;
         invalidations += i;
     }

@@ -7,12 +7,13 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, PgStore};
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, PgRateLimit, PgStore, Quota};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
 use support::pg::TestDb;
@@ -27,23 +28,42 @@ fn zipf_keys(rng: &mut impl Rng, count: usize) -> Vec<u64> {
     (0..count).map(|_| rng.sample(zipf) as u64).collect()
 }
 
-async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str) {
+/// How the instances of [`exactly_once_across_instances`] call the
+/// provider.
+#[derive(Clone, Copy, PartialEq)]
+enum Calls {
+    /// Each when it needs.
+    Own,
+    /// Under one fleet budget that binds, waiting calls carrying keys other
+    /// instances joined to them (the provider parses keys).
+    Shared,
+}
+
+async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str, calls: Calls) {
     const INSTANCES: usize = 8;
     const LOADERS: usize = 64;
     const KEYS_PER_LOADER: usize = 25;
     let db = TestDb::new(tag).await;
     let namespace = format!("fleet/{tag}");
-    let provider = Fake::<u64>::builder(namespace.as_str())
-        .delay(Duration::from_millis(5))
-        .build();
+    let mut provider = Fake::<u64>::builder(namespace.as_str()).delay(Duration::from_millis(5));
+    if calls == Calls::Shared {
+        provider = provider.parse_keys(|text| text.parse().ok());
+    }
+    let provider = provider.build();
     let mut caches = Vec::new();
     for _ in 0..INSTANCES {
-        caches.push(
-            Cache::builder(provider.clone())
-                .store(db.store_with(mode, fill).await)
-                .build()
-                .unwrap(),
-        );
+        let mut cache = Cache::builder(provider.clone()).store(db.store_with(mode, fill).await);
+        if calls == Calls::Shared {
+            let budget = PgRateLimit::with_table(
+                db.pool(2).await,
+                Quota::per_second(NonZeroU32::new(50).unwrap()),
+                &format!("{}.rate_limit", db.schema),
+            )
+            .unwrap();
+            budget.migrate().await.unwrap();
+            cache = cache.fleet_rate_limit(budget);
+        }
+        caches.push(cache.build().unwrap());
     }
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
@@ -118,22 +138,65 @@ async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if calls == Calls::Shared {
+        // Calls that waited for their turn carried keys that joined them.
+        let carried: u64 = caches.iter().map(|c| c.stats().carried_keys).sum();
+        eprintln!("{carried} keys carried by calls they joined");
+        assert!(carried > 0, "no keys counted as carried");
+        let announced: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}_calls",
+            db.table()
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            announced, 0,
+            "calls still announced after every load returned"
+        );
+    }
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn exactly_once_across_8_instances_per_key_locks() {
-    exactly_once_across_instances(LockMode::PerKey, FillMode::Lease, "once_perkey").await;
+    exactly_once_across_instances(LockMode::PerKey, FillMode::Lease, "once_perkey", Calls::Own)
+        .await;
+}
+
+/// The same under a fleet budget that binds (50 calls/s), the calls that
+/// wait for their turns carrying keys other instances joined to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn exactly_once_across_8_instances_sharing_calls() {
+    exactly_once_across_instances(
+        LockMode::PerKey,
+        FillMode::Lease,
+        "once_shared",
+        Calls::Shared,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn exactly_once_across_8_instances_held_transactions() {
-    exactly_once_across_instances(LockMode::PerKey, FillMode::HeldTransaction, "once_held").await;
+    exactly_once_across_instances(
+        LockMode::PerKey,
+        FillMode::HeldTransaction,
+        "once_held",
+        Calls::Own,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn exactly_once_across_8_instances_namespace_lock() {
-    exactly_once_across_instances(LockMode::Namespace, FillMode::HeldTransaction, "once_ns").await;
+    exactly_once_across_instances(
+        LockMode::Namespace,
+        FillMode::HeldTransaction,
+        "once_ns",
+        Calls::Own,
+    )
+    .await;
 }
 
 /// 8 instances fill 8 disjoint key sets with a 200 ms provider: with per-key

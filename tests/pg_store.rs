@@ -65,6 +65,10 @@ async fn concurrent_migrate_applies_once() {
                 6,
                 "protocol functions find rows by key or row id".to_string()
             ),
+            (
+                7,
+                "claims join provider calls waiting for their turn".to_string()
+            ),
         ]
     );
     let persistence: String = sqlx::query_scalar(
@@ -1525,6 +1529,153 @@ async fn a_fleet_pause_holds_a_call_that_took_its_turn_before_it() {
         "B called {:?} after the 429 that paused the fleet for 1 s",
         b_called.duration_since(released)
     );
+    db.cleanup().await;
+}
+
+/// The namespace of the shared-call tests below.
+const SHARED: &str = "pg/shared-calls";
+
+/// Waits (10 s at most) until a call of the shared-call tests' namespace
+/// is announced: it waits for its turn, and claims may join it.
+async fn announced(conn: &mut PgConnection, table: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let calls: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}'"
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if calls > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no call was ever announced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits (10 s at most) until `key` is leased to the token of `call`'s
+/// key: its claim joined that call.
+async fn joined(conn: &mut PgConnection, table: &str, key: u64, call: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let joined: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT coalesce((SELECT k.lease_token = c.lease_token FROM {table} k, {table} c \
+               WHERE k.namespace = '{SHARED}' AND c.namespace = '{SHARED}' \
+                 AND k.key = $1 AND c.key = $2), false)"
+        )))
+        .bind(key.to_string())
+        .bind(call.to_string())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if joined {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "key {key} never joined the call of key {call}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Each instance's first fill, of a key of its own (100, 101, …), one
+/// after another: the connections and listeners an instance opens at its
+/// first fill are open before the test's calls.
+async fn warmed(caches: &[Cache<Fake<u64>>]) {
+    for (key, cache) in (100u64..).zip(caches) {
+        answered(vec![spawn_load(cache, key)]).await;
+    }
+}
+
+/// Nothing of the shared calls is left: no call announced, no key leased.
+async fn nothing_left_announced(conn: &mut PgConnection, table: &str) {
+    let left: (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM {table}_calls), \
+                (SELECT count(*) FROM {table} WHERE lease_token IS NOT NULL)"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0), "calls announced, keys leased");
+}
+
+/// Spawns a load of `key` on `cache`.
+fn spawn_load(cache: &Cache<Fake<u64>>, key: u64) -> (u64, Load) {
+    let cache = cache.clone();
+    (
+        key,
+        tokio::spawn(async move { cache.loader().load(key).await }),
+    )
+}
+
+/// Under a fleet budget, a call that waits for its turn carries the keys
+/// other instances start missing meanwhile: they join it instead of taking
+/// turns of their own, and each key is fetched once. With the budget's
+/// turns spent (5 calls/s), instance 1's call waits about 200 ms for the
+/// next and is announced; instances 2 and 3 miss a key each while it
+/// waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_call_carries_keys_other_instances_missed() {
+    let db = TestDb::new("shared_calls").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let caches = budgeted(&db, &provider, five_per_second, &table, 4).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    let waiting = spawn_load(&caches[1], 1);
+    announced(&mut conn, &db.table()).await;
+    let others = vec![spawn_load(&caches[2], 2), spawn_load(&caches[3], 3)];
+    joined(&mut conn, &db.table(), 2, 1).await;
+    joined(&mut conn, &db.table(), 3, 1).await;
+    answered(std::iter::once(waiting).chain(others).collect()).await;
+    assert_eq!(
+        provider.calls(),
+        vec![vec![100], vec![101], vec![102], vec![103], vec![1, 2, 3]]
+    );
+    assert_eq!(caches[1].stats().carried_keys, 2);
+    nothing_left_announced(&mut conn, &db.table()).await;
+    db.cleanup().await;
+}
+
+/// A key that joined a call which cannot carry it (its provider cannot
+/// parse its text) is released at the call's turn, not left to its lease's
+/// expiry: the instance that missed it claims it again and fetches it
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
+    let db = TestDb::new("shared_unparsed").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok().filter(|&key| key != 3))
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    let waiting = spawn_load(&caches[1], 1);
+    announced(&mut conn, &db.table()).await;
+    let started = Instant::now();
+    let unparsed = spawn_load(&caches[2], 3);
+    joined(&mut conn, &db.table(), 3, 1).await;
+    answered(vec![waiting, unparsed]).await;
+    // Its lease (sized for the default provider timeout and retries) would
+    // have lasted tens of seconds.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "key 3 answered {:?} after it was asked",
+        started.elapsed()
+    );
+    assert_eq!(
+        provider.calls(),
+        vec![vec![100], vec![101], vec![102], vec![1], vec![3]]
+    );
+    assert_eq!(caches[1].stats().carried_keys, 0);
+    nothing_left_announced(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 

@@ -422,6 +422,12 @@ impl BatchFetch for SimFetch {
             retry_after: Some(error.0),
         }
     }
+
+    /// As the README tells users: with a fleet budget, calls waiting for
+    /// their turn carry the keys other instances miss meanwhile.
+    fn parse_key(&self, text: &str) -> Option<u64> {
+        text.parse().ok()
+    }
 }
 
 // ---------------------------------------------------------------- strategies

@@ -412,6 +412,21 @@ impl<F: BatchFetch> Fill<'_, F> {
             .await
     }
 
+    /// Whether this fill's calls may carry keys other instances missed:
+    /// they wait for turns of a fleet-wide budget, and the provider can
+    /// tell a key from its text ([`BatchFetch::parse_key`]), tried on
+    /// `sample`, one of the fill's own.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn shares_calls(&self, sample: &str) -> bool {
+        self.provider.takes_fleet_turns() && self.parse_key(sample).is_some()
+    }
+
+    /// The key whose text is `text`, as the provider parses it.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn parse_key(&self, text: &str) -> Option<F::Key> {
+        self.provider.provider().parse_key(text)
+    }
+
     /// Reports that `keys` keys were found leased by another holder and
     /// waited for; counted in [`Stats::lease_waits`](crate::Stats::lease_waits).
     pub fn record_lease_wait(&self, keys: usize) {
@@ -469,7 +484,23 @@ impl<F: BatchFetch> Fill<'_, F> {
         &self,
         keys: &[F::Key],
     ) -> Result<HashMap<F::Key, Result<F::Value, Error>>, Error> {
-        self.provider.call(keys, self.prepaid, self.counters).await
+        self.provider
+            .call(keys, self.prepaid, self.counters, None)
+            .await
+    }
+
+    /// [`fetch`](Self::fetch) in a call that, while it waits for its turn
+    /// of a fleet-wide budget, is announced through `sharing` and then
+    /// carries the keys others joined to it (answered to `sharing`).
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn fetch_each_shared(
+        &self,
+        keys: &[F::Key],
+        sharing: &dyn crate::caller::SharedCall<F::Key, F::Value>,
+    ) -> Result<HashMap<F::Key, Result<F::Value, Error>>, Error> {
+        self.provider
+            .call(keys, self.prepaid, self.counters, Some(sharing))
+            .await
     }
 }
 

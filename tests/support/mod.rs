@@ -39,6 +39,7 @@ struct Inner<K> {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
     failures: ErrorClass,
+    parse: Option<fn(&str) -> Option<K>>,
     calls: Mutex<Vec<Vec<K>>>,
     started: Mutex<Vec<Instant>>,
     fail_next: AtomicUsize,
@@ -106,6 +107,7 @@ pub struct FakeBuilder<K> {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     not_found: HashSet<K>,
     failures: ErrorClass,
+    parse: Option<fn(&str) -> Option<K>>,
 }
 
 impl<K: Eq + Hash + Clone> FakeBuilder<K> {
@@ -117,7 +119,15 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
             gate: None,
             not_found: HashSet::new(),
             failures: ErrorClass::Permanent,
+            parse: None,
         }
+    }
+
+    /// Tells keys from their texts with `parse` (`BatchFetch::parse_key`),
+    /// so that its calls can carry keys other instances joined to them.
+    pub fn parse_keys(mut self, parse: fn(&str) -> Option<K>) -> Self {
+        self.parse = Some(parse);
+        self
     }
 
     pub fn max_batch(mut self, n: usize) -> Self {
@@ -159,6 +169,7 @@ impl<K: Eq + Hash + Clone> FakeBuilder<K> {
                 gate: self.gate,
                 not_found: self.not_found,
                 failures: self.failures,
+                parse: self.parse,
                 calls: Mutex::new(Vec::new()),
                 started: Mutex::new(Vec::new()),
                 fail_next: AtomicUsize::new(0),
@@ -193,6 +204,10 @@ where
 
     fn classify(&self, _: &FakeError) -> ErrorClass {
         self.inner.failures
+    }
+
+    fn parse_key(&self, text: &str) -> Option<K> {
+        self.inner.parse.and_then(|parse| parse(text))
     }
 
     async fn fetch(&self, keys: &[K]) -> Result<HashMap<K, String>, FakeError> {

@@ -30,6 +30,7 @@ use super::conn::{Conn, Laned};
 use super::preclaim::{PendingClaim, PreClaimed};
 use super::read::Ticket;
 use super::rows::{Encoded, Written};
+use super::shared::Sharing;
 use super::store::pg_millis;
 use super::PgStore;
 use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup};
@@ -114,11 +115,12 @@ pub(super) type PublishGroup = (String, Duration, Duration);
 /// The leases of one claim, on keys sorted as rows are locked; dropping it
 /// before [`settled`](Held::settled) (a cancelled fill) releases them in
 /// the background, so waiters are not held until expiry.
-struct Held {
+pub(super) struct Held {
     store: PgStore,
-    namespace: String,
-    token: i64,
-    keys: Vec<String>,
+    pub(super) namespace: String,
+    pub(super) token: i64,
+    /// Sorted, distinct.
+    pub(super) keys: Vec<String>,
 }
 
 impl Held {
@@ -135,6 +137,13 @@ impl Held {
 
     fn settled(mut self) {
         self.keys.clear();
+    }
+
+    /// Adds keys leased to this token by others' claims (a shared call).
+    pub(super) fn carry(&mut self, keys: impl IntoIterator<Item = String>) {
+        self.keys.extend(keys);
+        self.keys.sort_unstable();
+        self.keys.dedup();
     }
 
     /// Releases the leases now, waking their waiters.
@@ -395,46 +404,72 @@ impl PgStore {
         fill: &Fill<'_, F>,
         texts: &[String],
         leased: &[usize],
-        held: Held,
+        mut held: Held,
         lease: Duration,
         answers: &mut [Option<Filled<F::Value>>],
     ) -> Result<Vec<usize>, Error> {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
         let renewal = self.renew_while_fetching(&held, lease);
-        let fetched = fill.fetch_each(&keys).await;
+        // While it waits for its turn of a fleet budget, the call may carry
+        // keys other fills joined to it (see `shared`): published here with
+        // the fill's own.
+        let sharing = Sharing::new(self, fill, &held);
+        let fetched = match &sharing {
+            Some(sharing) => fill.fetch_each_shared(&keys, sharing).await,
+            None => fill.fetch_each(&keys).await,
+        };
         drop(renewal);
+        let (carried, carried_answers) = sharing.as_ref().map(Sharing::take).unwrap_or_default();
+        drop(sharing);
+        held.carry(carried.iter().cloned());
         let fetched = match fetched {
             Ok(fetched) => fetched,
-            Err(err) => {
-                // At once, so waiters claim the keys themselves instead of
-                // waiting for the lease to expire.
-                if let Err(release) = held.release().await {
-                    tracing::warn!(namespace, error = %release,
-                        "could not release the leases of a failed fill; they expire on their own");
-                }
-                return Err(err);
-            }
+            Err(err) => return Err(Self::failed(held, err).await),
         };
+        // The carried keys' answers, as rows (a value's JSON, or `None` for
+        // a negative entry); a key the provider failed alone (or the whole
+        // call) is released.
+        let mut carried_rows: Vec<(&str, Option<String>)> = Vec::with_capacity(carried.len());
+        let mut dropped: Vec<String> = Vec::new();
+        match carried_answers {
+            Some(Ok(mut answers)) => {
+                for text in &carried {
+                    let Some(key) = fill.parse_key(text) else {
+                        dropped.push(text.clone());
+                        continue;
+                    };
+                    match answers.remove(&key) {
+                        Some(Err(_)) => dropped.push(text.clone()),
+                        Some(Ok(value)) => match serde_json::to_string(&value) {
+                            Ok(json) => carried_rows.push((text, Some(json))),
+                            Err(_) => dropped.push(text.clone()),
+                        },
+                        None => carried_rows.push((text, None)),
+                    }
+                }
+            }
+            _ => dropped.extend(carried.iter().cloned()),
+        }
         let answered = crate::store::answer_failed(fetched, leased, keys, answers);
-        if !answered.failed.is_empty() {
-            // Keys the provider failed alone: nothing written, and their
-            // leases released at once so that waiters claim them instead of
-            // waiting for the expiry.
-            let mut dropped: Vec<String> =
-                answered.failed.iter().map(|&i| texts[i].clone()).collect();
+        // Keys the provider failed alone: nothing written, and their leases
+        // released at once so that waiters claim them instead of waiting
+        // for the expiry.
+        dropped.extend(answered.failed.iter().map(|&i| texts[i].clone()));
+        if !dropped.is_empty() {
             dropped.sort_unstable();
             if let Err(release) = self.release(namespace, &dropped, held.token).await {
                 tracing::warn!(namespace, error = %release,
                     "could not release the leases of failed keys; they expire on their own");
             }
         }
-        if answered.indices.is_empty() {
+        if answered.indices.is_empty() && carried_rows.is_empty() {
             held.settled();
             return Ok(Vec::new());
         }
         let leased = &answered.indices[..];
         let mut rows = Encoded::new(texts, leased, &answered.keys, answered.values)?;
+        rows.carry(carried_rows);
         // Joiners from now on read the store: the publish is what they see.
         fill.about_to_commit(leased);
         let published: Vec<String> = rows.keys.iter().map(|&key| key.to_owned()).collect();
@@ -452,6 +487,18 @@ impl PgStore {
             .waiters
             .wake_keys(namespace, rows.keys.iter().copied());
         Ok(rows.settle(written?, answers))
+    }
+
+    /// A fill whose provider call (or its budget) failed with `err`:
+    /// releases its leases at once, so waiters claim the keys themselves
+    /// instead of waiting for the leases to expire; returns `err`.
+    async fn failed(held: Held, err: Error) -> Error {
+        let namespace = held.namespace.clone();
+        if let Err(release) = held.release().await {
+            tracing::warn!(namespace, error = %release,
+                "could not release the leases of a failed fill; they expire on their own");
+        }
+        err
     }
 
     /// A claim that only tries the keys' locks (a key whose lock is busy is

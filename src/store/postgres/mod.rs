@@ -54,9 +54,30 @@
 //!    expiry belongs to a holder that died or hung and is taken over by the
 //!    next claim; the old holder's publish is then refused by the token.
 //!
+//! 6. **Shared calls** ([`shared`](self)) — under a fleet-wide budget
+//!    ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit))
+//!    and with a provider that can tell keys from their texts
+//!    ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)), a call
+//!    that must wait for its turn (2 ms or more) is announced in
+//!    `<t>_calls`: its lease token, when its turn comes, and how many more
+//!    keys it has room for. A claim, of any instance, that finds such a
+//!    call with room for all its keys leases what it would have leased to
+//!    that call's token instead (inside the same statement, under the same
+//!    locks), records the keys in the call's row, and answers them as
+//!    busy: its fill waits for the call's publish like for any holder's.
+//!    At its turn the call deletes its row (no claim joins it after that)
+//!    and asks the provider for the keys recorded in it with its own; its
+//!    publish writes them under its token and wakes their waiters. So the
+//!    fleet's misses ride on the turns already taken instead of each
+//!    instance taking turns of its own: fewer calls, and a missing key waits
+//!    for the fleet's next turn, not its instance's. A key it cannot carry
+//!    (no room left, or a text the provider does not parse) is released at
+//!    once; a fill cancelled before its turn releases what joined it, and a
+//!    holder that dies leaves it to expire like its own leases.
+//!
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
-//! them).
+//! them); a shared call two more (announcing and closing it).
 //!
 //! Reads, claims and publishes that queue together share a statement
 //! (`combine`): most of a statement's cost is fixed (the round trip, the
@@ -169,7 +190,12 @@
 //! `SELECT key, value FROM loadlock_cache WHERE namespace = 'users/v1'`, or
 //! see the fills in progress with
 //! `SELECT key, lease_holder, lease_expires_at FROM loadlock_cache WHERE
-//! lease_token IS NOT NULL`.
+//! lease_token IS NOT NULL`, and the calls waiting for their turn (with
+//! the keys that joined them) with `SELECT * FROM loadlock_cache_calls`.
+//! Beside it, `<table>_namespaces` holds the namespaces' generations and
+//! `<table>_calls` the announced calls (a few rows at a time; a holder that
+//! died leaves its row, which the next call to close forgets after 10
+//! minutes).
 //!
 //! # Behind PgBouncer
 //!
@@ -278,6 +304,7 @@ mod preclaim;
 mod rate_limit;
 mod read;
 mod rows;
+mod shared;
 mod sql;
 mod store;
 mod table;

@@ -61,6 +61,24 @@ impl<'t, V: serde::Serialize> Encoded<'t, V> {
         })
     }
 
+    /// Adds rows that are not the fill's own keys (keys another fill
+    /// joined to its call), kept sorted and distinct; nobody here is
+    /// answered with them.
+    pub(super) fn carry(&mut self, rows: Vec<(&'t str, Option<String>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let mut all: Vec<(&'t str, Option<String>)> = self
+            .keys
+            .drain(..)
+            .zip(self.values.drain(..))
+            .chain(rows)
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.dedup_by(|a, b| a.0 == b.0);
+        (self.keys, self.values) = all.into_iter().unzip();
+    }
+
     /// Answers each key the statement wrote with the entry it became;
     /// returns the indices of the keys it did not write, in ascending order.
     pub(super) fn settle(

@@ -66,6 +66,15 @@ pub(crate) struct Statements {
     pub(crate) publish_many: Sql,
     /// `$1` channel, `$2` payloads: one notification each.
     pub(crate) notify: Sql,
+    /// `$1` the call's lease token, `$2` namespace, `$3` holder, `$4` the
+    /// seconds until its turn, `$5` how many more keys it carries: a
+    /// provider call waiting for its turn of the fleet's budget, which
+    /// claims of other fills join (see `_claim`).
+    pub(crate) open_call: Sql,
+    /// `$1` the call's lease token: its turn came; no claim joins it from
+    /// now on. Returns the keys claims leased to it (and forgets calls
+    /// whose turn passed long ago: their holders died before it came).
+    pub(crate) close_call: Sql,
 }
 
 /// The locks of the rows `s(id, shared)`, in one statement, ascending,
@@ -234,6 +243,17 @@ impl Statements {
                 table.quoted("_publish_many")
             )),
             notify: Sql::fixed("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", prepared),
+            open_call: sql(format!(
+                "INSERT INTO {calls} (token, namespace, holder, turn_at, room) \
+                 VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4::float8), $5)",
+                calls = table.quoted("_calls")
+            )),
+            close_call: sql(format!(
+                "DELETE FROM {calls} WHERE token = $1 \
+                    OR turn_at < clock_timestamp() - interval '10 minutes' \
+                 RETURNING token, keys",
+                calls = table.quoted("_calls")
+            )),
         }
     }
 }
@@ -305,6 +325,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "protocol functions find rows by key or row id",
         statements: probing_functions,
     },
+    Migration {
+        version: 7,
+        description: "claims join provider calls waiting for their turn",
+        statements: shared_calls,
+    },
 ];
 
 /// Migration 3: lease columns and namespace generations.
@@ -363,6 +388,13 @@ const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
 /// at any size.
 const PROBES_ONLY: &str = "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off";
 
+/// [`PROBES_ONLY`], never compiled: a plan that had to scan anyway (a
+/// table with no index for it) costs beyond the JIT's threshold with
+/// sequential scans ruled out, and compiling it takes tens of
+/// milliseconds, every call.
+const PROBES_NO_JIT: &str =
+    "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off";
+
 /// Migration 5: the lease functions planned once per session, and the
 /// combined claim and publish of several fills.
 fn combined_functions(table: &TableName, _: bool) -> Vec<String> {
@@ -379,16 +411,122 @@ fn probing_functions(table: &TableName, _: bool) -> Vec<String> {
     statements
 }
 
+/// A row `c` leased at `now_ts` in generation `gen` by a live holder.
+const LIVE: &str =
+    "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
+
+/// A row `c` with a fresh value (or negative entry) at `now_ts`.
+const FRESH: &str = "(c.generation = gen AND c.expires_at > now_ts)";
+
+/// Migration 7: provider calls waiting for their turn of a fleet budget,
+/// and claims that join them.
+///
+/// A fill that leased keys and must wait for its turn records its call
+/// (`<table>_calls`: its token, when its turn comes, how many more keys it
+/// carries). A claim that finds such a call with room for its keys leases
+/// them to that call's token instead of a new one, marked as awaited, and
+/// answers them as busy: its fill waits for the publish as for any other
+/// holder's. When its turn comes the call is deleted (no claim joins it
+/// after that) and carries the keys leased to it: one call of the budget
+/// for keys several instances were missing.
+fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
+    let unlogged = if unlogged { "UNLOGGED " } else { "" };
+    vec![
+        format!(
+            "CREATE {unlogged}TABLE IF NOT EXISTS {} ( \
+               token bigint NOT NULL, \
+               namespace text NOT NULL, \
+               holder text NOT NULL, \
+               turn_at timestamptz NOT NULL, \
+               room integer NOT NULL, \
+               keys text[] NOT NULL DEFAULT '{{}}')",
+            table.quoted("_calls")
+        ),
+        // What a claim looks calls up by, and what their holders close
+        // them by (the table holds the calls waiting now: a few rows, each
+        // deleted within its wait). Fills of one combined claim share a
+        // token, so a token may have several calls: its first to close
+        // carries what joined any of them.
+        format!(
+            "CREATE INDEX IF NOT EXISTS \"{}_calls_token\" ON {} (token)",
+            table.table(),
+            table.quoted("_calls")
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS \"{}_calls_turn\" ON {} (namespace, turn_at)",
+            table.table(),
+            table.quoted("_calls")
+        ),
+        claim_function(table, PROBES_NO_JIT, true),
+        claim_tried_function(table, PROBES_NO_JIT, true),
+    ]
+}
+
+/// How a claim that may join a waiting call (`join`) picks its token, its
+/// holder and the start of its leases: the call whose turn comes first
+/// and has room for all of `p_keys`, locked until the claim commits (so it
+/// closes after, and carries what this claim leases it; a claim joining it
+/// at the same time waits for this one's statement, holding nothing this
+/// one waits for); otherwise a new
+/// token, `p_holder`, now. Without `join`, the latter. A joining claim
+/// also notes which of its keys the call's token leased already
+/// (`before`): the fills of one combined claim share a token, and their
+/// own keys are theirs to fetch, never the call's to carry.
+fn pick_token(table: &TableName, join: bool) -> String {
+    let lease_seq = table.quoted("_lease");
+    if !join {
+        return format!("tok := nextval('{lease_seq}');");
+    }
+    format!(
+        "SELECT k.ctid, k.token, k.holder, k.turn_at INTO call_row, tok, holder, since \
+           FROM {calls} k \
+           WHERE k.namespace = p_ns AND k.turn_at > now_ts \
+             AND k.room >= cardinality(p_keys) \
+           ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
+         joined := tok IS NOT NULL; \
+         IF NOT joined THEN \
+           tok := nextval('{lease_seq}'); holder := p_holder; since := now_ts; \
+         ELSE \
+           SELECT coalesce(array_agg(c.key), '{{}}') INTO before FROM {t} c \
+             WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = tok; \
+         END IF;",
+        calls = table.quoted("_calls"),
+        t = table.quoted("")
+    )
+}
+
+/// With `join`, the data-modifying `WITH` item that adds what a joining
+/// claim leased (the rows of `up` leased by `tok` that were not before) to
+/// its call's keys.
+fn record_joined(table: &TableName, join: bool) -> String {
+    if !join {
+        return String::new();
+    }
+    let added = "ARRAY(SELECT up.key FROM up WHERE up.lease_token = tok \
+                 AND up.key <> ALL(before) AND up.key <> ALL(k.keys))";
+    format!(
+        ", j AS (UPDATE {calls} k SET keys = k.keys || {added}, \
+                   room = k.room - cardinality({added}) \
+                 WHERE joined AND k.ctid = call_row RETURNING 1)",
+        calls = table.quoted("_calls")
+    )
+}
+
 /// The `ON CONFLICT` clause of a claim's upsert into `c`: a row without a
 /// fresh value and without a live lease is leased (`tok`, `p_holder`, until
 /// `until`); a row leased by a live holder is marked as awaited; a row of
 /// an older generation is reset to a miss. Fresh rows are left alone.
-fn lease_on_conflict(live: &str, fresh: &str, next_version: &str, until: &str) -> String {
+fn lease_on_conflict(next_version: &str, until: &str, join: bool) -> String {
+    let (live, fresh) = (LIVE, FRESH);
+    // A claim that joins a call marks what it leases as awaited: its own
+    // fill waits for the call's publish.
+    let joined = if join { " OR joined" } else { "" };
+    let holder = if join { "holder" } else { "p_holder" };
     format!(
         "ON CONFLICT (namespace, key) DO UPDATE SET \
-           lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL), \
+           lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL){joined}, \
            lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
-           lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE p_holder END, \
+           lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE {holder} END, \
            lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
                                    ELSE {until} END, \
            value = CASE WHEN c.generation = gen THEN c.value END, \
@@ -406,61 +544,9 @@ fn lease_on_conflict(live: &str, fresh: &str, next_version: &str, until: &str) -
 fn combined(table: &TableName, plan: &str) -> Vec<String> {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
-    let lease_seq = table.quoted("_lease");
     let generation = generation_of(table, "p_ns");
-    let live = "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
-    let fresh = "(c.generation = gen AND c.expires_at > now_ts)";
     vec![
-        // The claim of keys (distinct) of several fills, never waiting for a
-        // lock: the namespace's lock shared and each key's lock are only
-        // tried (each key's in ascending id order, in one statement), and a
-        // key whose lock is busy is answered 'u' and left alone (its fill
-        // claims it again with `_claim`, which waits). For the keys locked,
-        // in a new statement, the lease as `_claim` takes it, each key for
-        // its own length. Answers each key in the order of `p_keys`: 'f',
-        // 'l', 'b' as `_claim`, or 'u'.
-        format!(
-            "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
-                 p_ns_id bigint, p_holder text, p_lease_secs float8[]) \
-             RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
-             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
-             #variable_conflict use_column \
-             DECLARE gen bigint; tok bigint; now_ts timestamptz; got bigint[]; \
-             BEGIN \
-               PERFORM set_config('synchronous_commit', 'off', true); \
-               IF NOT pg_try_advisory_xact_lock_shared(p_ns_id) THEN \
-                 RETURN QUERY SELECT 'u'::text, 0::bigint, NULL::float8, 0::bigint \
-                   FROM unnest(p_keys); \
-                 RETURN; \
-               END IF; \
-               SELECT coalesce(array_agg(l.id) FILTER (WHERE l.taken), '{{}}') INTO got \
-               FROM (SELECT s.id, pg_try_advisory_xact_lock(s.id) AS taken \
-                     FROM (SELECT DISTINCT unnest(p_ids) AS id) s ORDER BY s.id) l; \
-               now_ts := clock_timestamp(); \
-               gen := {generation}; \
-               tok := nextval('{lease_seq}'); \
-               RETURN QUERY \
-               WITH up AS ( \
-                 INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
-                                       generation, lease_token, lease_holder, lease_expires_at) \
-                 SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
-                        now_ts + make_interval(secs => u.secs) \
-                 FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
-                 WHERE u.id = ANY(got) ORDER BY u.k \
-                 {on_conflict} \
-                 RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
-               SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
-                           WHEN up.lease_token = tok THEN 'l' ELSE 'b' END, \
-                      tok, date_part('epoch', up.lease_expires_at - now_ts), \
-                      coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
-               FROM unnest(p_keys, p_ids) WITH ORDINALITY AS u(k, id, i) \
-               LEFT JOIN up ON up.key = u.k \
-               ORDER BY u.i; \
-             END $$",
-            claim = table.quoted("_claim_tried"),
-            on_conflict =
-                lease_on_conflict(live, fresh, &next_version, "EXCLUDED.lease_expires_at"),
-        ),
+        claim_tried_function(table, plan, false),
         // The publish of several fills: `_publish` with a token per key
         // (`p_keys` sorted by key, then token; a key may come twice, with
         // two tokens, of which at most one still holds the row). Returns
@@ -515,12 +601,8 @@ fn combined(table: &TableName, plan: &str) -> Vec<String> {
 fn lease_functions_planned(table: &TableName, plan: &str) -> Vec<String> {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
-    let lease_seq = table.quoted("_lease");
     let generation = generation_of(table, "p_ns");
     let asynchronous = "PERFORM set_config('synchronous_commit', 'off', true);";
-    // A row `c` leased at `now_ts` in generation `gen` by a live holder.
-    let live = "(c.generation = gen AND c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts)";
-    let fresh = "(c.generation = gen AND c.expires_at > now_ts)";
     // Wakes the waiters of `keys` (a filled or released lease) when the
     // rows say someone waits; the payload names the keys, or the whole
     // namespace when it would not fit in a notification.
@@ -552,56 +634,7 @@ fn lease_functions_planned(table: &TableName, plan: &str) -> Vec<String> {
            LIMIT 1 FOR UPDATE) x;"
     );
     vec![
-        // The claim, run as one statement (its own transaction): the locks,
-        // then in a new statement (a new snapshot, READ COMMITTED; and
-        // `ON CONFLICT` sees the newest committed row anyway) the leases of
-        // what is missing and not leased by a live holder. A key leased by
-        // another is marked as awaited, so its publish notifies; so is a
-        // lease taken over (its old holder's waiters are told too). Rows
-        // the upsert skips are fresh. Answers each key, in the order of
-        // `p_keys`: 'f' a fresh row (the fill re-reads it), 'l' leased by
-        // this claim, 'b' leased by a live holder (with how long for), and
-        // whether this claim took the key's lease over.
-        format!(
-            "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
-                 p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
-             RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
-             LANGUAGE plpgsql VOLATILE {plan} AS $$ \
-             #variable_conflict use_column \
-             DECLARE \
-               gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz; \
-             BEGIN \
-               {asynchronous} \
-               PERFORM * FROM ({locks}) l; \
-               now_ts := clock_timestamp(); \
-               lease_until := now_ts + make_interval(secs => p_lease_secs); \
-               gen := {generation}; \
-               tok := nextval('{lease_seq}'); \
-               RETURN QUERY \
-               WITH up AS ( \
-                 INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
-                                       generation, lease_token, lease_holder, lease_expires_at) \
-                 SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, p_holder, \
-                        lease_until \
-                 FROM unnest(p_keys) AS k ORDER BY k \
-                 {on_conflict} \
-                 RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters) \
-               SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok THEN 'l' \
-                           ELSE 'b' END, \
-                      tok, date_part('epoch', up.lease_expires_at - now_ts), \
-                      coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
-               FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
-               LEFT JOIN up ON up.key = k.k \
-               ORDER BY k.i; \
-             END $$",
-            claim = table.quoted("_claim"),
-            on_conflict = lease_on_conflict(live, fresh, &next_version, "lease_until"),
-            locks = bounded_locks(
-                "p_ids",
-                "p_ns_id",
-                "(statement_timestamp() + make_interval(secs => p_budget_secs))"
-            ),
-        ),
+        claim_function(table, plan, false),
         // The publish, one statement: values and negative entries written
         // where the lease is still `p_token`'s (an invalidation, a write or a
         // namespace generation revoked it otherwise), waiters notified.
@@ -666,4 +699,184 @@ pub(crate) fn history_table(table: &TableName) -> Vec<String> {
         table.quoted("_migrations")
     ));
     statements
+}
+
+/// The names, declarations and expressions that differ between a claim
+/// that may join a waiting call and one that may not (see
+/// [`pick_token`]).
+struct Joining {
+    /// Declarations beyond the claim's own.
+    declare: &'static str,
+    /// The holder recorded with a new lease.
+    holder: &'static str,
+    /// When a new lease's length starts.
+    since: &'static str,
+    /// Beyond the leases' columns, whether the lease is awaited.
+    waiters_column: &'static str,
+    waiters_value: &'static str,
+    /// Whether a key leased by `tok` is this claim's own.
+    own: &'static str,
+}
+
+impl Joining {
+    fn new(join: bool) -> Self {
+        if join {
+            Joining {
+                declare: " holder text; since timestamptz; joined boolean := false; call_row tid; \
+                          before text[];",
+                holder: "holder",
+                since: "since",
+                waiters_column: ", lease_waiters",
+                waiters_value: ", joined",
+                own: " AND NOT joined",
+            }
+        } else {
+            Joining {
+                declare: "",
+                holder: "p_holder",
+                since: "now_ts",
+                waiters_column: "",
+                waiters_value: "",
+                own: "",
+            }
+        }
+    }
+}
+
+/// The claim of keys (distinct) of several fills, never waiting for a
+/// lock, with `plan` (a `SET` clause); with `join`, joining a waiting call
+/// (migration 7).
+fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
+    let t = table.quoted("");
+    let next_version = format!("nextval('{}')", table.quoted("_version"));
+    let generation = generation_of(table, "p_ns");
+    let Joining {
+        declare,
+        holder,
+        since,
+        waiters_column,
+        waiters_value,
+        own,
+    } = Joining::new(join);
+    // The namespace's lock shared and each key's lock are only tried (each
+    // key's in ascending id order, in one statement), and a key whose lock
+    // is busy is answered 'u' and left alone (its fill claims it again with
+    // `_claim`, which waits). For the keys locked, in a new statement, the
+    // lease as `_claim` takes it, each key for its own length. Answers each
+    // key in the order of `p_keys`: 'f', 'l', 'b' as `_claim`, or 'u'.
+    format!(
+        "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
+             p_ns_id bigint, p_holder text, p_lease_secs float8[]) \
+         RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
+         LANGUAGE plpgsql VOLATILE {plan} AS $$ \
+         #variable_conflict use_column \
+         DECLARE gen bigint; tok bigint; now_ts timestamptz; got bigint[];{declare} \
+         BEGIN \
+           PERFORM set_config('synchronous_commit', 'off', true); \
+           IF NOT pg_try_advisory_xact_lock_shared(p_ns_id) THEN \
+             RETURN QUERY SELECT 'u'::text, 0::bigint, NULL::float8, 0::bigint \
+               FROM unnest(p_keys); \
+             RETURN; \
+           END IF; \
+           SELECT coalesce(array_agg(l.id) FILTER (WHERE l.taken), '{{}}') INTO got \
+           FROM (SELECT s.id, pg_try_advisory_xact_lock(s.id) AS taken \
+                 FROM (SELECT DISTINCT unnest(p_ids) AS id) s ORDER BY s.id) l; \
+           now_ts := clock_timestamp(); \
+           gen := {generation}; \
+           {pick} \
+           RETURN QUERY \
+           WITH up AS ( \
+             INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                   generation, lease_token, lease_holder, lease_expires_at\
+                                   {waiters_column}) \
+             SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, tok, {holder}, \
+                    {since} + make_interval(secs => u.secs){waiters_value} \
+             FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
+             WHERE u.id = ANY(got) ORDER BY u.k \
+             {on_conflict} \
+             RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
+           SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
+                       WHEN up.lease_token = tok{own} THEN 'l' ELSE 'b' END, \
+                  tok, date_part('epoch', up.lease_expires_at - now_ts), \
+                  coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
+           FROM unnest(p_keys, p_ids) WITH ORDINALITY AS u(k, id, i) \
+           LEFT JOIN up ON up.key = u.k \
+           ORDER BY u.i; \
+         END $$",
+        claim = table.quoted("_claim_tried"),
+        pick = pick_token(table, join),
+        joined = record_joined(table, join),
+        on_conflict = lease_on_conflict(&next_version, "EXCLUDED.lease_expires_at", join),
+    )
+}
+
+/// The claim, with `plan` (a `SET` clause); with `join`, joining a waiting
+/// call (migration 7).
+///
+/// Run as one statement (its own transaction): the locks, then in a new
+/// statement (a new snapshot, READ COMMITTED; and `ON CONFLICT` sees the
+/// newest committed row anyway) the leases of what is missing and not
+/// leased by a live holder. A key leased by another is marked as awaited,
+/// so its publish notifies; so is a lease taken over (its old holder's
+/// waiters are told too). Rows the upsert skips are fresh. Answers each
+/// key, in the order of `p_keys`: 'f' a fresh row (the fill re-reads it),
+/// 'l' leased by this claim, 'b' leased by a live holder (with how long
+/// for; a joined call's keys among them), and whether this claim took the
+/// key's lease over.
+fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
+    let t = table.quoted("");
+    let next_version = format!("nextval('{}')", table.quoted("_version"));
+    let generation = generation_of(table, "p_ns");
+    let asynchronous = "PERFORM set_config('synchronous_commit', 'off', true);";
+    let Joining {
+        declare,
+        holder,
+        since,
+        waiters_column,
+        waiters_value,
+        own,
+    } = Joining::new(join);
+    format!(
+        "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
+             p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
+         RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
+         LANGUAGE plpgsql VOLATILE {plan} AS $$ \
+         #variable_conflict use_column \
+         DECLARE \
+           gen bigint; tok bigint; now_ts timestamptz; lease_until timestamptz;{declare} \
+         BEGIN \
+           {asynchronous} \
+           PERFORM * FROM ({locks}) l; \
+           now_ts := clock_timestamp(); \
+           gen := {generation}; \
+           {pick} \
+           lease_until := {since} + make_interval(secs => p_lease_secs); \
+           RETURN QUERY \
+           WITH up AS ( \
+             INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
+                                   generation, lease_token, lease_holder, lease_expires_at\
+                                   {waiters_column}) \
+             SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, {holder}, \
+                    lease_until{waiters_value} \
+             FROM unnest(p_keys) AS k ORDER BY k \
+             {on_conflict} \
+             RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
+           SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok{own} THEN 'l' \
+                       ELSE 'b' END, \
+                  tok, date_part('epoch', up.lease_expires_at - now_ts), \
+                  coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
+           FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
+           LEFT JOIN up ON up.key = k.k \
+           ORDER BY k.i; \
+         END $$",
+        claim = table.quoted("_claim"),
+        pick = pick_token(table, join),
+        joined = record_joined(table, join),
+        on_conflict = lease_on_conflict(&next_version, "lease_until", join),
+        locks = bounded_locks(
+            "p_ids",
+            "p_ns_id",
+            "(statement_timestamp() + make_interval(secs => p_budget_secs))"
+        ),
+    )
 }
