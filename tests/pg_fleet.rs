@@ -84,9 +84,16 @@ async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str
         for _ in 0..LOADERS {
             let keys = zipf_keys(&mut rng, KEYS_PER_LOADER);
             asked.extend(keys.iter().copied());
+            // Under the budget, loads arrive over the first 400 ms, while
+            // calls wait for their turns (one each 20 ms).
+            let arrival = match calls {
+                Calls::Own => Duration::ZERO,
+                Calls::Shared => Duration::from_millis(rng.gen_range(0..400)),
+            };
             let (cache, barrier) = (cache.clone(), barrier.clone());
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
+                tokio::time::sleep(arrival).await;
                 let loader = cache.loader();
                 let got = loader.load_many(keys.clone()).await?;
                 for key in &keys {

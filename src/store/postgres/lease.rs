@@ -173,7 +173,7 @@ impl Drop for Held {
 }
 
 /// Renews a fetch's leases in the background until dropped.
-struct Renewal(tokio::task::JoinHandle<()>);
+pub(super) struct Renewal(tokio::task::JoinHandle<()>);
 
 impl Drop for Renewal {
     fn drop(&mut self) {
@@ -414,7 +414,7 @@ impl PgStore {
         // While it waits for its turn of a fleet budget, the call may carry
         // keys other fills joined to it (see `shared`): published here with
         // the fill's own.
-        let sharing = Sharing::new(self, fill, &held);
+        let sharing = Sharing::new(self, fill, &held, lease);
         let fetched = match &sharing {
             Some(sharing) => fill.fetch_each_shared(&keys, sharing).await,
             None => fill.fetch_each(&keys).await,
@@ -899,12 +899,19 @@ impl PgStore {
     /// lease must outlive it; a holder that died or hung stops renewing,
     /// and its leases expire.
     fn renew_while_fetching(&self, held: &Held, lease: Duration) -> Renewal {
-        let (store, namespace, keys, token) = (
-            self.clone(),
-            held.namespace.clone(),
-            held.keys.clone(),
-            held.token,
-        );
+        self.renew_until_dropped(&held.namespace, held.keys.clone(), held.token, lease)
+    }
+
+    /// Renews the leases of `keys` (sorted) by `token` every half `lease`
+    /// until dropped.
+    pub(super) fn renew_until_dropped(
+        &self,
+        namespace: &str,
+        keys: Vec<String>,
+        token: i64,
+        lease: Duration,
+    ) -> Renewal {
+        let (store, namespace) = (self.clone(), namespace.to_owned());
         Renewal(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease / 2).await;

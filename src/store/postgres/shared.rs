@@ -15,7 +15,7 @@
 //!   comes and carries exactly the keys recorded in it.
 //! * **Nothing stranded.** The joining fill waits for the call's publish
 //!   as for any holder's (woken by its notification, bounded by the
-//!   lease). A call whose fill is cancelled before its turn releases the
+//!   lease; the call renews the leases of what it carries while it runs). A call whose fill is cancelled before its turn releases the
 //!   joined leases at once (in the background); a holder that dies leaves
 //!   them to expire and be taken over.
 //! * **Only when it can be fetched.** A fill announces its call only when
@@ -30,7 +30,7 @@ use futures::future::BoxFuture;
 use sqlx::Row;
 
 use super::conn::Laned;
-use super::lease::Held;
+use super::lease::{Held, Renewal};
 use super::PgStore;
 use crate::caller::{Answers, SharedCall};
 use crate::store::Fill;
@@ -40,13 +40,15 @@ use crate::{BatchFetch, Error};
 type Outcome<K, V> = Option<Result<Answers<K, V>, Error>>;
 
 /// What a shared call has done so far.
-#[derive(Default)]
 struct State<K, V> {
     announced: bool,
     closed: bool,
     /// The texts of the keys it carries, sorted, and not yet taken by the
     /// fill (which publishes or releases them).
     carried: Vec<String>,
+    /// Their leases renewed while the call runs (retries and rate-limit
+    /// waits included), until the fill takes them.
+    renewal: Option<Renewal>,
     answers: Outcome<K, V>,
 }
 
@@ -62,13 +64,20 @@ pub(super) struct Sharing<'f, F: BatchFetch> {
     /// The fill's own keys' texts, sorted: never carried twice.
     own: Vec<String>,
     provider: &'f F,
+    /// The fill's lease length, which carried keys are renewed for.
+    lease: Duration,
     state: Mutex<State<F::Key, F::Value>>,
 }
 
 impl<'f, F: BatchFetch> Sharing<'f, F> {
     /// The sharing of the fill whose leases are `held`, when its calls may
     /// be shared (see [`Fill::shares_calls`]).
-    pub(super) fn new(store: &PgStore, fill: &Fill<'f, F>, held: &Held) -> Option<Self> {
+    pub(super) fn new(
+        store: &PgStore,
+        fill: &Fill<'f, F>,
+        held: &Held,
+        lease: Duration,
+    ) -> Option<Self> {
         let sample = held.keys.first()?;
         fill.shares_calls(sample).then(|| Sharing {
             store: store.clone(),
@@ -76,10 +85,12 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
             token: held.token,
             own: held.keys.clone(),
             provider: fill.provider.provider(),
+            lease,
             state: Mutex::new(State {
                 announced: false,
                 closed: false,
                 carried: Vec::new(),
+                renewal: None,
                 answers: None,
             }),
         })
@@ -93,6 +104,7 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
     /// them; from now on the fill publishes or releases them.
     pub(super) fn take(&self) -> (Vec<String>, Outcome<F::Key, F::Value>) {
         let mut state = self.state();
+        state.renewal = None;
         (std::mem::take(&mut state.carried), state.answers.take())
     }
 }
@@ -163,7 +175,17 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                         "could not release keys a call could not carry; they expire on their own");
                 }
             }
-            self.state().carried = texts;
+            let renewal = (!texts.is_empty()).then(|| {
+                self.store.renew_until_dropped(
+                    &self.namespace,
+                    texts.clone(),
+                    self.token,
+                    self.lease,
+                )
+            });
+            let mut state = self.state();
+            state.carried = texts;
+            state.renewal = renewal;
             carried
         })
     }
