@@ -242,7 +242,12 @@ impl<F: BatchFetch> CacheBuilder<F> {
     /// waits for it, so turns go in the order calls asked (see
     /// [`PgRateLimit`](crate::PgRateLimit)). Calls waiting for this budget
     /// share calls as described at
-    /// [`rate_limit_calls`](Self::rate_limit_calls).
+    /// [`rate_limit_calls`](Self::rate_limit_calls); with a
+    /// [`PgStore`](crate::PgStore) in its default fill mode and a provider
+    /// that implements [`BatchFetch::parse_key`](crate::BatchFetch::parse_key),
+    /// also with the fills of other instances: a call that waits for its
+    /// turn carries the keys they start missing meanwhile
+    /// ([`Stats::carried_keys`](crate::Stats::carried_keys) counts them).
     #[cfg(feature = "postgres")]
     pub fn fleet_rate_limit(mut self, limit: crate::PgRateLimit) -> Self {
         self.fleet = Some(Arc::new(limit));

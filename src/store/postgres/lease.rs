@@ -223,6 +223,9 @@ impl PgStore {
         // anything here waits, so leases this fill does not take are
         // released for whoever waits for them.
         let mut pre_claimed: Option<ClaimAnswer> = None;
+        // The waiters' epoch before the read's claim was sent: a publish of
+        // a key it answered busy may come before this fill waits for it.
+        let mut pre_epoch = None;
         let pending = crate::handoff::take::<PendingClaim>(self.id());
         if let Some(pre) = match pending {
             Some(PendingClaim(claim)) => claim.await,
@@ -230,6 +233,7 @@ impl PgStore {
         } {
             let keys: Vec<&str> = texts.iter().map(String::as_str).collect();
             pre_claimed = pre.answer(namespace, &keys);
+            pre_epoch = pre_claimed.is_some().then(|| pre.epoch());
         }
         let waiters = &self.inner.waiters;
         let mut pending: Vec<usize> = (0..texts.len()).collect();
@@ -247,7 +251,7 @@ impl PgStore {
             }
             // Read before claiming: a wake-up between the claim and the
             // registration below shows as a changed epoch.
-            let epoch = waiters.epoch();
+            let epoch = pre_epoch.take().unwrap_or_else(|| waiters.epoch());
             let mut next = Vec::new();
             let mut recheck = Vec::new();
             let mut busy = Vec::new();
@@ -649,6 +653,7 @@ impl PgStore {
         keys: Vec<String>,
         secs: Vec<f64>,
     ) -> Result<Arc<PreClaimed>, Error> {
+        let epoch = self.inner.waiters.epoch();
         let rows: Vec<PgRow> = crate::handoff::scope(async {
             // The statement takes the read's connection, in its lane.
             crate::handoff::offer(self.id(), conn);
@@ -662,7 +667,7 @@ impl PgStore {
         })
         .await?;
         let (token, states) = self.claim_rows(keys.len(), rows)?;
-        Ok(PreClaimed::new(self, namespace, keys, token, states))
+        Ok(PreClaimed::new(self, namespace, keys, token, epoch, states))
     }
 
     /// The claim statement that only tries locks (`_claim_tried`), of

@@ -61,11 +61,10 @@
 //!    that must wait for its turn (2 ms or more) is announced in
 //!    `<t>_calls`: its lease token, when its turn comes, and how many more
 //!    keys it has room for. A claim, of any instance, that finds such a
-//!    call with room leases what it would have leased to that call's token
-//!    instead, as many keys as the call has room for (inside the same
-//!    statement, under the same locks; its own token leases the rest),
-//!    records them in the call's row, and answers them as busy: its fill
-//!    waits for the call's publish like for any holder's.
+//!    call with room for all its keys leases what it would have leased to
+//!    that call's token instead (inside the same statement, under the same
+//!    locks), records the keys in the call's row, and answers them as
+//!    busy: its fill waits for the call's publish like for any holder's.
 //!    At its turn the call deletes its row (no claim joins it after that)
 //!    and asks the provider for the keys recorded in it with its own; its
 //!    publish writes them under its token and wakes their waiters. So the

@@ -134,6 +134,10 @@ pub(super) struct PreClaimed {
     store: PgStore,
     namespace: String,
     token: i64,
+    /// The waiters' epoch before the claim was sent: a publish after it may
+    /// have come before a fill that waits for a key answered busy starts
+    /// waiting.
+    epoch: u64,
     /// Each key's answer, and whether its lease was taken over; a key
     /// still answered as leased is one no fill has taken yet (a fill that
     /// takes it leaves it answered as found).
@@ -147,14 +151,21 @@ impl PreClaimed {
         namespace: &str,
         keys: Vec<String>,
         token: i64,
+        epoch: u64,
         states: Vec<(Claimed, bool)>,
     ) -> Arc<Self> {
         Arc::new(PreClaimed {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
+            epoch,
             states: Mutex::new(keys.into_iter().zip(states).collect()),
         })
+    }
+
+    /// The waiters' epoch before the claim was sent.
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The claim's answer for a fill of `keys` of `namespace`, as a claim

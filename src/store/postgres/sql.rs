@@ -423,10 +423,10 @@ const FRESH: &str = "(c.generation = gen AND c.expires_at > now_ts)";
 ///
 /// A fill that leased keys and must wait for its turn records its call
 /// (`<table>_calls`: its token, when its turn comes, how many more keys it
-/// carries). A claim that finds such a call with room leases keys to that
-/// call's token instead of its own (as many as the call has room for),
-/// marked as awaited, and answers them as busy: its fill waits for the
-/// publish as for any other holder's. When its turn comes the call is deleted (no claim joins it
+/// carries). A claim that finds such a call with room for its keys leases
+/// them to that call's token instead of a new one, marked as awaited, and
+/// answers them as busy: its fill waits for the publish as for any other
+/// holder's. When its turn comes the call is deleted (no claim joins it
 /// after that) and carries the keys leased to it: one call of the budget
 /// for keys several instances were missing.
 fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
@@ -462,50 +462,54 @@ fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
     ]
 }
 
-/// How a claim that may join a waiting call (`join`) decides which of its
-/// keys go to it: the call whose turn comes first and has room, locked
-/// until the claim commits (so it closes after, and carries what this
-/// claim leases it; a claim joining it at the same time waits for this
-/// one's statement, which holds nothing the other waits for), takes the
-/// keys (`to_call`, of those `locked` says this claim holds the locks of)
-/// that the claim is about to lease — no fresh row and no live lease, the
-/// upsert's own condition, stable under the keys' locks — up to its room,
-/// in key order. The claim's own token `tok` leases the rest. Without
-/// `join`, just the token.
-fn pick_token(table: &TableName, join: bool, keys: &str, locked: &str) -> String {
+/// How a claim that may join a waiting call (`join`) picks its token, its
+/// holder and the start of its leases: the call whose turn comes first
+/// and has room for all of `p_keys`, locked until the claim commits (so it
+/// closes after, and carries what this claim leases it; a claim joining it
+/// at the same time waits for this one's statement, holding nothing this
+/// one waits for); otherwise a new token, `p_holder`, now. Without `join`,
+/// the latter. A claim joins with all its keys or none: a fill whose keys
+/// were split between a waiting call and a turn of its own would wait for
+/// both, and take a turn anyway (measured: more calls, slower requests).
+/// A joining claim also notes which of its keys the call's token leased
+/// already (`before`): the fills of one combined claim share a token, and
+/// their own keys are theirs to fetch, never the call's to carry.
+fn pick_token(table: &TableName, join: bool) -> String {
     let lease_seq = table.quoted("_lease");
     if !join {
         return format!("tok := nextval('{lease_seq}');");
     }
     format!(
-        "tok := nextval('{lease_seq}'); \
-         SELECT k.ctid, k.token, k.holder, k.turn_at, k.room \
-           INTO call_row, call_tok, call_holder, call_turn, call_room \
+        "SELECT k.ctid, k.token, k.holder, k.turn_at INTO call_row, tok, holder, since \
            FROM {calls} k \
-           WHERE k.namespace = p_ns AND k.turn_at > now_ts AND k.room > 0 \
+           WHERE k.namespace = p_ns AND k.turn_at > now_ts \
+             AND k.room >= cardinality(p_keys) \
            ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
-         IF call_tok IS NOT NULL THEN \
-           to_call := ARRAY(SELECT q.k FROM {keys} WHERE {locked} \
-             AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.namespace = p_ns AND c.key = q.k \
-               AND c.generation = gen AND (c.expires_at > now_ts \
-                 OR (c.lease_token IS NOT NULL AND c.lease_expires_at > now_ts))) \
-             ORDER BY q.k LIMIT call_room); \
+         joined := tok IS NOT NULL; \
+         IF NOT joined THEN \
+           tok := nextval('{lease_seq}'); holder := p_holder; since := now_ts; \
+         ELSE \
+           SELECT coalesce(array_agg(c.key), '{{}}') INTO before FROM {t} c \
+             WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = tok; \
          END IF;",
         calls = table.quoted("_calls"),
         t = table.quoted("")
     )
 }
 
-/// With `join`, the data-modifying `WITH` item that records the keys a
-/// claim leased to the call it joined (`to_call`) in the call's row.
+/// With `join`, the data-modifying `WITH` item that adds what a joining
+/// claim leased (the rows of `up` leased by `tok` that were not before) to
+/// its call's keys.
 fn record_joined(table: &TableName, join: bool) -> String {
     if !join {
         return String::new();
     }
+    let added = "ARRAY(SELECT up.key FROM up WHERE up.lease_token = tok \
+                 AND up.key <> ALL(before) AND up.key <> ALL(k.keys))";
     format!(
-        ", j AS (UPDATE {calls} k SET keys = k.keys || to_call, \
-                   room = k.room - cardinality(to_call) \
-                 WHERE k.ctid = call_row AND cardinality(to_call) > 0 RETURNING 1)",
+        ", j AS (UPDATE {calls} k SET keys = k.keys || {added}, \
+                   room = k.room - cardinality({added}) \
+                 WHERE joined AND k.ctid = call_row RETURNING 1)",
         calls = table.quoted("_calls")
     )
 }
@@ -516,22 +520,14 @@ fn record_joined(table: &TableName, join: bool) -> String {
 /// an older generation is reset to a miss. Fresh rows are left alone.
 fn lease_on_conflict(next_version: &str, until: &str, join: bool) -> String {
     let (live, fresh) = (LIVE, FRESH);
-    // A claim that joins a call leases each key to its own token or the
-    // call's (see `Joining`), and marks the call's keys as awaited: its
-    // own fill waits for the call's publish.
-    let (waiters, token, holder) = if join {
-        (
-            " OR EXCLUDED.lease_waiters",
-            "EXCLUDED.lease_token",
-            "EXCLUDED.lease_holder",
-        )
-    } else {
-        ("", "tok", "p_holder")
-    };
+    // A claim that joins a call marks what it leases as awaited: its own
+    // fill waits for the call's publish.
+    let joined = if join { " OR joined" } else { "" };
+    let holder = if join { "holder" } else { "p_holder" };
     format!(
         "ON CONFLICT (namespace, key) DO UPDATE SET \
-           lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL){waiters}, \
-           lease_token = CASE WHEN {live} THEN c.lease_token ELSE {token} END, \
+           lease_waiters = (c.generation = gen AND c.lease_token IS NOT NULL){joined}, \
+           lease_token = CASE WHEN {live} THEN c.lease_token ELSE tok END, \
            lease_holder = CASE WHEN {live} THEN c.lease_holder ELSE {holder} END, \
            lease_expires_at = CASE WHEN {live} THEN c.lease_expires_at \
                                    ELSE {until} END, \
@@ -707,42 +703,43 @@ pub(crate) fn history_table(table: &TableName) -> Vec<String> {
     statements
 }
 
-/// The declarations and expressions that differ between a claim that may
-/// join a waiting call and one that may not (see [`pick_token`]), for the
-/// key expression `key` of its upsert.
+/// The names, declarations and expressions that differ between a claim
+/// that may join a waiting call and one that may not (see
+/// [`pick_token`]).
 struct Joining {
     /// Declarations beyond the claim's own.
     declare: &'static str,
-    /// The token, holder and start of a new lease of `key`.
-    token: String,
-    holder: String,
-    since: String,
+    /// The holder recorded with a new lease.
+    holder: &'static str,
+    /// When a new lease's length starts.
+    since: &'static str,
     /// Beyond the leases' columns, whether the lease is awaited.
     waiters_column: &'static str,
-    waiters_value: String,
+    waiters_value: &'static str,
+    /// Whether a key leased by `tok` is this claim's own.
+    own: &'static str,
 }
 
 impl Joining {
-    fn new(join: bool, key: &str) -> Self {
+    fn new(join: bool) -> Self {
         if join {
-            let to_call = format!("{key} = ANY(to_call)");
             Joining {
-                declare: " call_row tid; call_tok bigint; call_holder text; \
-                          call_turn timestamptz; call_room integer; to_call text[] := '{}';",
-                token: format!("CASE WHEN {to_call} THEN call_tok ELSE tok END"),
-                holder: format!("CASE WHEN {to_call} THEN call_holder ELSE p_holder END"),
-                since: format!("CASE WHEN {to_call} THEN call_turn ELSE now_ts END"),
+                declare: " holder text; since timestamptz; joined boolean := false; call_row tid; \
+                          before text[];",
+                holder: "holder",
+                since: "since",
                 waiters_column: ", lease_waiters",
-                waiters_value: format!(", {to_call}"),
+                waiters_value: ", joined",
+                own: " AND NOT joined",
             }
         } else {
             Joining {
                 declare: "",
-                token: "tok".into(),
-                holder: "p_holder".into(),
-                since: "now_ts".into(),
+                holder: "p_holder",
+                since: "now_ts",
                 waiters_column: "",
-                waiters_value: String::new(),
+                waiters_value: "",
+                own: "",
             }
         }
     }
@@ -757,12 +754,12 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
     let generation = generation_of(table, "p_ns");
     let Joining {
         declare,
-        token,
         holder,
         since,
         waiters_column,
         waiters_value,
-    } = Joining::new(join, "u.k");
+        own,
+    } = Joining::new(join);
     // The namespace's lock shared and each key's lock are only tried (each
     // key's in ascending id order, in one statement), and a key whose lock
     // is busy is answered 'u' and left alone (its fill claims it again with
@@ -794,27 +791,22 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
              INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                    generation, lease_token, lease_holder, lease_expires_at\
                                    {waiters_column}) \
-             SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, {token}, \
-                    {holder}, {since} + make_interval(secs => u.secs){waiters_value} \
+             SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, tok, {holder}, \
+                    {since} + make_interval(secs => u.secs){waiters_value} \
              FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
              WHERE u.id = ANY(got) ORDER BY u.k \
              {on_conflict} \
              RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
            SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
-                       WHEN up.lease_token = tok THEN 'l' ELSE 'b' END, \
+                       WHEN up.lease_token = tok{own} THEN 'l' ELSE 'b' END, \
                   tok, date_part('epoch', up.lease_expires_at - now_ts), \
-                  coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
+                  coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
            FROM unnest(p_keys, p_ids) WITH ORDINALITY AS u(k, id, i) \
            LEFT JOIN up ON up.key = u.k \
            ORDER BY u.i; \
          END $$",
         claim = table.quoted("_claim_tried"),
-        pick = pick_token(
-            table,
-            join,
-            "unnest(p_keys, p_ids) AS q(k, id)",
-            "q.id = ANY(got)"
-        ),
+        pick = pick_token(table, join),
         joined = record_joined(table, join),
         on_conflict = lease_on_conflict(&next_version, "EXCLUDED.lease_expires_at", join),
     )
@@ -840,19 +832,12 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
     let asynchronous = "PERFORM set_config('synchronous_commit', 'off', true);";
     let Joining {
         declare,
-        token,
         holder,
         since,
         waiters_column,
         waiters_value,
-    } = Joining::new(join, "k");
-    // A joining claim's leases start at different times, so each row's is
-    // its own.
-    let until = if join {
-        format!("{since} + make_interval(secs => p_lease_secs)")
-    } else {
-        "lease_until".into()
-    };
+        own,
+    } = Joining::new(join);
     format!(
         "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
              p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
@@ -867,37 +852,29 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
            now_ts := clock_timestamp(); \
            gen := {generation}; \
            {pick} \
-           lease_until := now_ts + make_interval(secs => p_lease_secs); \
+           lease_until := {since} + make_interval(secs => p_lease_secs); \
            RETURN QUERY \
            WITH up AS ( \
              INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
                                    generation, lease_token, lease_holder, lease_expires_at\
                                    {waiters_column}) \
-             SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, {token}, \
-                    {holder}, {until}{waiters_value} \
+             SELECT p_ns, k, NULL, now_ts, '-infinity', {next_version}, gen, tok, {holder}, \
+                    lease_until{waiters_value} \
              FROM unnest(p_keys) AS k ORDER BY k \
              {on_conflict} \
              RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
-           SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok THEN 'l' \
+           SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok{own} THEN 'l' \
                        ELSE 'b' END, \
                   tok, date_part('epoch', up.lease_expires_at - now_ts), \
-                  coalesce(up.lease_token = tok AND up.lease_waiters, false)::int::bigint \
+                  coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
            FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
            LEFT JOIN up ON up.key = k.k \
            ORDER BY k.i; \
          END $$",
         claim = table.quoted("_claim"),
-        pick = pick_token(table, join, "unnest(p_keys) AS q(k)", "true"),
+        pick = pick_token(table, join),
         joined = record_joined(table, join),
-        on_conflict = lease_on_conflict(
-            &next_version,
-            if join {
-                "EXCLUDED.lease_expires_at"
-            } else {
-                "lease_until"
-            },
-            join
-        ),
+        on_conflict = lease_on_conflict(&next_version, "lease_until", join),
         locks = bounded_locks(
             "p_ids",
             "p_ns_id",
