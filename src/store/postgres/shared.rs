@@ -15,7 +15,8 @@
 //!   comes and carries exactly the keys recorded in it.
 //! * **Nothing stranded.** The joining fill waits for the call's publish
 //!   as for any holder's (woken by its notification, bounded by the
-//!   lease; the call renews the leases of what it carries while it runs). A call whose fill is cancelled before its turn releases the
+//!   lease; the call renews the leases of what it carries while it
+//!   runs). A call whose fill is cancelled before its turn releases the
 //!   joined leases at once (in the background); a holder that dies leaves
 //!   them to expire and be taken over.
 //! * **Only when it can be fetched.** A fill announces its call only when
