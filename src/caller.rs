@@ -237,9 +237,15 @@ impl<F: BatchFetch> ProviderCaller<F> {
             .await;
         if let (Some(sharing), false) = (sharing, carried.is_empty()) {
             sharing.answered(match &mut answer {
+                // A key this call also asked for in this process (its lease
+                // was revoked and given to the call meanwhile) is answered
+                // both ways; the others are the sharing's alone.
                 Ok(answers) => Ok(carried
                     .iter()
-                    .filter_map(|key| answers.remove_entry(key))
+                    .filter_map(|(key, asked_here)| match asked_here {
+                        true => answers.get(key).map(|answer| (key.clone(), answer.clone())),
+                        false => answers.remove_entry(key),
+                    })
                     .collect()),
                 Err(err) => Err(err.clone()),
             });
@@ -257,7 +263,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
         prepaid: &Prepaid,
         counters: &Counters,
         sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
-        carried: &mut Vec<F::Key>,
+        carried: &mut Vec<(F::Key, bool)>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
         let policy = &self.policy;
         let mut backoff = policy.retry.backoff();
@@ -299,9 +305,15 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 let mut all = maker.close();
                 if let (Some(sharing), true) = (sharing, announced.load(Ordering::Relaxed)) {
                     let room = self.max_batch_size.saturating_sub(all.len());
-                    *carried = sharing.close(room).await;
-                    Counters::add(&counters.carried_keys, carried.len());
-                    all.extend(carried.iter().cloned());
+                    let joined = sharing.close(room).await;
+                    Counters::add(&counters.carried_keys, joined.len());
+                    for key in joined {
+                        let asked_here = all.contains(&key);
+                        if !asked_here {
+                            all.push(key.clone());
+                        }
+                        carried.push((key, asked_here));
+                    }
                 }
                 if all.len() > asked.len() {
                     policy
