@@ -418,13 +418,7 @@ impl<F: BatchFetch> Fill<'_, F> {
     /// `sample`, one of the fill's own.
     #[cfg(feature = "postgres")]
     pub(crate) fn shares_calls(&self, sample: &str) -> bool {
-        self.provider.takes_fleet_turns() && self.parse_key(sample).is_some()
-    }
-
-    /// The key whose text is `text`, as the provider parses it.
-    #[cfg(feature = "postgres")]
-    pub(crate) fn parse_key(&self, text: &str) -> Option<F::Key> {
-        self.provider.provider().parse_key(text)
+        self.provider.takes_fleet_turns() && self.provider.provider().parse_key(sample).is_some()
     }
 
     /// Reports that `keys` keys were found leased by another holder and

@@ -158,17 +158,12 @@ impl Drop for Held {
         if self.keys.is_empty() {
             return;
         }
-        let (store, namespace, keys, token) = (
-            self.store.clone(),
+        self.store.release_in_background(
             std::mem::take(&mut self.namespace),
-            std::mem::take(&mut self.keys),
             self.token,
+            std::future::ready(std::mem::take(&mut self.keys)),
+            "the leases of a cancelled fill",
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = store.release(&namespace, &keys, token).await;
-            });
-        }
     }
 }
 
@@ -426,7 +421,7 @@ impl PgStore {
         drop(renewal);
         let (carried, carried_answers) = sharing.as_ref().map(Sharing::take).unwrap_or_default();
         drop(sharing);
-        held.carry(carried.iter().cloned());
+        held.carry(carried.iter().map(|(text, _)| text.clone()));
         let fetched = match fetched {
             Ok(fetched) => fetched,
             Err(err) => return Err(Self::failed(held, err).await),
@@ -438,12 +433,8 @@ impl PgStore {
         let mut dropped: Vec<String> = Vec::new();
         match carried_answers {
             Some(Ok(mut answers)) => {
-                for text in &carried {
-                    let Some(key) = fill.parse_key(text) else {
-                        dropped.push(text.clone());
-                        continue;
-                    };
-                    match answers.remove(&key) {
+                for (text, key) in &carried {
+                    match answers.remove(key) {
                         Some(Err(_)) => dropped.push(text.clone()),
                         Some(Ok(value)) => match serde_json::to_string(&value) {
                             Ok(json) => carried_rows.push((text, Some(json))),
@@ -453,7 +444,7 @@ impl PgStore {
                     }
                 }
             }
-            _ => dropped.extend(carried.iter().cloned()),
+            _ => dropped.extend(carried.iter().map(|(text, _)| text.clone())),
         }
         let answered = crate::store::answer_failed(fetched, leased, keys, answers);
         // Keys the provider failed alone: nothing written, and their leases
@@ -951,6 +942,35 @@ impl PgStore {
                 .execute(conn)
         })?;
         Ok(())
+    }
+
+    /// Releases the leases of `token` on the keys `keys` resolves to, in a
+    /// task of its own (for a drop, which cannot wait), waking their
+    /// waiters; `what` names them in the warning if that fails (they then
+    /// expire). Outside a runtime nothing is released: they expire.
+    pub(super) fn release_in_background(
+        &self,
+        namespace: String,
+        token: i64,
+        keys: impl std::future::Future<Output = Vec<String>> + Send + 'static,
+        what: &'static str,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let mut keys = keys.await;
+            if keys.is_empty() {
+                return;
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            if let Err(err) = store.release(&namespace, &keys, token).await {
+                tracing::warn!(namespace, error = %err,
+                    "could not release {what}; they expire on their own");
+            }
+        });
     }
 
     /// Gives up the leases `token` holds on `keys` (sorted: rows are locked

@@ -201,7 +201,7 @@ impl Drop for PreClaimed {
     /// it).
     fn drop(&mut self) {
         let states = std::mem::take(self.states.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let mut keys: Vec<String> = states
+        let keys: Vec<String> = states
             .into_iter()
             .filter(|(_, (state, _))| matches!(state, Claimed::Leased))
             .map(|(key, _)| key)
@@ -209,19 +209,11 @@ impl Drop for PreClaimed {
         if keys.is_empty() {
             return;
         }
-        keys.sort_unstable();
-        let (store, namespace, token) = (
-            self.store.clone(),
+        self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
+            std::future::ready(keys),
+            "leases no fill took",
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(err) = store.release(&namespace, &keys, token).await {
-                    tracing::warn!(namespace, error = %err,
-                        "could not release leases no fill took; they expire on their own");
-                }
-            });
-        }
     }
 }

@@ -37,16 +37,22 @@ use crate::caller::{Answers, SharedCall};
 use crate::store::Fill;
 use crate::{BatchFetch, Error};
 
+/// The keys a shared call carries: texts (sorted) and keys.
+type Carried<K> = Vec<(String, K)>;
+
 /// What a shared call answered for the keys it carried, once it did.
 type Outcome<K, V> = Option<Result<Answers<K, V>, Error>>;
+
+/// The keys a shared call carried, and what it answered for them.
+pub(super) type Taken<K, V> = (Carried<K>, Outcome<K, V>);
 
 /// What a shared call has done so far.
 struct State<K, V> {
     announced: bool,
     closed: bool,
-    /// The texts of the keys it carries, sorted, and not yet taken by the
+    /// The keys it carries (texts, sorted, and keys), not yet taken by the
     /// fill (which publishes or releases them).
-    carried: Vec<String>,
+    carried: Carried<K>,
     /// Their leases renewed while the call runs (retries and rate-limit
     /// waits included), until the fill takes them.
     renewal: Option<Renewal>,
@@ -62,8 +68,6 @@ pub(super) struct Sharing<'f, F: BatchFetch> {
     store: PgStore,
     namespace: String,
     token: i64,
-    /// The fill's own keys' texts, sorted: never carried twice.
-    own: Vec<String>,
     provider: &'f F,
     /// The fill's lease length, which carried keys are renewed for.
     lease: Duration,
@@ -84,7 +88,6 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
             store: store.clone(),
             namespace: held.namespace.clone(),
             token: held.token,
-            own: held.keys.clone(),
             provider: fill.provider.provider(),
             lease,
             state: Mutex::new(State {
@@ -101,9 +104,9 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The keys the call carried (texts, sorted) and what it answered for
-    /// them; from now on the fill publishes or releases them.
-    pub(super) fn take(&self) -> (Vec<String>, Outcome<F::Key, F::Value>) {
+    /// The keys the call carried (texts, sorted, and keys) and what it
+    /// answered for them; from now on the fill publishes or releases them.
+    pub(super) fn take(&self) -> Taken<F::Key, F::Value> {
         let mut state = self.state();
         state.renewal = None;
         (std::mem::take(&mut state.carried), state.answers.take())
@@ -143,21 +146,17 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                 }
             };
             self.state().closed = true;
-            let mut joined: Vec<String> = joined
-                .into_iter()
-                .filter(|text| self.own.binary_search(text).is_err())
-                .collect();
+            // A key may also be one this process's call asks for already
+            // (its lease revoked, then leased to the call by a claim): the
+            // caller asks for it once and answers both.
+            let mut joined = joined;
             joined.sort_unstable();
             joined.dedup();
             let mut carried = Vec::new();
-            let mut texts = Vec::new();
             let mut let_go = Vec::new();
             for text in joined {
                 match self.provider.parse_key(&text) {
-                    Some(key) if carried.len() < room => {
-                        carried.push(key);
-                        texts.push(text);
-                    }
+                    Some(key) if carried.len() < room => carried.push((text, key)),
                     _ => let_go.push(text),
                 }
             }
@@ -176,18 +175,16 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                         "could not release keys a call could not carry; they expire on their own");
                 }
             }
-            let renewal = (!texts.is_empty()).then(|| {
-                self.store.renew_until_dropped(
-                    &self.namespace,
-                    texts.clone(),
-                    self.token,
-                    self.lease,
-                )
+            let renewal = (!carried.is_empty()).then(|| {
+                let texts = carried.iter().map(|(text, _)| text.clone()).collect();
+                self.store
+                    .renew_until_dropped(&self.namespace, texts, self.token, self.lease)
             });
+            let keys = carried.iter().map(|(_, key)| key.clone()).collect();
             let mut state = self.state();
-            state.carried = texts;
+            state.carried = carried;
             state.renewal = renewal;
-            carried
+            keys
         })
     }
 
@@ -200,29 +197,26 @@ impl<F: BatchFetch> Drop for Sharing<'_, F> {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let open = state.announced && !state.closed;
-        let carried = std::mem::take(&mut state.carried);
+        let carried: Vec<String> = state.carried.drain(..).map(|(text, _)| text).collect();
         if !open && carried.is_empty() {
             return;
         }
-        let (store, namespace, token) = (
-            self.store.clone(),
+        let (store, token) = (self.store.clone(), self.token);
+        let keys = async move {
+            if !open {
+                return carried;
+            }
+            match store.close_call(token).await {
+                Ok(joined) => carried.into_iter().chain(joined).collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
+            keys,
+            "the keys that joined a cancelled call",
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut keys = carried;
-                if open {
-                    match store.close_call(token).await {
-                        Ok(joined) => keys.extend(joined),
-                        Err(_) => return,
-                    }
-                }
-                keys.sort_unstable();
-                keys.dedup();
-                let _ = store.release(&namespace, &keys, token).await;
-            });
-        }
     }
 }
 
