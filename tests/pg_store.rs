@@ -1415,25 +1415,32 @@ async fn budget_moved(
     }
 }
 
+/// Runs `query` (a boolean, its parameters `binds` as text) every 2 ms
+/// until it answers true, for 10 s at most; past that fails saying `what`.
+async fn until_true(conn: &mut PgConnection, query: &str, binds: &[String], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut check = sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(query));
+        for bind in binds {
+            check = check.bind(bind);
+        }
+        if check.fetch_one(&mut *conn).await.unwrap() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Waits (10 s at most) until `key` of the budget test's namespace is
 /// leased: its fill claimed it, and asks the budget next.
 async fn leased(conn: &mut PgConnection, table: &str, key: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let leased: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} WHERE namespace = '{TURNS}' \
-               AND key = $1 AND lease_token IS NOT NULL)"
-        )))
-        .bind(key.to_string())
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        if leased {
-            return;
-        }
-        assert!(Instant::now() < deadline, "key {key} was never leased");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let query = format!(
+        "SELECT EXISTS (SELECT 1 FROM {table} WHERE namespace = '{TURNS}' \
+           AND key = $1 AND lease_token IS NOT NULL)"
+    );
+    let what = format!("key {key} was never leased");
+    until_true(conn, &query, &[key.to_string()], &what).await;
 }
 
 /// Calls that find the fleet budget spent take its turns in the order they
@@ -1538,46 +1545,20 @@ const SHARED: &str = "pg/shared-calls";
 /// Waits (10 s at most) until a call of the shared-call tests' namespace
 /// is announced: it waits for its turn, and claims may join it.
 async fn announced(conn: &mut PgConnection, table: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let calls: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}'"
-        )))
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        if calls > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no call was ever announced");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let query = format!("SELECT count(*) > 0 FROM {table}_calls WHERE namespace = '{SHARED}'");
+    until_true(conn, &query, &[], "no call was ever announced").await;
 }
 
 /// Waits (10 s at most) until `key` is leased to the token of `call`'s
 /// key: its claim joined that call.
 async fn joined(conn: &mut PgConnection, table: &str, key: u64, call: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let joined: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT coalesce((SELECT k.lease_token = c.lease_token FROM {table} k, {table} c \
-               WHERE k.namespace = '{SHARED}' AND c.namespace = '{SHARED}' \
-                 AND k.key = $1 AND c.key = $2), false)"
-        )))
-        .bind(key.to_string())
-        .bind(call.to_string())
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        if joined {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "key {key} never joined the call of key {call}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let query = format!(
+        "SELECT coalesce((SELECT k.lease_token = c.lease_token FROM {table} k, {table} c \
+           WHERE k.namespace = '{SHARED}' AND c.namespace = '{SHARED}' \
+             AND k.key = $1 AND c.key = $2), false)"
+    );
+    let what = format!("key {key} never joined the call of key {call}");
+    until_true(conn, &query, &[key.to_string(), call.to_string()], &what).await;
 }
 
 /// Each instance's first fill, of a key of its own (100, 101, …), one
