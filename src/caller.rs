@@ -6,14 +6,13 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
-use crate::limit::{Announce, Limiter, Prepaid};
+use crate::limit::{Limiter, Prepaid};
 use crate::merge::{Boarding, Maker, Seat};
 use crate::stats::Counters;
 use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
@@ -26,16 +25,13 @@ pub(crate) type Answers<K, V> = HashMap<K, Result<V, Error>>;
 type MergedCalls<F> = Boarding<<F as BatchFetch>::Key, Result<<F as BatchFetch>::Value, Error>>;
 
 /// A provider call's part in a fleet that shares calls (a store's; see
-/// `PgStore`): announced while it waits for its turn of the fleet's
-/// budget, it carries the keys other fills joined to it meanwhile.
+/// `PgStore`): opened to the fleet by the claim of its fill's keys, it
+/// carries the keys other fills joined to it until its turn of the
+/// fleet's budget.
 pub(crate) trait SharedCall<K, V>: Send + Sync {
-    /// The call waits `wait` for its turn, with room for `room` more keys:
-    /// makes it known; false when it was not (only one call of a fill is
-    /// announced).
-    fn announce(&self, wait: Duration, room: usize) -> BoxFuture<'_, bool>;
-    /// The announced call's turn came: no more keys join it. The keys that
-    /// did, at most `room` (the rest are let go of), to ask for with the
-    /// call's own.
+    /// The call's turn came: no more keys join it. The keys that did, at
+    /// most `room` (the rest are let go of), to ask for with the call's
+    /// own; none after the fill's first call.
     fn close(&self, room: usize) -> BoxFuture<'_, Vec<K>>;
     /// What the call answered for the keys `close` gave (an error: the call
     /// failed as a whole).
@@ -276,26 +272,10 @@ impl<F: BatchFetch> ProviderCaller<F> {
         let mut asked: Vec<F::Key> = chunk.to_vec();
         let mut closed = maker.is_none();
         let mut done: Answers<F::Key, F::Value> = HashMap::with_capacity(chunk.len());
-        // Whether this call was announced to the fleet through `sharing`.
-        let announced = AtomicBool::new(false);
         loop {
-            let announce: Option<Announce<'_>> = match (sharing, closed) {
-                (Some(sharing), false) => {
-                    let (room, announced) =
-                        (self.max_batch_size.saturating_sub(asked.len()), &announced);
-                    Some(Box::new(move |wait| {
-                        Box::pin(async move {
-                            if room > 0 && sharing.announce(wait, room).await {
-                                announced.store(true, Ordering::Relaxed);
-                            }
-                        })
-                    }))
-                }
-                _ => None,
-            };
             policy
                 .limiter
-                .before_call(&self.namespace, asked.len(), prepaid, counters, announce)
+                .before_call(&self.namespace, asked.len(), prepaid, counters)
                 .await?;
             if let (Some(maker), false) = (maker.as_mut(), closed) {
                 // Permitted: no more joiners. Keys that joined while it
@@ -303,7 +283,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 // fills of the fleet joined to it, as many as it has room
                 // for.
                 let mut all = maker.close();
-                if let (Some(sharing), true) = (sharing, announced.load(Ordering::Relaxed)) {
+                if let Some(sharing) = sharing {
                     let room = self.max_batch_size.saturating_sub(all.len());
                     let joined = sharing.close(room).await;
                     Counters::add(&counters.carried_keys, joined.len());

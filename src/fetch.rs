@@ -173,8 +173,8 @@ pub trait BatchFetch: Send + Sync + 'static {
     /// fleet share provider calls under a fleet-wide budget
     /// ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit)
     /// with a [`PgStore`](crate::PgStore) in its default fill mode): a call
-    /// that waits for its turn then also carries the keys other instances
-    /// started missing meanwhile, which they would otherwise fetch in turns
+    /// then also carries the keys other instances start missing between
+    /// its claim and its turn, which they would otherwise fetch in turns
     /// of their own. Fewer turns are taken, and a missing key waits for the
     /// next turn of the fleet, not of its own instance. Every instance
     /// sharing the namespace must then be able to fetch every key of it.

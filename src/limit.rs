@@ -23,7 +23,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -162,15 +161,6 @@ pub(crate) trait FleetLimiter: Send + Sync + fmt::Debug + 'static {
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error>;
 }
 
-/// What a call runs while it waits for a turn of the fleet's budget, told
-/// how long it waits: it makes the call known to the fleet, so that
-/// others' keys join it (see [`crate::caller::SharedCall`]).
-pub(crate) type Announce<'a> = Box<dyn FnOnce(Duration) -> BoxFuture<'a, ()> + Send + 'a>;
-
-/// The shortest wait for a turn worth announcing: a shorter one is over
-/// before another instance could join it.
-pub(crate) const ANNOUNCED_TURN: Duration = Duration::from_millis(2);
-
 /// A fleet budget's answer to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FleetTurn {
@@ -287,20 +277,6 @@ impl Limiter {
         keys: usize,
         counters: &Counters,
     ) -> Result<(), Error> {
-        self.acquire_announcing(namespace, keys, counters, None)
-            .await
-    }
-
-    /// [`acquire`](Self::acquire), running `announce` (once, while it
-    /// waits) when the fleet's budget gives this call a turn at least
-    /// [`ANNOUNCED_TURN`] away, with the wait.
-    async fn acquire_announcing(
-        &self,
-        namespace: &str,
-        keys: usize,
-        counters: &Counters,
-        mut announce: Option<Announce<'_>>,
-    ) -> Result<(), Error> {
         let mut waited = false;
         if let Some(gcra) = &self.calls {
             waited |= self.wait_local(gcra, NonZeroU32::MIN, namespace).await?;
@@ -319,14 +295,7 @@ impl Limiter {
                     FleetTurn::In(wait) => {
                         waited = true;
                         Self::trace_wait(namespace, wait, "fleet rate limit");
-                        match announce.take().filter(|_| wait >= ANNOUNCED_TURN) {
-                            Some(announce) => {
-                                let until = Instant::now() + wait;
-                                announce(wait).await;
-                                tokio::time::sleep_until(until).await;
-                            }
-                            None => tokio::time::sleep(wait).await,
-                        }
+                        tokio::time::sleep(wait).await;
                         // A pause recorded while this call waited for its
                         // turn holds it too; the turn is then given up (going
                         // after the pause on a turn taken before it would
@@ -367,21 +336,16 @@ impl Limiter {
     }
 
     /// Before a call: spends the prepaid permit (then only honours a fleet
-    /// pause recorded since), or acquires a new one, running `announce`
-    /// (once) with the wait when the fleet's budget gives the call a turn
-    /// [`ANNOUNCED_TURN`] or more away.
+    /// pause recorded since), or acquires a new one.
     pub(crate) async fn before_call(
         &self,
         namespace: &str,
         keys: usize,
         prepaid: &Prepaid,
         counters: &Counters,
-        announce: Option<Announce<'_>>,
     ) -> Result<(), Error> {
         if !prepaid.take(keys) {
-            return self
-                .acquire_announcing(namespace, keys, counters, announce)
-                .await;
+            return self.acquire(namespace, keys, counters).await;
         }
         if let Some(fleet) = &self.fleet {
             if Self::wait_out_pause(fleet.as_ref(), namespace).await? {

@@ -67,8 +67,8 @@ pub struct Stats {
     /// provider calls saved.
     pub merged_calls: u64,
     /// Keys this cache's provider calls fetched for fills of other
-    /// instances (or other fills of this one) that joined them while they
-    /// waited for their turn of a fleet budget (see
+    /// instances (or other fills of this one) that joined them before
+    /// their turn of a fleet budget (see
     /// [`BatchFetch::parse_key`](crate::BatchFetch::parse_key)): turns of
     /// the budget those fills did not take.
     pub carried_keys: u64,
@@ -386,7 +386,7 @@ fn describe() {
     );
     describe_counter!(
         "loadlock_carried_keys_total",
-        "Keys fetched for other instances' fills that joined a call waiting for its turn."
+        "Keys fetched for other instances' fills that joined a call before its turn."
     );
     describe_counter!(
         "loadlock_errors_total",

@@ -69,6 +69,10 @@ async fn concurrent_migrate_applies_once() {
                 7,
                 "claims join provider calls waiting for their turn".to_string()
             ),
+            (
+                8,
+                "claims open calls, and join them by the keys they lease".to_string()
+            ),
         ]
     );
     let persistence: String = sqlx::query_scalar(
@@ -1656,6 +1660,187 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
         vec![vec![100], vec![101], vec![102], vec![1], vec![3]]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
+    nothing_left_announced(&mut conn, &db.table()).await;
+    db.cleanup().await;
+}
+
+/// Holds the fleet budget's row of the shared-call tests' namespace
+/// locked, in a transaction of the returned connection, until it is
+/// closed: every call asking for a turn meanwhile waits for it, after its
+/// claim.
+async fn budget_held(url: &str, table: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+    let locked: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE namespace = '{SHARED}' FOR UPDATE) l"
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        locked, 1,
+        "the budget's row exists once the instances warmed up"
+    );
+    conn
+}
+
+/// A call is open to the fleet from the claim of its keys on, not only once
+/// it knows its turn: a key another instance misses between the claim and
+/// the turn rides on it, even when the turn comes at once. The budget
+/// here never makes a call wait (1,000 calls/s); its row is held locked
+/// while the test's loads come, so the first call has claimed its key and
+/// waits for the budget's answer when the second instance misses key 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
+    let db = TestDb::new("shared_open").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let generous = Quota::per_second(NonZeroU32::new(1000).unwrap());
+    let caches = budgeted(&db, &provider, generous, &table, 3).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    let budget = budget_held(&db.url, &table).await;
+    let first = spawn_load(&caches[1], 1);
+    announced(&mut conn, &db.table()).await;
+    let second = spawn_load(&caches[2], 2);
+    joined(&mut conn, &db.table(), 2, 1).await;
+    budget.close().await.unwrap();
+    answered(vec![first, second]).await;
+    assert_eq!(
+        provider.calls(),
+        vec![vec![100], vec![101], vec![102], vec![1, 2]]
+    );
+    assert_eq!(caches[1].stats().carried_keys, 1);
+    nothing_left_announced(&mut conn, &db.table()).await;
+    db.cleanup().await;
+}
+
+/// A fill that fails after its claim opened its call, before the call's
+/// turn (here: its connection to the fleet budget is terminated while it
+/// asks for the turn), closes the call and releases the keys that joined
+/// it at once: the instance that missed one claims it again and fetches
+/// it itself, instead of waiting for the lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
+    let db = TestDb::new("shared_cancel").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let generous = Quota::per_second(NonZeroU32::new(1000).unwrap());
+    let caches = budgeted(&db, &provider, generous, &table, 3).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    let budget = budget_held(&db.url, &table).await;
+    let (_, failing) = spawn_load(&caches[1], 1);
+    announced(&mut conn, &db.table()).await;
+    let started = Instant::now();
+    let second = spawn_load(&caches[2], 2);
+    joined(&mut conn, &db.table(), 2, 1).await;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+           WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%_reserve%') t",
+    )
+    .bind(&db.schema)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(terminated, 1, "one call waits for the budget: key 1's");
+    let failed = tokio::time::timeout(Duration::from_secs(30), failing)
+        .await
+        .expect("the load of key 1 answered")
+        .unwrap();
+    assert!(
+        matches!(failed, Err(Error::Store { .. })),
+        "key 1's load fails with its budget's connection: {failed:?}"
+    );
+    budget.close().await.unwrap();
+    answered(vec![second]).await;
+    // Its lease (sized for the default provider timeout and retries) would
+    // have lasted tens of seconds.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "key 2 answered {:?} after it was asked",
+        started.elapsed()
+    );
+    assert_eq!(
+        provider.calls(),
+        vec![vec![100], vec![101], vec![102], vec![2]]
+    );
+    assert_eq!(caches[1].stats().carried_keys, 0);
+    nothing_left_announced(&mut conn, &db.table()).await;
+    db.cleanup().await;
+}
+
+/// A fill that opened a call and never makes it closes it: here a
+/// background refresh of keys 1 and 2, whose claim leases key 1 (opening
+/// its call) but finds key 2 leased by another instance, and gives up. No
+/// call is left open for other instances to join and wait on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
+    let db = TestDb::new("shared_refresh").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let budget = PgRateLimit::with_table(
+        db.pool(2).await,
+        Quota::per_second(NonZeroU32::new(1000).unwrap()),
+        &table,
+    )
+    .unwrap();
+    budget.migrate().await.unwrap();
+    let refreshing = Cache::builder(provider.clone())
+        .store(db.store(LockMode::PerKey).await)
+        .fleet_rate_limit(budget)
+        .ttl(Duration::from_secs(1))
+        .stale_while_revalidate(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // Another instance, whose fill of key 2 holds its lease until the gate
+    // opens.
+    let gate = Arc::new(Semaphore::new(0));
+    let holding = Cache::builder(Fake::<u64>::builder(SHARED).gate(gate.clone()).build())
+        .store(db.store(LockMode::PerKey).await)
+        .build()
+        .unwrap();
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    refreshing.loader().load_many([1, 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, held) = spawn_load(&holding, 2);
+    let leased = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE namespace = '{SHARED}' AND key = '2' \
+           AND lease_token IS NOT NULL)",
+        db.table()
+    );
+    until_true(&mut conn, &leased, &[], "key 2 was never leased").await;
+    let tokens = format!("SELECT last_value FROM {}_lease", db.table());
+    let before: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(tokens.clone()))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    // Stale, served at once; the refresh claims in the background.
+    refreshing.loader().load_many([1, 2]).await.unwrap();
+    let claimed = format!("SELECT last_value > {before} FROM {}_lease", db.table());
+    until_true(&mut conn, &claimed, &[], "the refresh never claimed").await;
+    let closed = format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM {table}_calls) AND NOT EXISTS (SELECT 1 FROM {table} \
+           WHERE namespace = '{SHARED}' AND key = '1' AND lease_token IS NOT NULL)",
+        table = db.table()
+    );
+    until_true(&mut conn, &closed, &[], "the refresh's call was left open").await;
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("key 2 answered")
+        .unwrap()
+        .unwrap();
+    // Nothing was refreshed, and only the first load and key 2's fill
+    // called.
+    assert_eq!(provider.calls(), vec![vec![1, 2]]);
+    assert_eq!(refreshing.stats().refreshes, 0);
     nothing_left_announced(&mut conn, &db.table()).await;
     db.cleanup().await;
 }

@@ -483,9 +483,9 @@ impl<F: BatchFetch> Fill<'_, F> {
             .await
     }
 
-    /// [`fetch`](Self::fetch) in a call that, while it waits for its turn
-    /// of a fleet-wide budget, is announced through `sharing` and then
-    /// carries the keys others joined to it (answered to `sharing`).
+    /// [`fetch`](Self::fetch) in a call that, at its turn of a fleet-wide
+    /// budget, closes the fleet's call `sharing` stands for and carries the
+    /// keys others joined to it (answered to `sharing`).
     #[cfg(feature = "postgres")]
     pub(crate) async fn fetch_each_shared(
         &self,

@@ -121,18 +121,35 @@ pub(super) struct Held {
     pub(super) token: i64,
     /// Sorted, distinct.
     pub(super) keys: Vec<String>,
+    /// Whether the claim may have opened a call of this token for other
+    /// fills to join (see `shared`) that this fill has to close: at the
+    /// call's turn (a [`Sharing`] takes that over), or when dropped.
+    call: bool,
 }
 
 impl Held {
-    fn new(store: &PgStore, namespace: &str, token: i64, mut keys: Vec<String>) -> Self {
+    fn new(
+        store: &PgStore,
+        namespace: &str,
+        token: i64,
+        mut keys: Vec<String>,
+        call: bool,
+    ) -> Self {
         keys.sort_unstable();
         keys.dedup();
         Held {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
+            call: call && !keys.is_empty(),
             keys,
         }
+    }
+
+    /// Hands the closing of the call this fill's claim may have opened to
+    /// the caller (a [`Sharing`]); false when there is none to close.
+    pub(super) fn take_call(&mut self) -> bool {
+        std::mem::take(&mut self.call)
     }
 
     fn settled(mut self) {
@@ -154,14 +171,19 @@ impl Held {
 }
 
 impl Drop for Held {
+    /// Releases the leases not settled (a cancelled or failed fill), and
+    /// closes the call its claim opened if nobody did, releasing what
+    /// joined it: in the background, waking their waiters.
     fn drop(&mut self) {
-        if self.keys.is_empty() {
+        let keys = std::mem::take(&mut self.keys);
+        if keys.is_empty() && !self.call {
             return;
         }
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
-            std::future::ready(std::mem::take(&mut self.keys)),
+            self.call,
+            keys,
             "the leases of a cancelled fill",
         );
     }
@@ -208,11 +230,15 @@ impl PgStore {
         let texts: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
         let group_size = self.lease_group_size(fill);
         let max_batch = fill.max_batch_size().max(1);
-        self.inner
-            .learned
-            .record(namespace, max_batch, group_size, |calls| {
-                lease_for(fill.fetch_bound(calls.saturating_mul(max_batch)))
-            });
+        self.inner.learned.record(
+            namespace,
+            max_batch,
+            group_size,
+            texts
+                .first()
+                .is_some_and(|sample| fill.shares_calls(sample)),
+            |calls| lease_for(fill.fetch_bound(calls.saturating_mul(max_batch))),
+        );
         // What the batch's read claimed for it, as the first round's claim:
         // taken (and the rest of the read's answer let go of) before
         // anything here waits, so leases this fill does not take are
@@ -294,6 +320,7 @@ impl PgStore {
                     namespace,
                     token,
                     leased.iter().map(|&i| texts[i].clone()).collect(),
+                    self.call_room(namespace) > 0,
                 );
                 if try_only && leased.len() < group.len() {
                     drop(held);
@@ -410,10 +437,10 @@ impl PgStore {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
         let renewal = self.renew_while_fetching(&held, lease);
-        // While it waits for its turn of a fleet budget, the call may carry
-        // keys other fills joined to it (see `shared`): published here with
-        // the fill's own.
-        let sharing = Sharing::new(self, fill, &held, lease);
+        // Until its turn of a fleet budget, the call its claim opened may
+        // carry keys other fills joined to it (see `shared`): published
+        // here with the fill's own.
+        let sharing = Sharing::new(self, fill, &mut held, lease);
         let fetched = match &sharing {
             Some(sharing) => fill.fetch_each_shared(&keys, sharing).await,
             None => fill.fetch_each(&keys).await,
@@ -684,8 +711,19 @@ impl PgStore {
             .bind(namespace_lock_id(namespace))
             .bind(&inner.holder)
             .bind(secs)
+            .bind(self.call_room(namespace))
             .fetch_all(conn)
             .await
+    }
+
+    /// The room of a call a claim of `namespace` opens for other fills to
+    /// join (see `shared`): 0, none opened, until a fill of the namespace
+    /// told that its calls are shared.
+    pub(super) fn call_room(&self, namespace: &str) -> i32 {
+        self.inner
+            .learned
+            .get(namespace)
+            .map_or(0, |terms| terms.call_room())
     }
 
     /// Reads the rows of a claim of `expected` keys: the token, and per key
@@ -754,6 +792,7 @@ impl PgStore {
                 .bind(&inner.holder)
                 .bind(lease.as_secs_f64())
                 .bind(budget.as_secs_f64())
+                .bind(self.call_room(namespace))
                 .fetch_all(conn)
         )?;
         let (token, states) = self.claim_rows(keys.len(), rows)?;
@@ -944,15 +983,17 @@ impl PgStore {
         Ok(())
     }
 
-    /// Releases the leases of `token` on the keys `keys` resolves to, in a
-    /// task of its own (for a drop, which cannot wait), waking their
-    /// waiters; `what` names them in the warning if that fails (they then
-    /// expire). Outside a runtime nothing is released: they expire.
+    /// Releases the leases of `token` on `keys`, in a task of its own (for
+    /// a drop, which cannot wait), waking their waiters; with `call`, first
+    /// closes the call of `token` (see `shared`) and releases the keys that
+    /// joined it too. `what` names them in the warning if that fails (they
+    /// then expire). Outside a runtime nothing is released: they expire.
     pub(super) fn release_in_background(
         &self,
         namespace: String,
         token: i64,
-        keys: impl std::future::Future<Output = Vec<String>> + Send + 'static,
+        call: bool,
+        mut keys: Vec<String>,
         what: &'static str,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -960,7 +1001,13 @@ impl PgStore {
         };
         let store = self.clone();
         runtime.spawn(async move {
-            let mut keys = keys.await;
+            if call {
+                match store.close_call(token).await {
+                    Ok(joined) => keys.extend(joined),
+                    Err(err) => tracing::warn!(namespace, error = %err,
+                        "could not close a call; what joined it expires on its own"),
+                }
+            }
             if keys.is_empty() {
                 return;
             }

@@ -57,27 +57,34 @@
 //! 6. **Shared calls** ([`shared`](self)) — under a fleet-wide budget
 //!    ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit))
 //!    and with a provider that can tell keys from their texts
-//!    ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)), a call
-//!    that must wait for its turn (2 ms or more) is announced in
-//!    `<t>_calls`: its lease token, when its turn comes, and how many more
-//!    keys it has room for. A claim, of any instance, that finds such a
-//!    call with room for all its keys leases what it would have leased to
-//!    that call's token instead (inside the same statement, under the same
-//!    locks), records the keys in the call's row, and answers them as
-//!    busy: its fill waits for the call's publish like for any holder's.
-//!    At its turn the call deletes its row (no claim joins it after that)
-//!    and asks the provider for the keys recorded in it with its own; its
-//!    publish writes them under its token and wakes their waiters. So the
-//!    fleet's misses ride on the turns already taken instead of each
-//!    instance taking turns of its own: fewer calls, and a missing key waits
-//!    for the fleet's next turn, not its instance's. A key it cannot carry
-//!    (no room left, or a text the provider does not parse) is released at
-//!    once; a fill cancelled before its turn releases what joined it, and a
-//!    holder that dies leaves it to expire like its own leases.
+//!    ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)), the claim
+//!    that leases keys to a new token also opens that token's call in
+//!    `<t>_calls`, in the same statement: its token, when it was opened,
+//!    and how many more keys it has room for (the provider's batch size
+//!    less its own). A claim, of any instance, that finds an open call
+//!    with room for every key it would lease (keys fresh or leased by a
+//!    live holder take none) leases them to the oldest such call's token
+//!    instead (inside the same statement, under the same locks), records
+//!    them in the call's row, and answers them as busy: its fill waits for
+//!    the call's publish like for any holder's. At its turn of the budget
+//!    the call deletes its row (no claim joins it after that) and asks the
+//!    provider for the keys recorded in it with its own; its publish writes
+//!    them under its token and wakes their waiters. So the fleet's misses
+//!    ride on the turns already taken instead of each instance taking turns
+//!    of its own: fewer calls, and a missing key waits for the fleet's next
+//!    turn, not its instance's. Opened by the claim itself, a call is
+//!    joinable from the moment its keys are leased, so the claims of a
+//!    burst of misses (every instance's requests answered by one publish
+//!    ask for their next keys together) join the first of them. A key it
+//!    cannot carry (no room left, or a text the provider does not parse) is
+//!    released at once; a fill that opened a call and does not make it
+//!    (failed, given up, or riding on another call of its process) closes
+//!    it and releases what joined, and a holder that dies leaves it to
+//!    expire like its own leases.
 //!
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
-//! them); a shared call two more (announcing and closing it).
+//! them); a shared call one more (closing it at its turn).
 //!
 //! Reads, claims and publishes that queue together share a statement
 //! (`combine`): most of a statement's cost is fixed (the round trip, the
@@ -193,9 +200,9 @@
 //! lease_token IS NOT NULL`, and the calls waiting for their turn (with
 //! the keys that joined them) with `SELECT * FROM loadlock_cache_calls`.
 //! Beside it, `<table>_namespaces` holds the namespaces' generations and
-//! `<table>_calls` the announced calls (a few rows at a time; a holder that
-//! died leaves its row, which the next call to close forgets after 10
-//! minutes).
+//! `<table>_calls` the open calls (a few rows at a time; a holder that
+//! died leaves its row, which claims stop joining once a lease would have
+//! ended and the next call to close forgets after 10 minutes).
 //!
 //! # Behind PgBouncer
 //!

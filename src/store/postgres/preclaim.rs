@@ -47,6 +47,8 @@ use super::PgStore;
 pub(super) struct LeaseTerms {
     max_batch: usize,
     group_size: usize,
+    /// Whether the fills' calls are shared by the fleet (see `shared`).
+    shares: bool,
     /// At `k - 1`: the lease of a claim of `k` provider calls' keys.
     leases: Arc<[Duration]>,
 }
@@ -59,6 +61,16 @@ impl LeaseTerms {
             return None;
         }
         self.leases.get(keys.div_ceil(self.max_batch) - 1).copied()
+    }
+
+    /// How many keys a call opened by a claim of these fills holds, its
+    /// own and those that join it (see `shared`): 0 when they do not
+    /// share calls.
+    pub(super) fn call_room(&self) -> i32 {
+        match self.shares {
+            true => i32::try_from(self.max_batch).unwrap_or(i32::MAX),
+            false => 0,
+        }
     }
 }
 
@@ -76,13 +88,15 @@ pub(super) struct Learned(Mutex<HashMap<String, Known>>);
 
 impl Learned {
     /// Records how a fill of `namespace` leases keys: at most `group_size`
-    /// per claim, provider calls of at most `max_batch` keys, and
-    /// `lease_of(k)` for a claim of `k` calls' keys.
+    /// per claim, provider calls of at most `max_batch` keys, shared by
+    /// the fleet or not (`shares`), and `lease_of(k)` for a claim of `k`
+    /// calls' keys.
     pub(super) fn record(
         &self,
         namespace: &str,
         max_batch: usize,
         group_size: usize,
+        shares: bool,
         lease_of: impl Fn(usize) -> Duration,
     ) {
         let max_batch = max_batch.max(1);
@@ -93,6 +107,7 @@ impl Learned {
             Some(Known::Terms(known))
                 if known.max_batch == max_batch
                     && known.group_size == group_size
+                    && known.shares == shares
                     && known.leases.len() == calls
                     && known.leases.first() == Some(&lease_of(1))
                     && known.leases.last() == Some(&lease_of(calls)) => {}
@@ -104,6 +119,7 @@ impl Learned {
                 let terms = LeaseTerms {
                     max_batch,
                     group_size,
+                    shares,
                     leases: (1..=calls).map(lease_of).collect(),
                 };
                 learned.insert(namespace.to_owned(), Known::Terms(terms));
@@ -142,6 +158,10 @@ pub(super) struct PreClaimed {
     /// still answered as leased is one no fill has taken yet (a fill that
     /// takes it leaves it answered as found).
     states: Mutex<HashMap<String, (Claimed, bool)>>,
+    /// How many keys the claim leased, when it may have opened a call for
+    /// other fills to join (see `shared`; 0 otherwise): a fill that takes
+    /// any of them closes it, and if none does, the drop.
+    call_leased: usize,
 }
 
 impl PreClaimed {
@@ -154,12 +174,20 @@ impl PreClaimed {
         epoch: u64,
         states: Vec<(Claimed, bool)>,
     ) -> Arc<Self> {
+        let call_leased = match store.call_room(namespace) > 0 {
+            true => states
+                .iter()
+                .filter(|(state, _)| matches!(state, Claimed::Leased))
+                .count(),
+            false => 0,
+        };
         Arc::new(PreClaimed {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
             epoch,
             states: Mutex::new(keys.into_iter().zip(states).collect()),
+            call_leased,
         })
     }
 
@@ -198,7 +226,8 @@ impl PreClaimed {
 impl Drop for PreClaimed {
     /// Releases the leases no fill took, in the background, waking their
     /// waiters (a fill of this process that found one leased waits for
-    /// it).
+    /// it); when no fill took any, closes the call the claim opened and
+    /// releases what joined it too.
     fn drop(&mut self) {
         let states = std::mem::take(self.states.get_mut().unwrap_or_else(|e| e.into_inner()));
         let keys: Vec<String> = states
@@ -209,10 +238,12 @@ impl Drop for PreClaimed {
         if keys.is_empty() {
             return;
         }
+        let call = self.call_leased > 0 && keys.len() == self.call_leased;
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
-            std::future::ready(keys),
+            call,
+            keys,
             "leases no fill took",
         );
     }

@@ -1,26 +1,32 @@
-//! Provider calls shared by the fleet: under a fleet-wide budget, a fill
-//! whose call waits for its turn carries the keys other fills (of any
-//! instance) started missing meanwhile.
+//! Provider calls shared by the fleet: under a fleet-wide budget, the
+//! claim that leases a fill's keys opens its call to the fleet, and until
+//! the call's turn comes it carries the keys other fills (of any
+//! instance) start missing.
 //!
 //! What it guarantees:
 //!
 //! * **Still exactly once.** A joined key is leased, under its advisory
-//!   lock, to the waiting call's token instead of a new one (migration 7's
-//!   `_claim`); only the holder of that token fetches it, and its publish
-//!   writes it only while the lease is that token's. Invalidations revoke
-//!   joined leases as any other.
+//!   lock, to the open call's token instead of a new one (`_claim`, since
+//!   migration 8); only the holder of that token fetches it, and its
+//!   publish writes it only while the lease is that token's. Invalidations
+//!   revoke joined leases as any other.
 //! * **Nobody joins a call that has gone.** A claim joins a call only
-//!   while its row exists and its turn is ahead, and holds the row locked
-//!   until it commits; the call's holder deletes the row when its turn
-//!   comes and carries exactly the keys recorded in it.
+//!   while its row exists, and holds the row locked until it commits; the
+//!   call's holder deletes the row when its turn comes and carries exactly
+//!   the keys recorded in it.
+//! * **Open from the claim on.** The call is opened in the statement that
+//!   leases its keys, so claims of other instances that come right after
+//!   join it instead of taking turns of their own (opened any later, a
+//!   burst of claims after a publish each took a turn).
 //! * **Nothing stranded.** The joining fill waits for the call's publish
 //!   as for any holder's (woken by its notification, bounded by the
 //!   lease; the call renews the leases of what it carries while it
-//!   runs). A call whose fill is cancelled before its turn releases the
-//!   joined leases at once (in the background); a holder that dies leaves
-//!   them to expire and be taken over.
-//! * **Only when it can be fetched.** A fill announces its call only when
-//!   the provider can tell keys from their texts
+//!   runs). A fill that opened a call and does not make it (cancelled,
+//!   failed, given up, or its keys riding on another call of its process)
+//!   closes it and releases what joined at once (in the background); a
+//!   holder that dies leaves them to expire and be taken over.
+//! * **Only when it can be fetched.** Claims open calls only for a
+//!   namespace whose fills' provider can tell keys from their texts
 //!   ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)); a joined
 //!   text it cannot parse is released at once, not fetched.
 
@@ -48,7 +54,7 @@ pub(super) type Taken<K, V> = (Carried<K>, Outcome<K, V>);
 
 /// What a shared call has done so far.
 struct State<K, V> {
-    announced: bool,
+    /// Whether the call's turn came (no more keys join it after).
     closed: bool,
     /// The keys it carries (texts, sorted, and keys), not yet taken by the
     /// fill (which publishes or releases them).
@@ -59,11 +65,12 @@ struct State<K, V> {
     answers: Outcome<K, V>,
 }
 
-/// A fill's side of a shared call (see [`SharedCall`]): announces the
-/// call under the fill's lease token, and takes what joined it. Dropped
-/// before the fill took the carried keys (its fill cancelled, or the close
-/// failed halfway), it closes the call and releases them in the
-/// background, so their waiters claim them at once.
+/// A fill's side of a shared call (see [`SharedCall`]): closes the call
+/// its claim opened under the fill's lease token at the call's turn, and
+/// takes what joined it. Dropped before the fill took the carried keys
+/// (its fill cancelled, its keys riding on another call, or the close
+/// failed halfway), it closes the call if it did not and releases them in
+/// the background, so their waiters claim them at once.
 pub(super) struct Sharing<'f, F: BatchFetch> {
     store: PgStore,
     namespace: String,
@@ -76,22 +83,22 @@ pub(super) struct Sharing<'f, F: BatchFetch> {
 
 impl<'f, F: BatchFetch> Sharing<'f, F> {
     /// The sharing of the fill whose leases are `held`, when its calls may
-    /// be shared (see [`Fill::shares_calls`]).
+    /// be shared (see [`Fill::shares_calls`]) and its claim may have opened
+    /// one: from now on closing it is this sharing's.
     pub(super) fn new(
         store: &PgStore,
         fill: &Fill<'f, F>,
-        held: &Held,
+        held: &mut Held,
         lease: Duration,
     ) -> Option<Self> {
         let sample = held.keys.first()?;
-        fill.shares_calls(sample).then(|| Sharing {
+        (fill.shares_calls(sample) && held.take_call()).then(|| Sharing {
             store: store.clone(),
             namespace: held.namespace.clone(),
             token: held.token,
             provider: fill.provider.provider(),
             lease,
             state: Mutex::new(State {
-                announced: false,
                 closed: false,
                 carried: Vec::new(),
                 renewal: None,
@@ -114,28 +121,11 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
 }
 
 impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
-    fn announce(&self, wait: Duration, room: usize) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            if std::mem::replace(&mut self.state().announced, true) {
-                return false;
-            }
-            // Announced before the statement is sent: a cancelled
-            // announcement may still reach the server, and is closed then.
-            let room = i32::try_from(room).unwrap_or(i32::MAX);
-            if let Err(err) = self
-                .store
-                .open_call(&self.namespace, self.token, wait, room)
-                .await
-            {
-                tracing::warn!(namespace = self.namespace, error = %err,
-                    "could not announce a call waiting for its turn; it carries its own keys");
-            }
-            true
-        })
-    }
-
     fn close(&self, room: usize) -> BoxFuture<'_, Vec<F::Key>> {
         Box::pin(async move {
+            if self.state().closed {
+                return Vec::new();
+            }
             let joined = match self.store.close_call(self.token).await {
                 Ok(joined) => joined,
                 Err(err) => {
@@ -196,64 +186,25 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
 impl<F: BatchFetch> Drop for Sharing<'_, F> {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let open = state.announced && !state.closed;
+        let open = !state.closed;
         let carried: Vec<String> = state.carried.drain(..).map(|(text, _)| text).collect();
         if !open && carried.is_empty() {
             return;
         }
-        let (store, token) = (self.store.clone(), self.token);
-        let keys = async move {
-            if !open {
-                return carried;
-            }
-            match store.close_call(token).await {
-                Ok(joined) => carried.into_iter().chain(joined).collect(),
-                Err(_) => Vec::new(),
-            }
-        };
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
-            keys,
+            open,
+            carried,
             "the keys that joined a cancelled call",
         );
     }
 }
 
 impl PgStore {
-    /// Records the call of lease `token` as waiting `wait` for its turn,
-    /// with room for `room` more keys: one round trip.
-    async fn open_call(
-        &self,
-        namespace: &str,
-        token: i64,
-        wait: Duration,
-        room: i32,
-    ) -> Result<(), Error> {
-        let inner = &*self.inner;
-        self.count_round_trips(1);
-        on_conn!(
-            &Laned(self),
-            "announcing a call",
-            Duration::ZERO,
-            None,
-            |conn| inner
-                .sql
-                .open_call
-                .query()
-                .bind(token)
-                .bind(namespace)
-                .bind(&inner.holder)
-                .bind(wait.as_secs_f64())
-                .bind(room)
-                .execute(conn)
-        )?;
-        Ok(())
-    }
-
     /// Closes the call of lease `token`: no claim joins it after this.
     /// Returns the keys claims leased to it (in no order): one round trip.
-    async fn close_call(&self, token: i64) -> Result<Vec<String>, Error> {
+    pub(super) async fn close_call(&self, token: i64) -> Result<Vec<String>, Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
         let rows = on_conn!(

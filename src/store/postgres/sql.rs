@@ -66,11 +66,6 @@ pub(crate) struct Statements {
     pub(crate) publish_many: Sql,
     /// `$1` channel, `$2` payloads: one notification each.
     pub(crate) notify: Sql,
-    /// `$1` the call's lease token, `$2` namespace, `$3` holder, `$4` the
-    /// seconds until its turn, `$5` how many more keys it carries: a
-    /// provider call waiting for its turn of the fleet's budget, which
-    /// claims of other fills join (see `_claim`).
-    pub(crate) open_call: Sql,
     /// `$1` the call's lease token: its turn came; no claim joins it from
     /// now on. Returns the keys claims leased to it (and forgets calls
     /// whose turn passed long ago: their holders died before it came).
@@ -220,7 +215,7 @@ impl Statements {
             )),
             claim: sql(format!(
                 "SELECT state, token, lease_left, taken_over \
-                 FROM {}($1, $2, $3, $4, $5, $6, $7)",
+                 FROM {}($1, $2, $3, $4, $5, $6, $7, $8::int4)",
                 table.quoted("_claim")
             )),
             release: sql(format!("SELECT {}($1, $2, $3, $4, $5)", table.quoted("_release"))),
@@ -234,7 +229,7 @@ impl Statements {
             )),
             claim_tried: sql(format!(
                 "SELECT state, token, lease_left, taken_over \
-                 FROM {}($1, $2, $3, $4, $5, $6)",
+                 FROM {}($1, $2, $3, $4, $5, $6, $7::int4)",
                 table.quoted("_claim_tried")
             )),
             publish_many: sql(format!(
@@ -243,11 +238,6 @@ impl Statements {
                 table.quoted("_publish_many")
             )),
             notify: Sql::fixed("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", prepared),
-            open_call: sql(format!(
-                "INSERT INTO {calls} (token, namespace, holder, turn_at, room) \
-                 VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4::float8), $5)",
-                calls = table.quoted("_calls")
-            )),
             close_call: sql(format!(
                 "DELETE FROM {calls} WHERE token = $1 \
                     OR turn_at < clock_timestamp() - interval '10 minutes' \
@@ -329,6 +319,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 7,
         description: "claims join provider calls waiting for their turn",
         statements: shared_calls,
+    },
+    Migration {
+        version: 8,
+        description: "claims open calls, and join them by the keys they lease",
+        statements: open_calls,
     },
 ];
 
@@ -428,7 +423,8 @@ const FRESH: &str = "(c.generation = gen AND c.expires_at > now_ts)";
 /// answers them as busy: its fill waits for the publish as for any other
 /// holder's. When its turn comes the call is deleted (no claim joins it
 /// after that) and carries the keys leased to it: one call of the budget
-/// for keys several instances were missing.
+/// for keys several instances were missing. (Migration 8 changed who
+/// records a call, and when: the claim that leases its keys.)
 fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
     let unlogged = if unlogged { "UNLOGGED " } else { "" };
     vec![
@@ -443,8 +439,8 @@ fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
             table.quoted("_calls")
         ),
         // What a claim looks calls up by, and what their holders close
-        // them by (the table holds the calls waiting now: a few rows, each
-        // deleted within its wait). Fills of one combined claim share a
+        // them by (the table holds the calls open now: a few rows, each
+        // deleted at its turn). Fills of one combined claim share a
         // token, so a token may have several calls: its first to close
         // carries what joined any of them.
         format!(
@@ -462,32 +458,62 @@ fn shared_calls(table: &TableName, unlogged: bool) -> Vec<String> {
     ]
 }
 
-/// How a claim that may join a waiting call (`join`) picks its token, its
-/// holder and the start of its leases: the call whose turn comes first
-/// and has room for all of `p_keys`, locked until the claim commits (so it
-/// closes after, and carries what this claim leases it; a claim joining it
-/// at the same time waits for this one's statement, holding nothing this
-/// one waits for); otherwise a new token, `p_holder`, now. Without `join`,
-/// the latter. A claim joins with all its keys or none: a fill whose keys
-/// were split between a waiting call and a turn of its own would wait for
-/// both, and take a turn anyway (measured: more calls, slower requests).
-/// A joining claim also notes which of its keys the call's token leased
+/// Migration 8: claims open their calls, and join calls by the keys they
+/// lease.
+///
+/// A claim that leases keys to a new token opens that token's call in the
+/// same statement (`<table>_calls.turn_at` is from now on when it was
+/// opened, not when its turn comes: the order claims join calls in), when
+/// the claim's `p_room` (a new last parameter: the provider's batch size,
+/// or 0 where calls are not shared) leaves room; the fill closes it at its
+/// turn as before. A claim joins a call with room for the keys it would
+/// lease, not for all it asks for. Instances of the previous version keep
+/// working beside this one (their claims call the functions without
+/// `p_room`).
+fn open_calls(table: &TableName, _: bool) -> Vec<String> {
+    vec![
+        claim_function(table, PROBES_NO_JIT, true),
+        claim_tried_function(table, PROBES_NO_JIT, true),
+    ]
+}
+
+/// How a claim that may join an open call (`join`) picks its token and
+/// its holder: the oldest open call with room for every key the claim
+/// would lease (the rows `u(k)` of `leasable`, a `FROM` item, that have
+/// neither a fresh value nor a live lease: keys another holder fetches
+/// already take no room), opened less than a lease (`lease_secs`) ago,
+/// locked until the claim commits (so it closes after, and carries what
+/// this claim leases it; a claim joining it at the same time waits for
+/// this one's statement, holding nothing this one waits for); otherwise a
+/// new token and `p_holder`. Without `join`, the latter. Leases start now
+/// either way. A claim joins with all its keys or none: a fill whose keys
+/// were split between a call and a turn of its own would wait for both,
+/// and take a turn anyway (measured: more calls, slower requests). A
+/// joining claim also notes which of its keys the call's token leased
 /// already (`before`): the fills of one combined claim share a token, and
 /// their own keys are theirs to fetch, never the call's to carry.
-fn pick_token(table: &TableName, join: bool) -> String {
+fn pick_token(table: &TableName, join: bool, leasable: &str, lease_secs: &str) -> String {
     let lease_seq = table.quoted("_lease");
     if !join {
         return format!("tok := nextval('{lease_seq}');");
     }
+    let (fresh, live) = (FRESH, LIVE);
     format!(
-        "SELECT k.ctid, k.token, k.holder, k.turn_at INTO call_row, tok, holder, since \
-           FROM {calls} k \
-           WHERE k.namespace = p_ns AND k.turn_at > now_ts \
-             AND k.room >= cardinality(p_keys) \
-           ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
+        "SELECT count(*) INTO need FROM {leasable} \
+           LEFT JOIN LATERAL (SELECT 1 AS busy FROM {t} c \
+             WHERE c.namespace = p_ns AND c.key = u.k AND ({fresh} OR {live}) LIMIT 1) x \
+           ON true WHERE x.busy IS NULL; \
+         IF need > 0 THEN \
+           SELECT k.ctid, k.token, k.holder INTO call_row, tok, holder \
+             FROM {calls} k \
+             WHERE k.namespace = p_ns AND k.room >= need \
+               AND k.turn_at > now_ts - make_interval(secs => {lease_secs}) \
+             ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
+         END IF; \
          joined := tok IS NOT NULL; \
+         since := now_ts; \
          IF NOT joined THEN \
-           tok := nextval('{lease_seq}'); holder := p_holder; since := now_ts; \
+           tok := nextval('{lease_seq}'); holder := p_holder; \
          ELSE \
            SELECT coalesce(array_agg(c.key), '{{}}') INTO before FROM {t} c \
              WHERE c.namespace = p_ns AND c.key = ANY(p_keys) AND c.lease_token = tok; \
@@ -497,9 +523,15 @@ fn pick_token(table: &TableName, join: bool) -> String {
     )
 }
 
-/// With `join`, the data-modifying `WITH` item that adds what a joining
+/// With `join`, the data-modifying `WITH` items that add what a joining
 /// claim leased (the rows of `up` leased by `tok` that were not before) to
-/// its call's keys.
+/// its call's keys, and that open the call of a claim that leased keys to
+/// a new token, with room for `p_room` keys less its own (none opened
+/// when `p_room` leaves no room: 0 for fills whose calls are not shared).
+/// Opened in the statement that leases its keys, the call is joinable as
+/// soon as they are leased: claims of other instances that come right
+/// after (a burst of misses, all asked for after one publish) join it
+/// instead of each taking a turn.
 fn record_joined(table: &TableName, join: bool) -> String {
     if !join {
         return String::new();
@@ -509,7 +541,11 @@ fn record_joined(table: &TableName, join: bool) -> String {
     format!(
         ", j AS (UPDATE {calls} k SET keys = k.keys || {added}, \
                    room = k.room - cardinality({added}) \
-                 WHERE joined AND k.ctid = call_row RETURNING 1)",
+                 WHERE joined AND k.ctid = call_row RETURNING 1), \
+         o AS (INSERT INTO {calls} (token, namespace, holder, turn_at, room) \
+                 SELECT tok, p_ns, p_holder, now_ts, p_room - count(*) FROM up \
+                 WHERE up.lease_token = tok \
+                 HAVING NOT joined AND count(*) > 0 AND p_room - count(*) > 0 RETURNING 1)",
         calls = table.quoted("_calls")
     )
 }
@@ -725,7 +761,7 @@ impl Joining {
         if join {
             Joining {
                 declare: " holder text; since timestamptz; joined boolean := false; call_row tid; \
-                          before text[];",
+                          before text[]; need bigint;",
                 holder: "holder",
                 since: "since",
                 waiters_column: ", lease_waiters",
@@ -768,7 +804,7 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
     // key in the order of `p_keys`: 'f', 'l', 'b' as `_claim`, or 'u'.
     format!(
         "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
-             p_ns_id bigint, p_holder text, p_lease_secs float8[]) \
+             p_ns_id bigint, p_holder text, p_lease_secs float8[]{room}) \
          RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
          LANGUAGE plpgsql VOLATILE {plan} AS $$ \
          #variable_conflict use_column \
@@ -806,7 +842,13 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
            ORDER BY u.i; \
          END $$",
         claim = table.quoted("_claim_tried"),
-        pick = pick_token(table, join),
+        room = if join { ", p_room integer" } else { "" },
+        pick = pick_token(
+            table,
+            join,
+            "(SELECT * FROM unnest(p_keys, p_ids) AS v(k, id) WHERE v.id = ANY(got)) u",
+            "(SELECT max(x) FROM unnest(p_lease_secs) AS x)"
+        ),
         joined = record_joined(table, join),
         on_conflict = lease_on_conflict(&next_version, "EXCLUDED.lease_expires_at", join),
     )
@@ -840,7 +882,7 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
     } = Joining::new(join);
     format!(
         "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
-             p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8) \
+             p_ns_id bigint, p_holder text, p_lease_secs float8, p_budget_secs float8{room}) \
          RETURNS TABLE (state text, token bigint, lease_left float8, taken_over bigint) \
          LANGUAGE plpgsql VOLATILE {plan} AS $$ \
          #variable_conflict use_column \
@@ -872,7 +914,8 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
            ORDER BY k.i; \
          END $$",
         claim = table.quoted("_claim"),
-        pick = pick_token(table, join),
+        room = if join { ", p_room integer" } else { "" },
+        pick = pick_token(table, join, "unnest(p_keys) AS u(k)", "p_lease_secs"),
         joined = record_joined(table, join),
         on_conflict = lease_on_conflict(&next_version, "lease_until", join),
         locks = bounded_locks(
