@@ -111,6 +111,12 @@ impl<F: BatchFetch> ProviderCaller<F> {
         self.policy.limiter.has_fleet()
     }
 
+    /// Whether the fleet-wide budget binds now (see
+    /// [`Limiter::fleet_binds`]).
+    pub(crate) fn fleet_binds(&self) -> bool {
+        self.policy.limiter.fleet_binds()
+    }
+
     /// The longest fetching `keys` keys may take, rate-limited waits aside
     /// (a store that leases keys renews its leases across them): its calls
     /// in sequence (`chunk_concurrency` at a time), each with every attempt

@@ -172,12 +172,13 @@ pub trait BatchFetch: Send + Sync + 'static {
     /// Implement it (for most key types, `text.parse().ok()`) to let a
     /// fleet share provider calls under a fleet-wide budget
     /// ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit)
-    /// with a [`PgStore`](crate::PgStore) in its default fill mode): a call
-    /// then also carries the keys other instances start missing between
-    /// its claim and its turn, which they would otherwise fetch in turns
-    /// of their own. Fewer turns are taken, and a missing key waits for the
-    /// next turn of the fleet, not of its own instance. Every instance
-    /// sharing the namespace must then be able to fetch every key of it.
+    /// with a [`PgStore`](crate::PgStore) in its default fill mode): while
+    /// the budget binds, a call then also carries the keys other instances
+    /// start missing between its claim and its turn, which they would
+    /// otherwise fetch in turns of their own. Fewer turns are taken, and a
+    /// missing key waits for the next turn of the fleet, not of its own
+    /// instance. Every instance sharing the namespace must then be able to
+    /// fetch every key of it.
     ///
     /// It must invert `Display`: `parse_key(&key.to_string())` is
     /// `Some(key)`. A text it cannot parse (`None`) is not carried; its

@@ -20,6 +20,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,12 +171,25 @@ pub(crate) enum FleetTurn {
     Paused(Duration),
 }
 
+/// The shortest wait for a turn of the fleet's budget that says it binds:
+/// a shorter one is over before another instance could join the call.
+const BINDING_WAIT: Duration = Duration::from_millis(2);
+
+/// How long the fleet's budget is taken to bind after the turn of the
+/// last call that waited [`BINDING_WAIT`] or more for it (or the end of a
+/// pause).
+const BINDS_FOR: Duration = Duration::from_secs(1);
+
 /// Everything that limits provider calls of one cache.
 pub(crate) struct Limiter {
     calls: Option<Gcra>,
     keys: Option<(Gcra, NonZeroU32)>,
     fleet: Option<Arc<dyn FleetLimiter>>,
     clock: TokioClock,
+    /// The turn (microseconds on `clock`, plus one; 0: never) of the last
+    /// call that waited [`BINDING_WAIT`] or more for it, or the end of the
+    /// last pause.
+    fleet_bound_at: AtomicU64,
 }
 
 impl fmt::Debug for Limiter {
@@ -258,11 +272,32 @@ impl Limiter {
             keys,
             fleet,
             clock,
+            fleet_bound_at: AtomicU64::new(0),
         })
     }
 
     pub(crate) fn has_fleet(&self) -> bool {
         self.fleet.is_some()
+    }
+
+    /// Whether the fleet's budget binds: a call of this cache waited
+    /// [`BINDING_WAIT`] or more for a turn (or was paused) that came, or
+    /// comes, less than [`BINDS_FOR`] ago.
+    pub(crate) fn fleet_binds(&self) -> bool {
+        match self.fleet_bound_at.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let since = Duration::from_micros(at - 1);
+                self.clock.now().saturating_sub(since) < BINDS_FOR
+            }
+        }
+    }
+
+    /// Records a wait of `wait` for a turn or the end of a pause.
+    fn fleet_bound(&self, wait: Duration) {
+        let until = self.clock.now().saturating_add(wait).as_micros();
+        let until = u64::try_from(until).unwrap_or(u64::MAX - 1);
+        self.fleet_bound_at.fetch_max(until + 1, Ordering::Relaxed);
     }
 
     pub(crate) fn is_unlimited(&self) -> bool {
@@ -294,6 +329,9 @@ impl Limiter {
                     FleetTurn::In(wait) if wait.is_zero() => break,
                     FleetTurn::In(wait) => {
                         waited = true;
+                        if wait >= BINDING_WAIT {
+                            self.fleet_bound(wait);
+                        }
                         Self::trace_wait(namespace, wait, "fleet rate limit");
                         tokio::time::sleep(wait).await;
                         // A pause recorded while this call waited for its
@@ -306,6 +344,7 @@ impl Limiter {
                     }
                     FleetTurn::Paused(wait) => {
                         waited = true;
+                        self.fleet_bound(wait);
                         Self::trace_wait(namespace, wait, "fleet paused");
                         tokio::time::sleep(wait).await;
                     }

@@ -1664,6 +1664,19 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
     db.cleanup().await;
 }
 
+/// A load of `key` on `cache` whose call waits for its turn (the budget's
+/// turns spent by the tests' earlier calls): from then on, for a second,
+/// the cache takes the budget to bind, and its claims open their calls to
+/// the fleet.
+async fn binding(cache: &Cache<Fake<u64>>, key: u64) {
+    let started = Instant::now();
+    answered(vec![spawn_load(cache, key)]).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "key {key}'s call waited for its turn"
+    );
+}
+
 /// Holds the fleet budget's row of the shared-call tests' namespace
 /// locked, in a transaction of the returned connection, until it is
 /// closed: every call asking for a turn meanwhile waits for it, after its
@@ -1686,13 +1699,44 @@ async fn budget_held(url: &str, table: &str) -> PgConnection {
 
 /// A call is open to the fleet from the claim of its keys on, not only once
 /// it knows its turn: a key another instance misses between the claim and
-/// the turn rides on it, even when the turn comes at once. The budget
-/// here never makes a call wait (1,000 calls/s); its row is held locked
-/// while the test's loads come, so the first call has claimed its key and
-/// waits for the budget's answer when the second instance misses key 2.
+/// the turn rides on it. The budget's row is held locked while the test's
+/// loads come, so the first call has claimed its key and waits for the
+/// budget's answer when the second instance misses key 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     let db = TestDb::new("shared_open").await;
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .build();
+    let table = format!("{}.rate_limit", db.schema);
+    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    binding(&caches[1], 104).await;
+    let budget = budget_held(&db.url, &table).await;
+    let first = spawn_load(&caches[1], 1);
+    announced(&mut conn, &db.table()).await;
+    let second = spawn_load(&caches[2], 2);
+    joined(&mut conn, &db.table(), 2, 1).await;
+    budget.close().await.unwrap();
+    answered(vec![first, second]).await;
+    assert_eq!(
+        provider.calls(),
+        vec![vec![100], vec![101], vec![102], vec![104], vec![1, 2]]
+    );
+    assert_eq!(caches[1].stats().carried_keys, 1);
+    nothing_left_announced(&mut conn, &db.table()).await;
+    db.cleanup().await;
+}
+
+/// While the fleet's budget does not bind (no call of the cache waited
+/// for its turn lately), claims open no calls: a call goes as soon as its
+/// turn is known, and joining it would only add a round trip to the
+/// joiner. Two instances missing a key each then make a call each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_call_is_opened_while_the_budget_does_not_bind() {
+    let db = TestDb::new("shared_unbound").await;
     let provider = Fake::<u64>::builder(SHARED)
         .parse_keys(|text| text.parse().ok())
         .build();
@@ -1703,16 +1747,41 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     warmed(&caches).await;
     let budget = budget_held(&db.url, &table).await;
     let first = spawn_load(&caches[1], 1);
-    announced(&mut conn, &db.table()).await;
     let second = spawn_load(&caches[2], 2);
-    joined(&mut conn, &db.table(), 2, 1).await;
+    for key in [1, 2] {
+        let leased = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE namespace = '{SHARED}' AND key = $1 \
+               AND lease_token IS NOT NULL)",
+            db.table()
+        );
+        until_true(
+            &mut conn,
+            &leased,
+            &[key.to_string()],
+            "a key was never leased",
+        )
+        .await;
+    }
+    let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}_calls",
+        db.table()
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "a call was opened while the budget did not bind");
     budget.close().await.unwrap();
     answered(vec![first, second]).await;
+    let mut calls = provider.calls();
+    calls.sort();
     assert_eq!(
-        provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![1, 2]]
+        calls,
+        vec![vec![1], vec![2], vec![100], vec![101], vec![102]]
     );
-    assert_eq!(caches[1].stats().carried_keys, 1);
+    assert_eq!(
+        caches[1].stats().carried_keys + caches[2].stats().carried_keys,
+        0
+    );
     nothing_left_announced(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
@@ -1729,10 +1798,11 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
         .parse_keys(|text| text.parse().ok())
         .build();
     let table = format!("{}.rate_limit", db.schema);
-    let generous = Quota::per_second(NonZeroU32::new(1000).unwrap());
-    let caches = budgeted(&db, &provider, generous, &table, 3).await;
+    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     warmed(&caches).await;
+    binding(&caches[1], 104).await;
     let budget = budget_held(&db.url, &table).await;
     let (_, failing) = spawn_load(&caches[1], 1);
     announced(&mut conn, &db.table()).await;
@@ -1767,7 +1837,7 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
     );
     assert_eq!(
         provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![2]]
+        vec![vec![100], vec![101], vec![102], vec![104], vec![2]]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
     nothing_left_announced(&mut conn, &db.table()).await;
@@ -1787,7 +1857,7 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
     let table = format!("{}.rate_limit", db.schema);
     let budget = PgRateLimit::with_table(
         db.pool(2).await,
-        Quota::per_second(NonZeroU32::new(1000).unwrap()),
+        Quota::per_second(NonZeroU32::new(5).unwrap()),
         &table,
     )
     .unwrap();
@@ -1817,6 +1887,10 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
     );
     until_true(&mut conn, &leased, &[], "key 2 was never leased").await;
     let tokens = format!("SELECT last_value FROM {}_lease", db.table());
+    // Keys 3 and 4 after it: the second waits for its turn, and the cache
+    // takes the budget to bind.
+    refreshing.loader().load(3).await.unwrap();
+    binding(&refreshing, 4).await;
     let before: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(tokens.clone()))
         .fetch_one(&mut conn)
         .await
@@ -1837,9 +1911,8 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
         .expect("key 2 answered")
         .unwrap()
         .unwrap();
-    // Nothing was refreshed, and only the first load and key 2's fill
-    // called.
-    assert_eq!(provider.calls(), vec![vec![1, 2]]);
+    // Nothing was refreshed: the refresh made no call.
+    assert_eq!(provider.calls(), vec![vec![1, 2], vec![3], vec![4]]);
     assert_eq!(refreshing.stats().refreshes, 0);
     nothing_left_announced(&mut conn, &db.table()).await;
     db.cleanup().await;

@@ -421,6 +421,15 @@ impl<F: BatchFetch> Fill<'_, F> {
         self.provider.takes_fleet_turns() && self.provider.provider().parse_key(sample).is_some()
     }
 
+    /// Whether the fleet-wide budget this fill's calls wait for binds now:
+    /// one of this cache's calls waited for its turn lately. Calls are
+    /// opened to the fleet only then; while the budget does not bind,
+    /// they go at once and joining one would only add a round trip.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn fleet_binds(&self) -> bool {
+        self.provider.fleet_binds()
+    }
+
     /// Reports that `keys` keys were found leased by another holder and
     /// waited for; counted in [`Stats::lease_waits`](crate::Stats::lease_waits).
     pub fn record_lease_wait(&self, keys: usize) {

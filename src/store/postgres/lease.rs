@@ -230,13 +230,15 @@ impl PgStore {
         let texts: Vec<String> = fill.keys().iter().map(ToString::to_string).collect();
         let group_size = self.lease_group_size(fill);
         let max_batch = fill.max_batch_size().max(1);
+        let shares = texts
+            .first()
+            .is_some_and(|sample| fill.shares_calls(sample));
         self.inner.learned.record(
             namespace,
             max_batch,
             group_size,
-            texts
-                .first()
-                .is_some_and(|sample| fill.shares_calls(sample)),
+            shares,
+            shares && fill.fleet_binds(),
             |calls| lease_for(fill.fetch_bound(calls.saturating_mul(max_batch))),
         );
         // What the batch's read claimed for it, as the first round's claim:

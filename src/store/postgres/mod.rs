@@ -57,9 +57,12 @@
 //! 6. **Shared calls** ([`shared`](self)) — under a fleet-wide budget
 //!    ([`CacheBuilder::fleet_rate_limit`](crate::CacheBuilder::fleet_rate_limit))
 //!    and with a provider that can tell keys from their texts
-//!    ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)), the claim
-//!    that leases keys to a new token also opens that token's call in
-//!    `<t>_calls`, in the same statement: its token, when it was opened,
+//!    ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)), while the
+//!    budget binds (a call of the cache waited 2 ms or more for its turn
+//!    within the last second; otherwise calls go at once, and joining one
+//!    would only delay the joiner), the claim that leases keys to a new
+//!    token also opens that token's call in `<t>_calls`, in the same
+//!    statement: its token, when it was opened,
 //!    and how many more keys it has room for (the provider's batch size
 //!    less its own). A claim, of any instance, that finds an open call
 //!    with room for every key it would lease (keys fresh or leased by a

@@ -34,6 +34,7 @@
 //!   never leased by the read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,12 +44,15 @@ use super::PgStore;
 /// How a namespace's fills lease keys: the most keys one claim covers,
 /// and the lease a claim of so many keys takes, which depends only on the
 /// provider calls they make.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub(super) struct LeaseTerms {
     max_batch: usize,
     group_size: usize,
     /// Whether the fills' calls are shared by the fleet (see `shared`).
     shares: bool,
+    /// Whether claims open calls now: the fleet's budget binds, as the
+    /// namespace's latest fill found it (shared by every copy).
+    opening: Arc<AtomicBool>,
     /// At `k - 1`: the lease of a claim of `k` provider calls' keys.
     leases: Arc<[Duration]>,
 }
@@ -67,7 +71,7 @@ impl LeaseTerms {
     /// own and those that join it (see `shared`): 0 when they do not
     /// share calls.
     pub(super) fn call_room(&self) -> i32 {
-        match self.shares {
+        match self.shares && self.opening.load(Ordering::Relaxed) {
             true => i32::try_from(self.max_batch).unwrap_or(i32::MAX),
             false => 0,
         }
@@ -89,14 +93,15 @@ pub(super) struct Learned(Mutex<HashMap<String, Known>>);
 impl Learned {
     /// Records how a fill of `namespace` leases keys: at most `group_size`
     /// per claim, provider calls of at most `max_batch` keys, shared by
-    /// the fleet or not (`shares`), and `lease_of(k)` for a claim of `k`
-    /// calls' keys.
+    /// the fleet or not (`shares`; opened to it now or not, `opening`),
+    /// and `lease_of(k)` for a claim of `k` calls' keys.
     pub(super) fn record(
         &self,
         namespace: &str,
         max_batch: usize,
         group_size: usize,
         shares: bool,
+        opening: bool,
         lease_of: impl Fn(usize) -> Duration,
     ) {
         let max_batch = max_batch.max(1);
@@ -110,7 +115,10 @@ impl Learned {
                     && known.shares == shares
                     && known.leases.len() == calls
                     && known.leases.first() == Some(&lease_of(1))
-                    && known.leases.last() == Some(&lease_of(calls)) => {}
+                    && known.leases.last() == Some(&lease_of(calls)) =>
+            {
+                known.opening.store(opening, Ordering::Relaxed);
+            }
             Some(Known::Conflicting) => {}
             Some(Known::Terms(_)) => {
                 learned.insert(namespace.to_owned(), Known::Conflicting);
@@ -120,6 +128,7 @@ impl Learned {
                     max_batch,
                     group_size,
                     shares,
+                    opening: Arc::new(AtomicBool::new(opening)),
                     leases: (1..=calls).map(lease_of).collect(),
                 };
                 learned.insert(namespace.to_owned(), Known::Terms(terms));

@@ -1,7 +1,7 @@
-//! Provider calls shared by the fleet: under a fleet-wide budget, the
-//! claim that leases a fill's keys opens its call to the fleet, and until
-//! the call's turn comes it carries the keys other fills (of any
-//! instance) start missing.
+//! Provider calls shared by the fleet: under a fleet-wide budget that
+//! binds, the claim that leases a fill's keys opens its call to the
+//! fleet, and until the call's turn comes it carries the keys other fills
+//! (of any instance) start missing.
 //!
 //! What it guarantees:
 //!
@@ -29,6 +29,11 @@
 //!   namespace whose fills' provider can tell keys from their texts
 //!   ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)); a joined
 //!   text it cannot parse is released at once, not fetched.
+//! * **Only while the budget binds.** A claim opens a call only while a
+//!   call of its cache waited for a turn lately (2 ms or more, within the
+//!   last second): otherwise the call goes at once, and a fill that
+//!   joined it would wait for its publish and re-read, where a call of its
+//!   own takes as long. Joining an open call is always allowed.
 
 use std::sync::Mutex;
 use std::time::Duration;
