@@ -485,7 +485,8 @@ fn open_calls(table: &TableName, _: bool) -> Vec<String> {
 /// locked until the claim commits (so it closes after, and carries what
 /// this claim leases it; a claim joining it at the same time waits for
 /// this one's statement, holding nothing this one waits for); otherwise a
-/// new token and `p_holder`. Without `join`, the latter. Leases start now
+/// new token and `p_holder` (a namespace with no open call costs one
+/// probe, not one per key). Without `join`, the latter. Leases start now
 /// either way. A claim joins with all its keys or none: a fill whose keys
 /// were split between a call and a turn of its own would wait for both,
 /// and take a turn anyway (measured: more calls, slower requests). A
@@ -499,16 +500,19 @@ fn pick_token(table: &TableName, join: bool, leasable: &str, lease_secs: &str) -
     }
     let (fresh, live) = (FRESH, LIVE);
     format!(
-        "SELECT count(*) INTO need FROM {leasable} \
-           LEFT JOIN LATERAL (SELECT 1 AS busy FROM {t} c \
-             WHERE c.namespace = p_ns AND c.key = u.k AND ({fresh} OR {live}) LIMIT 1) x \
-           ON true WHERE x.busy IS NULL; \
-         IF need > 0 THEN \
-           SELECT k.ctid, k.token, k.holder INTO call_row, tok, holder \
-             FROM {calls} k \
-             WHERE k.namespace = p_ns AND k.room >= need \
-               AND k.turn_at > now_ts - make_interval(secs => {lease_secs}) \
-             ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
+        "IF EXISTS (SELECT 1 FROM {calls} k WHERE k.namespace = p_ns \
+                     AND k.turn_at > now_ts - make_interval(secs => {lease_secs})) THEN \
+           SELECT count(*) INTO need FROM {leasable} \
+             LEFT JOIN LATERAL (SELECT 1 AS busy FROM {t} c \
+               WHERE c.namespace = p_ns AND c.key = u.k AND ({fresh} OR {live}) LIMIT 1) x \
+             ON true WHERE x.busy IS NULL; \
+           IF need > 0 THEN \
+             SELECT k.ctid, k.token, k.holder INTO call_row, tok, holder \
+               FROM {calls} k \
+               WHERE k.namespace = p_ns AND k.room >= need \
+                 AND k.turn_at > now_ts - make_interval(secs => {lease_secs}) \
+               ORDER BY k.turn_at LIMIT 1 FOR UPDATE; \
+           END IF; \
          END IF; \
          joined := tok IS NOT NULL; \
          since := now_ts; \
