@@ -90,8 +90,13 @@ pub(super) enum Claimed {
 }
 
 /// What a claim answers: the lease token, how many leases it took over,
-/// and each key's state.
-pub(super) type ClaimAnswer = (i64, usize, Vec<Claimed>);
+/// each key's state, and whether it opened the token's call for other
+/// fills to join (see `shared`).
+pub(super) type ClaimAnswer = (i64, usize, Vec<Claimed>, bool);
+
+/// A claim's rows as read: the lease token, each key's state and whether
+/// its lease was taken over, and whether it opened the token's call.
+type ClaimRows = (i64, Vec<(Claimed, bool)>, bool);
 
 /// One fill's part of a combined claim: its keys (distinct) and the
 /// length of their lease, in seconds.
@@ -288,11 +293,11 @@ impl PgStore {
                 let wait_for_locks = group
                     .iter()
                     .any(|i| locks_busy.get(i).is_some_and(|&n| n >= LOCK_TRIES));
-                let (token, taken_over, claimed) =
-                    if let Some((token, taken_over, states)) = &mut pre_claimed {
+                let (token, taken_over, claimed, opened) =
+                    if let Some((token, taken_over, states, opened)) = &mut pre_claimed {
                         // Aligned with the fill's keys, each in one group.
                         let claimed = group.iter().map(|&i| states[i]).collect();
-                        (*token, std::mem::take(taken_over), claimed)
+                        (*token, std::mem::take(taken_over), claimed, *opened)
                     } else if wait_for_locks {
                         self.claim(namespace, &group_texts, lease).await?
                     } else {
@@ -322,7 +327,7 @@ impl PgStore {
                     namespace,
                     token,
                     leased.iter().map(|&i| texts[i].clone()).collect(),
-                    self.call_room(namespace) > 0,
+                    opened,
                 );
                 if try_only && leased.len() < group.len() {
                     drop(held);
@@ -620,7 +625,7 @@ impl PgStore {
             members = inner.claims.close(&namespace, number);
         }
         let answered = outcome.and_then(|rows| self.claim_rows(keys.len(), rows));
-        let (token, states) = match answered {
+        let (token, states, opened) = match answered {
             Ok(answered) => answered,
             Err(err) => {
                 for member in members {
@@ -657,7 +662,7 @@ impl PgStore {
                     }
                 });
             }
-            member.answer(Ok((token, taken_over, claimed)));
+            member.answer(Ok((token, taken_over, claimed, opened)));
         }
     }
 
@@ -686,8 +691,10 @@ impl PgStore {
             )
         })
         .await?;
-        let (token, states) = self.claim_rows(keys.len(), rows)?;
-        Ok(PreClaimed::new(self, namespace, keys, token, epoch, states))
+        let (token, states, opened) = self.claim_rows(keys.len(), rows)?;
+        Ok(PreClaimed::new(
+            self, namespace, keys, token, epoch, states, opened,
+        ))
     }
 
     /// The claim statement that only tries locks (`_claim_tried`), of
@@ -719,22 +726,19 @@ impl PgStore {
     }
 
     /// The room of a call a claim of `namespace` opens for other fills to
-    /// join (see `shared`): 0, none opened, until a fill of the namespace
-    /// told that its calls are shared.
-    pub(super) fn call_room(&self, namespace: &str) -> i32 {
+    /// join (see `shared`): 0, none opened, unless the namespace's latest
+    /// fill told that its calls are shared and its budget binds.
+    fn call_room(&self, namespace: &str) -> i32 {
         self.inner
             .learned
             .get(namespace)
             .map_or(0, |terms| terms.call_room())
     }
 
-    /// Reads the rows of a claim of `expected` keys: the token, and per key
-    /// its state and whether its lease was taken over.
-    fn claim_rows(
-        &self,
-        expected: usize,
-        rows: Vec<PgRow>,
-    ) -> Result<(i64, Vec<(Claimed, bool)>), Error> {
+    /// Reads the rows of a claim of `expected` keys: the token, per key its
+    /// state and whether its lease was taken over, and whether the claim
+    /// opened the token's call (its own leases answered 'o', not 'l').
+    fn claim_rows(&self, expected: usize, rows: Vec<PgRow>) -> Result<ClaimRows, Error> {
         if rows.len() != expected {
             return Err(Error::Store {
                 message: format!("a claim of {expected} keys answered {}", rows.len()).into(),
@@ -742,6 +746,7 @@ impl PgStore {
             });
         }
         let mut token = 0;
+        let mut opened = false;
         let mut states = Vec::with_capacity(rows.len());
         for row in rows {
             let read = |e| self.error("reading a claim", e);
@@ -751,6 +756,10 @@ impl PgStore {
             states.push((
                 match state {
                     "l" => Claimed::Leased,
+                    "o" => {
+                        opened = true;
+                        Claimed::Leased
+                    }
                     "f" => Claimed::Found,
                     "u" => Claimed::LockBusy,
                     _ => {
@@ -762,7 +771,7 @@ impl PgStore {
                 taken_over,
             ));
         }
-        Ok((token, states))
+        Ok((token, states, opened))
     }
 
     /// One claim: the keys' locks, the re-read and the leases, in one round
@@ -773,7 +782,7 @@ impl PgStore {
         namespace: &str,
         keys: &[&str],
         lease: Duration,
-    ) -> Result<(i64, usize, Vec<Claimed>), Error> {
+    ) -> Result<ClaimAnswer, Error> {
         let inner = &*self.inner;
         let ids: Vec<i64> = keys.iter().map(|key| lock_id(namespace, key)).collect();
         let budget = inner.lock_timeout;
@@ -797,12 +806,13 @@ impl PgStore {
                 .bind(self.call_room(namespace))
                 .fetch_all(conn)
         )?;
-        let (token, states) = self.claim_rows(keys.len(), rows)?;
+        let (token, states, opened) = self.claim_rows(keys.len(), rows)?;
         let taken_over = states.iter().filter(|(_, took_over)| *took_over).count();
         Ok((
             token,
             taken_over,
             states.into_iter().map(|(state, _)| state).collect(),
+            opened,
         ))
     }
 

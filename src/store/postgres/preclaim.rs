@@ -167,14 +167,15 @@ pub(super) struct PreClaimed {
     /// still answered as leased is one no fill has taken yet (a fill that
     /// takes it leaves it answered as found).
     states: Mutex<HashMap<String, (Claimed, bool)>>,
-    /// How many keys the claim leased, when it may have opened a call for
-    /// other fills to join (see `shared`; 0 otherwise): a fill that takes
-    /// any of them closes it, and if none does, the drop.
+    /// How many keys the claim leased, when it opened a call for other
+    /// fills to join (see `shared`; 0 otherwise): a fill that takes any of
+    /// them closes it, and if none does, the drop.
     call_leased: usize,
 }
 
 impl PreClaimed {
-    /// The answer of a claim of `keys` (distinct) in `namespace`.
+    /// The answer of a claim of `keys` (distinct) in `namespace`, which
+    /// opened its token's call (see `shared`) or not (`opened`).
     pub(super) fn new(
         store: &PgStore,
         namespace: &str,
@@ -182,8 +183,9 @@ impl PreClaimed {
         token: i64,
         epoch: u64,
         states: Vec<(Claimed, bool)>,
+        opened: bool,
     ) -> Arc<Self> {
-        let call_leased = match store.call_room(namespace) > 0 {
+        let call_leased = match opened {
             true => states
                 .iter()
                 .filter(|(state, _)| matches!(state, Claimed::Leased))
@@ -228,7 +230,7 @@ impl PreClaimed {
                 None => Claimed::Found,
             })
             .collect();
-        Some((self.token, taken_over, states))
+        Some((self.token, taken_over, states, self.call_leased > 0))
     }
 }
 

@@ -758,6 +758,9 @@ struct Joining {
     waiters_value: &'static str,
     /// Whether a key leased by `tok` is this claim's own.
     own: &'static str,
+    /// The state answered for a key of its own: 'l', or 'o' when the claim
+    /// opened its token's call.
+    leased: &'static str,
 }
 
 impl Joining {
@@ -771,6 +774,7 @@ impl Joining {
                 waiters_column: ", lease_waiters",
                 waiters_value: ", joined",
                 own: " AND NOT joined",
+                leased: "CASE WHEN EXISTS (SELECT 1 FROM o) THEN 'o' ELSE 'l' END",
             }
         } else {
             Joining {
@@ -780,6 +784,7 @@ impl Joining {
                 waiters_column: "",
                 waiters_value: "",
                 own: "",
+                leased: "'l'",
             }
         }
     }
@@ -799,13 +804,14 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
         waiters_column,
         waiters_value,
         own,
+        leased,
     } = Joining::new(join);
     // The namespace's lock shared and each key's lock are only tried (each
     // key's in ascending id order, in one statement), and a key whose lock
     // is busy is answered 'u' and left alone (its fill claims it again with
     // `_claim`, which waits). For the keys locked, in a new statement, the
     // lease as `_claim` takes it, each key for its own length. Answers each
-    // key in the order of `p_keys`: 'f', 'l', 'b' as `_claim`, or 'u'.
+    // key in the order of `p_keys`: 'f', 'l' ('o'), 'b' as `_claim`, or 'u'.
     format!(
         "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
              p_ns_id bigint, p_holder text, p_lease_secs float8[]{room}) \
@@ -838,7 +844,7 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
              {on_conflict} \
              RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
            SELECT CASE WHEN NOT (u.id = ANY(got)) THEN 'u' WHEN up.key IS NULL THEN 'f' \
-                       WHEN up.lease_token = tok{own} THEN 'l' ELSE 'b' END, \
+                       WHEN up.lease_token = tok{own} THEN {leased} ELSE 'b' END, \
                   tok, date_part('epoch', up.lease_expires_at - now_ts), \
                   coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
            FROM unnest(p_keys, p_ids) WITH ORDINALITY AS u(k, id, i) \
@@ -868,9 +874,10 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
 /// so its publish notifies; so is a lease taken over (its old holder's
 /// waiters are told too). Rows the upsert skips are fresh. Answers each
 /// key, in the order of `p_keys`: 'f' a fresh row (the fill re-reads it),
-/// 'l' leased by this claim, 'b' leased by a live holder (with how long
-/// for; a joined call's keys among them), and whether this claim took the
-/// key's lease over.
+/// 'l' leased by this claim ('o' with `join`, when it also opened its
+/// token's call), 'b' leased by a live holder (with how long for; a joined
+/// call's keys among them), and whether this claim took the key's lease
+/// over.
 fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
@@ -883,6 +890,7 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
         waiters_column,
         waiters_value,
         own,
+        leased,
     } = Joining::new(join);
     format!(
         "CREATE OR REPLACE FUNCTION {claim}(p_ns text, p_keys text[], p_ids bigint[], \
@@ -909,8 +917,8 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
              FROM unnest(p_keys) AS k ORDER BY k \
              {on_conflict} \
              RETURNING c.key, c.lease_token, c.lease_expires_at, c.lease_waiters){joined} \
-           SELECT CASE WHEN up.key IS NULL THEN 'f' WHEN up.lease_token = tok{own} THEN 'l' \
-                       ELSE 'b' END, \
+           SELECT CASE WHEN up.key IS NULL THEN 'f' \
+                       WHEN up.lease_token = tok{own} THEN {leased} ELSE 'b' END, \
                   tok, date_part('epoch', up.lease_expires_at - now_ts), \
                   coalesce(up.lease_token = tok{own} AND up.lease_waiters, false)::int::bigint \
            FROM unnest(p_keys) WITH ORDINALITY AS k(k, i) \
