@@ -791,8 +791,8 @@ impl Joining {
 }
 
 /// The claim of keys (distinct) of several fills, never waiting for a
-/// lock, with `plan` (a `SET` clause); with `join`, joining a waiting call
-/// (migration 7).
+/// lock, with `plan` (a `SET` clause); with `join`, joining an open call
+/// or opening its own (migrations 7 and 8).
 fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
     let t = table.quoted("");
     let next_version = format!("nextval('{}')", table.quoted("_version"));
@@ -864,8 +864,8 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
     )
 }
 
-/// The claim, with `plan` (a `SET` clause); with `join`, joining a waiting
-/// call (migration 7).
+/// The claim, with `plan` (a `SET` clause); with `join`, joining an open
+/// call or opening its own (migrations 7 and 8).
 ///
 /// Run as one statement (its own transaction): the locks, then in a new
 /// statement (a new snapshot, READ COMMITTED; and `ON CONFLICT` sees the
