@@ -1546,6 +1546,43 @@ async fn a_fleet_pause_holds_a_call_that_took_its_turn_before_it() {
 /// The namespace of the shared-call tests below.
 const SHARED: &str = "pg/shared-calls";
 
+/// The instances of a shared-call test, warmed up (see [`warmed`]).
+struct SharingFleet {
+    db: TestDb,
+    /// Shared by the instances, and counting their calls.
+    provider: Fake<u64>,
+    /// The fleet budget's table.
+    table: String,
+    caches: Vec<Cache<Fake<u64>>>,
+    /// For the test's own checks.
+    conn: PgConnection,
+}
+
+/// `n` instances of a provider of [`SHARED`] that parses keys with
+/// `parse`, under one fleet budget of `per_second` calls, on the test
+/// database `name`.
+async fn sharing_fleet(
+    name: &str,
+    parse: fn(&str) -> Option<u64>,
+    per_second: u32,
+    n: usize,
+) -> SharingFleet {
+    let db = TestDb::new(name).await;
+    let provider = Fake::<u64>::builder(SHARED).parse_keys(parse).build();
+    let table = format!("{}.rate_limit", db.schema);
+    let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap());
+    let caches = budgeted(&db, &provider, quota, &table, n).await;
+    let conn = PgConnection::connect(&db.url).await.unwrap();
+    warmed(&caches).await;
+    SharingFleet {
+        db,
+        provider,
+        table,
+        caches,
+        conn,
+    }
+}
+
 /// Waits (10 s at most) until a call of the shared-call tests' namespace
 /// is announced: it waits for its turn, and claims may join it.
 async fn announced(conn: &mut PgConnection, table: &str) {
@@ -1603,15 +1640,14 @@ fn spawn_load(cache: &Cache<Fake<u64>>, key: u64) -> (u64, Load) {
 /// waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiting_call_carries_keys_other_instances_missed() {
-    let db = TestDb::new("shared_calls").await;
-    let provider = Fake::<u64>::builder(SHARED)
-        .parse_keys(|text| text.parse().ok())
-        .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
-    let caches = budgeted(&db, &provider, five_per_second, &table, 4).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    warmed(&caches).await;
+    let SharingFleet {
+        db,
+        provider,
+        table: _,
+        caches,
+        mut conn,
+    } = sharing_fleet("shared_calls", |text| text.parse().ok(), 5, 4).await;
+    binding(&caches[1], 104).await;
     let waiting = spawn_load(&caches[1], 1);
     announced(&mut conn, &db.table()).await;
     let others = vec![spawn_load(&caches[2], 2), spawn_load(&caches[3], 3)];
@@ -1620,7 +1656,15 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
     answered(std::iter::once(waiting).chain(others).collect()).await;
     assert_eq!(
         provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![103], vec![1, 2, 3]]
+        vec![
+            vec![100],
+            vec![101],
+            vec![102],
+            vec![103],
+            vec![104],
+            vec![105],
+            vec![1, 2, 3]
+        ]
     );
     assert_eq!(caches[1].stats().carried_keys, 2);
     nothing_left_announced(&mut conn, &db.table()).await;
@@ -1633,15 +1677,20 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
 /// itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
-    let db = TestDb::new("shared_unparsed").await;
-    let provider = Fake::<u64>::builder(SHARED)
-        .parse_keys(|text| text.parse().ok().filter(|&key| key != 3))
-        .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
-    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    warmed(&caches).await;
+    let SharingFleet {
+        db,
+        provider,
+        table: _,
+        caches,
+        mut conn,
+    } = sharing_fleet(
+        "shared_unparsed",
+        |text| text.parse().ok().filter(|&key| key != 3),
+        5,
+        3,
+    )
+    .await;
+    binding(&caches[1], 104).await;
     let waiting = spawn_load(&caches[1], 1);
     announced(&mut conn, &db.table()).await;
     let started = Instant::now();
@@ -1657,23 +1706,33 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
     );
     assert_eq!(
         provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![1], vec![3]]
+        vec![
+            vec![100],
+            vec![101],
+            vec![102],
+            vec![104],
+            vec![105],
+            vec![1],
+            vec![3]
+        ]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
     nothing_left_announced(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
-/// A load of `key` on `cache` whose call waits for its turn (the budget's
-/// turns spent by the tests' earlier calls): from then on, for a second,
-/// the cache takes the budget to bind, and its claims open their calls to
-/// the fleet.
+/// Loads of `key` and then `key + 1` on `cache`, under a budget of 5
+/// calls/s: the second call waits for its turn (about 200 ms after the
+/// first's), and from that turn on, for a second, the cache takes the
+/// budget to bind and its claims open their calls to the fleet.
 async fn binding(cache: &Cache<Fake<u64>>, key: u64) {
-    let started = Instant::now();
     answered(vec![spawn_load(cache, key)]).await;
+    let started = Instant::now();
+    answered(vec![spawn_load(cache, key + 1)]).await;
     assert!(
-        started.elapsed() >= Duration::from_millis(50),
-        "key {key}'s call waited for its turn"
+        started.elapsed() >= Duration::from_millis(100),
+        "key {}'s call waited for its turn",
+        key + 1
     );
 }
 
@@ -1704,15 +1763,13 @@ async fn budget_held(url: &str, table: &str) -> PgConnection {
 /// budget's answer when the second instance misses key 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
-    let db = TestDb::new("shared_open").await;
-    let provider = Fake::<u64>::builder(SHARED)
-        .parse_keys(|text| text.parse().ok())
-        .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
-    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    warmed(&caches).await;
+    let SharingFleet {
+        db,
+        provider,
+        table,
+        caches,
+        mut conn,
+    } = sharing_fleet("shared_open", |text| text.parse().ok(), 5, 3).await;
     binding(&caches[1], 104).await;
     let budget = budget_held(&db.url, &table).await;
     let first = spawn_load(&caches[1], 1);
@@ -1723,7 +1780,14 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     answered(vec![first, second]).await;
     assert_eq!(
         provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![104], vec![1, 2]]
+        vec![
+            vec![100],
+            vec![101],
+            vec![102],
+            vec![104],
+            vec![105],
+            vec![1, 2]
+        ]
     );
     assert_eq!(caches[1].stats().carried_keys, 1);
     nothing_left_announced(&mut conn, &db.table()).await;
@@ -1736,15 +1800,13 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
 /// joiner. Two instances missing a key each then make a call each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_call_is_opened_while_the_budget_does_not_bind() {
-    let db = TestDb::new("shared_unbound").await;
-    let provider = Fake::<u64>::builder(SHARED)
-        .parse_keys(|text| text.parse().ok())
-        .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let generous = Quota::per_second(NonZeroU32::new(1000).unwrap());
-    let caches = budgeted(&db, &provider, generous, &table, 3).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    warmed(&caches).await;
+    let SharingFleet {
+        db,
+        provider,
+        table,
+        caches,
+        mut conn,
+    } = sharing_fleet("shared_unbound", |text| text.parse().ok(), 1000, 3).await;
     let budget = budget_held(&db.url, &table).await;
     let first = spawn_load(&caches[1], 1);
     let second = spawn_load(&caches[2], 2);
@@ -1793,15 +1855,13 @@ async fn no_call_is_opened_while_the_budget_does_not_bind() {
 /// it itself, instead of waiting for the lease to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
-    let db = TestDb::new("shared_cancel").await;
-    let provider = Fake::<u64>::builder(SHARED)
-        .parse_keys(|text| text.parse().ok())
-        .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let five_per_second = Quota::per_second(NonZeroU32::new(5).unwrap());
-    let caches = budgeted(&db, &provider, five_per_second, &table, 3).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    warmed(&caches).await;
+    let SharingFleet {
+        db,
+        provider,
+        table,
+        caches,
+        mut conn,
+    } = sharing_fleet("shared_cancel", |text| text.parse().ok(), 5, 3).await;
     binding(&caches[1], 104).await;
     let budget = budget_held(&db.url, &table).await;
     let (_, failing) = spawn_load(&caches[1], 1);
@@ -1837,7 +1897,14 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
     );
     assert_eq!(
         provider.calls(),
-        vec![vec![100], vec![101], vec![102], vec![104], vec![2]]
+        vec![
+            vec![100],
+            vec![101],
+            vec![102],
+            vec![104],
+            vec![105],
+            vec![2]
+        ]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
     nothing_left_announced(&mut conn, &db.table()).await;
@@ -1889,8 +1956,7 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
     let tokens = format!("SELECT last_value FROM {}_lease", db.table());
     // Keys 3 and 4 after it: the second waits for its turn, and the cache
     // takes the budget to bind.
-    refreshing.loader().load(3).await.unwrap();
-    binding(&refreshing, 4).await;
+    binding(&refreshing, 3).await;
     let before: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(tokens.clone()))
         .fetch_one(&mut conn)
         .await
