@@ -601,14 +601,14 @@ async fn randomized_history_postgres_sharing_calls() {
         carried += c;
     }
     assert!(carried > 0, "no call carried another instance's keys");
-    let announced: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {}_calls",
         db.table()
     )))
     .fetch_one(&db.pool(1).await)
     .await
     .unwrap();
-    assert_eq!(announced, 0, "calls still announced after the history");
+    assert_eq!(open, 0, "calls still open after the history");
     eprintln!(
         "postgres, 4 instances sharing calls: {loads} loads checked against \
          {invalidations} invalidations, {carried} keys carried"

@@ -150,17 +150,14 @@ async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str
         let carried: u64 = caches.iter().map(|c| c.stats().carried_keys).sum();
         eprintln!("{carried} keys carried by calls they joined");
         assert!(carried > 0, "no keys counted as carried");
-        let announced: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM {}_calls",
             db.table()
         )))
         .fetch_one(&pool)
         .await
         .unwrap();
-        assert_eq!(
-            announced, 0,
-            "calls still announced after every load returned"
-        );
+        assert_eq!(open, 0, "calls still open after every load returned");
     }
     db.cleanup().await;
 }

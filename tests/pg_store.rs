@@ -1584,10 +1584,10 @@ async fn sharing_fleet(
 }
 
 /// Waits (10 s at most) until a call of the shared-call tests' namespace
-/// is announced: it waits for its turn, and claims may join it.
-async fn announced(conn: &mut PgConnection, table: &str) {
+/// is open: claims may join it until its turn.
+async fn opened(conn: &mut PgConnection, table: &str) {
     let query = format!("SELECT count(*) > 0 FROM {table}_calls WHERE namespace = '{SHARED}'");
-    until_true(conn, &query, &[], "no call was ever announced").await;
+    until_true(conn, &query, &[], "no call was ever opened").await;
 }
 
 /// Waits (10 s at most) until `key` is leased to the token of `call`'s
@@ -1611,8 +1611,8 @@ async fn warmed(caches: &[Cache<Fake<u64>>]) {
     }
 }
 
-/// Nothing of the shared calls is left: no call announced, no key leased.
-async fn nothing_left_announced(conn: &mut PgConnection, table: &str) {
+/// Nothing of the shared calls is left: no call open, no key leased.
+async fn nothing_left_open(conn: &mut PgConnection, table: &str) {
     let left: (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM {table}_calls), \
                 (SELECT count(*) FROM {table} WHERE lease_token IS NOT NULL)"
@@ -1620,7 +1620,7 @@ async fn nothing_left_announced(conn: &mut PgConnection, table: &str) {
     .fetch_one(&mut *conn)
     .await
     .unwrap();
-    assert_eq!(left, (0, 0), "calls announced, keys leased");
+    assert_eq!(left, (0, 0), "calls open, keys leased");
 }
 
 /// Spawns a load of `key` on `cache`.
@@ -1635,9 +1635,9 @@ fn spawn_load(cache: &Cache<Fake<u64>>, key: u64) -> (u64, Load) {
 /// Under a fleet budget, a call that waits for its turn carries the keys
 /// other instances start missing meanwhile: they join it instead of taking
 /// turns of their own, and each key is fetched once. With the budget's
-/// turns spent (5 calls/s), instance 1's call waits about 200 ms for the
-/// next and is announced; instances 2 and 3 miss a key each while it
-/// waits.
+/// turns spent (5 calls/s), instance 1's call, opened by its claim,
+/// waits about 200 ms for the next; instances 2 and 3 miss a key each
+/// while it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiting_call_carries_keys_other_instances_missed() {
     let SharingFleet {
@@ -1649,7 +1649,7 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
     } = sharing_fleet("shared_calls", |text| text.parse().ok(), 5, 4).await;
     binding(&caches[1], 104).await;
     let waiting = spawn_load(&caches[1], 1);
-    announced(&mut conn, &db.table()).await;
+    opened(&mut conn, &db.table()).await;
     let others = vec![spawn_load(&caches[2], 2), spawn_load(&caches[3], 3)];
     joined(&mut conn, &db.table(), 2, 1).await;
     joined(&mut conn, &db.table(), 3, 1).await;
@@ -1667,7 +1667,7 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
         ]
     );
     assert_eq!(caches[1].stats().carried_keys, 2);
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
@@ -1692,7 +1692,7 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
     .await;
     binding(&caches[1], 104).await;
     let waiting = spawn_load(&caches[1], 1);
-    announced(&mut conn, &db.table()).await;
+    opened(&mut conn, &db.table()).await;
     let started = Instant::now();
     let unparsed = spawn_load(&caches[2], 3);
     joined(&mut conn, &db.table(), 3, 1).await;
@@ -1717,7 +1717,7 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
         ]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
@@ -1773,7 +1773,7 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     binding(&caches[1], 104).await;
     let budget = budget_held(&db.url, &table).await;
     let first = spawn_load(&caches[1], 1);
-    announced(&mut conn, &db.table()).await;
+    opened(&mut conn, &db.table()).await;
     let second = spawn_load(&caches[2], 2);
     joined(&mut conn, &db.table(), 2, 1).await;
     budget.close().await.unwrap();
@@ -1790,7 +1790,7 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
         ]
     );
     assert_eq!(caches[1].stats().carried_keys, 1);
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
@@ -1844,7 +1844,7 @@ async fn no_call_is_opened_while_the_budget_does_not_bind() {
         caches[1].stats().carried_keys + caches[2].stats().carried_keys,
         0
     );
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
@@ -1865,7 +1865,7 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
     binding(&caches[1], 104).await;
     let budget = budget_held(&db.url, &table).await;
     let (_, failing) = spawn_load(&caches[1], 1);
-    announced(&mut conn, &db.table()).await;
+    opened(&mut conn, &db.table()).await;
     let started = Instant::now();
     let second = spawn_load(&caches[2], 2);
     joined(&mut conn, &db.table(), 2, 1).await;
@@ -1907,7 +1907,7 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
         ]
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
@@ -1980,7 +1980,7 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
     // Nothing was refreshed: the refresh made no call.
     assert_eq!(provider.calls(), vec![vec![1, 2], vec![3], vec![4]]);
     assert_eq!(refreshing.stats().refreshes, 0);
-    nothing_left_announced(&mut conn, &db.table()).await;
+    nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
 }
 
