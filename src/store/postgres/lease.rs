@@ -126,9 +126,10 @@ pub(super) struct Held {
     pub(super) token: i64,
     /// Sorted, distinct.
     pub(super) keys: Vec<String>,
-    /// Whether the claim may have opened a call of this token for other
-    /// fills to join (see `shared`) that this fill has to close: at the
-    /// call's turn (a [`Sharing`] takes that over), or when dropped.
+    /// Whether the claim opened a call of this token for other fills to
+    /// join (see `shared`) that this fill has to close: at the call's turn
+    /// (a [`Sharing`] takes that over), or when dropped. (The fills of a
+    /// combined claim share its token: each closes it, the first for all.)
     call: bool,
 }
 
@@ -151,8 +152,8 @@ impl Held {
         }
     }
 
-    /// Hands the closing of the call this fill's claim may have opened to
-    /// the caller (a [`Sharing`]); false when there is none to close.
+    /// Hands the closing of the call this fill's claim opened to the
+    /// caller (a [`Sharing`]); false when there is none to close.
     pub(super) fn take_call(&mut self) -> bool {
         std::mem::take(&mut self.call)
     }

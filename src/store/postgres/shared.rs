@@ -88,8 +88,8 @@ pub(super) struct Sharing<'f, F: BatchFetch> {
 
 impl<'f, F: BatchFetch> Sharing<'f, F> {
     /// The sharing of the fill whose leases are `held`, when its calls may
-    /// be shared (see [`Fill::shares_calls`]) and its claim may have opened
-    /// one: from now on closing it is this sharing's.
+    /// be shared (see [`Fill::shares_calls`]) and its claim opened one:
+    /// from now on closing it is this sharing's.
     pub(super) fn new(
         store: &PgStore,
         fill: &Fill<'f, F>,
