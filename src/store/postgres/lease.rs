@@ -444,7 +444,8 @@ impl PgStore {
     ) -> Result<Vec<usize>, Error> {
         let namespace = fill.namespace();
         let keys: Vec<F::Key> = leased.iter().map(|&i| fill.keys()[i].clone()).collect();
-        let renewal = self.renew_while_fetching(&held, lease);
+        let renewal =
+            self.renew_until_dropped(&held.namespace, held.keys.clone(), held.token, lease);
         // Until its turn of a fleet budget, the call its claim opened may
         // carry keys other fills joined to it (see `shared`): published
         // here with the fill's own.
@@ -940,18 +941,13 @@ impl PgStore {
         }
     }
 
-    /// Keeps the leases of `held` alive while their fetch runs (until the
-    /// returned guard is dropped): every half lease, the keys still leased
-    /// by its token are leased for a whole `lease` from then on. A fetch
-    /// may wait for rate-limit budget for longer than any lease, and the
-    /// lease must outlive it; a holder that died or hung stops renewing,
-    /// and its leases expire.
-    fn renew_while_fetching(&self, held: &Held, lease: Duration) -> Renewal {
-        self.renew_until_dropped(&held.namespace, held.keys.clone(), held.token, lease)
-    }
-
-    /// Renews the leases of `keys` (sorted) by `token` every half `lease`
-    /// until dropped.
+    /// Keeps the leases of `keys` (sorted) by `token` alive while their
+    /// fetch runs (until the returned guard is dropped): a fill's own, or
+    /// those a shared call carries once it closed. Every half lease, the
+    /// keys still leased by `token` are leased for a whole `lease` from
+    /// then on. A fetch may wait for rate-limit budget for longer than any
+    /// lease, and the lease must outlive it; a holder that died or hung
+    /// stops renewing, and its leases expire.
     pub(super) fn renew_until_dropped(
         &self,
         namespace: &str,

@@ -62,9 +62,8 @@
 //!    within the last second; otherwise calls go at once, and joining one
 //!    would only delay the joiner), the claim that leases keys to a new
 //!    token also opens that token's call in `<t>_calls`, in the same
-//!    statement: its token, when it was opened,
-//!    and how many more keys it has room for (the provider's batch size
-//!    less its own). A claim, of any instance, that finds an open call
+//!    statement: its token, when it was opened, and how many more keys it
+//!    has room for (the provider's batch size less its own). A claim, of any instance, that finds an open call
 //!    with room for every key it would lease (keys fresh or leased by a
 //!    live holder take none) leases them to the oldest such call's token
 //!    instead (inside the same statement, under the same locks), records
@@ -200,8 +199,8 @@
 //! `SELECT key, value FROM loadlock_cache WHERE namespace = 'users/v1'`, or
 //! see the fills in progress with
 //! `SELECT key, lease_holder, lease_expires_at FROM loadlock_cache WHERE
-//! lease_token IS NOT NULL`, and the calls waiting for their turn (with
-//! the keys that joined them) with `SELECT * FROM loadlock_cache_calls`.
+//! lease_token IS NOT NULL`, and the open calls (with the keys that
+//! joined them) with `SELECT * FROM loadlock_cache_calls`.
 //! Beside it, `<table>_namespaces` holds the namespaces' generations and
 //! `<table>_calls` the open calls (a few rows at a time; a holder that
 //! died leaves its row, which claims stop joining once a lease would have

@@ -50,8 +50,9 @@ pub(super) struct LeaseTerms {
     group_size: usize,
     /// Whether the fills' calls are shared by the fleet (see `shared`).
     shares: bool,
-    /// Whether claims open calls now: the fleet's budget binds, as the
-    /// namespace's latest fill found it (shared by every copy).
+    /// Whether claims open calls now: the calls are shared and the fleet's
+    /// budget binds, as the namespace's latest fill found it (shared by
+    /// every copy).
     opening: Arc<AtomicBool>,
     /// At `k - 1`: the lease of a claim of `k` provider calls' keys.
     leases: Arc<[Duration]>,
@@ -68,10 +69,10 @@ impl LeaseTerms {
     }
 
     /// How many keys a call opened by a claim of these fills holds, its
-    /// own and those that join it (see `shared`): 0 when they do not
-    /// share calls.
+    /// own and those that join it (see `shared`): 0 when claims open none
+    /// now.
     pub(super) fn call_room(&self) -> i32 {
-        match self.shares && self.opening.load(Ordering::Relaxed) {
+        match self.opening.load(Ordering::Relaxed) {
             true => i32::try_from(self.max_batch).unwrap_or(i32::MAX),
             false => 0,
         }
@@ -93,8 +94,9 @@ pub(super) struct Learned(Mutex<HashMap<String, Known>>);
 impl Learned {
     /// Records how a fill of `namespace` leases keys: at most `group_size`
     /// per claim, provider calls of at most `max_batch` keys, shared by
-    /// the fleet or not (`shares`; opened to it now or not, `opening`),
-    /// and `lease_of(k)` for a claim of `k` calls' keys.
+    /// the fleet or not (`shares`; opened to it now or not, `opening`,
+    /// which implies `shares`), and `lease_of(k)` for a claim of `k`
+    /// calls' keys.
     pub(super) fn record(
         &self,
         namespace: &str,

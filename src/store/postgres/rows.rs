@@ -16,6 +16,14 @@ use super::read::row_meta;
 use crate::store::Filled;
 use crate::{Entry, Error};
 
+/// `rows` sorted by key, each key once (the first of its rows), as the
+/// columns a statement binds: keys, and values aligned with them.
+fn columns(mut rows: Vec<(&str, Option<String>)>) -> (Vec<&str>, Vec<Option<String>>) {
+    rows.sort_by(|a, b| a.0.cmp(b.0));
+    rows.dedup_by(|a, b| a.0 == b.0);
+    rows.into_iter().unzip()
+}
+
 /// The rows of one fill's answers, sorted by key and deduplicated (one
 /// statement may not touch a row twice, and concurrent writers take row
 /// locks in one order), with each key's fetched value kept to settle it.
@@ -51,9 +59,7 @@ impl<'t, V: serde::Serialize> Encoded<'t, V> {
             rows.push((text, json));
             fetched.insert(text, (i, value));
         }
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        rows.dedup_by(|a, b| a.0 == b.0);
-        let (keys, values) = rows.into_iter().unzip();
+        let (keys, values) = columns(rows);
         Ok(Encoded {
             keys,
             values,
@@ -68,15 +74,8 @@ impl<'t, V: serde::Serialize> Encoded<'t, V> {
         if rows.is_empty() {
             return;
         }
-        let mut all: Vec<(&'t str, Option<String>)> = self
-            .keys
-            .drain(..)
-            .zip(self.values.drain(..))
-            .chain(rows)
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(b.0));
-        all.dedup_by(|a, b| a.0 == b.0);
-        (self.keys, self.values) = all.into_iter().unzip();
+        let all = self.keys.drain(..).zip(self.values.drain(..)).chain(rows);
+        (self.keys, self.values) = columns(all.collect());
     }
 
     /// Answers each key the statement wrote with the entry it became;

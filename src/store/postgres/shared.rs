@@ -87,17 +87,16 @@ pub(super) struct Sharing<'f, F: BatchFetch> {
 }
 
 impl<'f, F: BatchFetch> Sharing<'f, F> {
-    /// The sharing of the fill whose leases are `held`, when its calls may
-    /// be shared (see [`Fill::shares_calls`]) and its claim opened one:
-    /// from now on closing it is this sharing's.
+    /// The sharing of the fill whose leases are `held`, when its claim
+    /// opened a call (only claims of fills whose calls are shared do, see
+    /// [`Fill::shares_calls`]): from now on closing it is this sharing's.
     pub(super) fn new(
         store: &PgStore,
         fill: &Fill<'f, F>,
         held: &mut Held,
         lease: Duration,
     ) -> Option<Self> {
-        let sample = held.keys.first()?;
-        (fill.shares_calls(sample) && held.take_call()).then(|| Sharing {
+        held.take_call().then(|| Sharing {
             store: store.clone(),
             namespace: held.namespace.clone(),
             token: held.token,
@@ -131,7 +130,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
             if self.state().closed {
                 return Vec::new();
             }
-            let joined = match self.store.close_call(self.token).await {
+            let mut joined = match self.store.close_call(self.token).await {
                 Ok(joined) => joined,
                 Err(err) => {
                     // What joined is released by the drop, or expires.
@@ -144,7 +143,6 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
             // A key may also be one this process's call asks for already
             // (its lease revoked, then leased to the call by a claim): the
             // caller asks for it once and answers both.
-            let mut joined = joined;
             joined.sort_unstable();
             joined.dedup();
             let mut carried = Vec::new();

@@ -515,7 +515,6 @@ fn pick_token(table: &TableName, join: bool, leasable: &str, lease_secs: &str) -
            END IF; \
          END IF; \
          joined := tok IS NOT NULL; \
-         since := now_ts; \
          IF NOT joined THEN \
            tok := nextval('{lease_seq}'); holder := p_holder; \
          ELSE \
@@ -751,8 +750,6 @@ struct Joining {
     declare: &'static str,
     /// The holder recorded with a new lease.
     holder: &'static str,
-    /// When a new lease's length starts.
-    since: &'static str,
     /// Beyond the leases' columns, whether the lease is awaited.
     waiters_column: &'static str,
     waiters_value: &'static str,
@@ -767,10 +764,9 @@ impl Joining {
     fn new(join: bool) -> Self {
         if join {
             Joining {
-                declare: " holder text; since timestamptz; joined boolean := false; call_row tid; \
-                          before text[]; need bigint;",
+                declare: " holder text; joined boolean := false; call_row tid; before text[]; \
+                          need bigint;",
                 holder: "holder",
-                since: "since",
                 waiters_column: ", lease_waiters",
                 waiters_value: ", joined",
                 own: " AND NOT joined",
@@ -780,7 +776,6 @@ impl Joining {
             Joining {
                 declare: "",
                 holder: "p_holder",
-                since: "now_ts",
                 waiters_column: "",
                 waiters_value: "",
                 own: "",
@@ -800,7 +795,6 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
     let Joining {
         declare,
         holder,
-        since,
         waiters_column,
         waiters_value,
         own,
@@ -838,7 +832,7 @@ fn claim_tried_function(table: &TableName, plan: &str, join: bool) -> String {
                                    generation, lease_token, lease_holder, lease_expires_at\
                                    {waiters_column}) \
              SELECT p_ns, u.k, NULL, now_ts, '-infinity', {next_version}, gen, tok, {holder}, \
-                    {since} + make_interval(secs => u.secs){waiters_value} \
+                    now_ts + make_interval(secs => u.secs){waiters_value} \
              FROM unnest(p_keys, p_ids, p_lease_secs) AS u(k, id, secs) \
              WHERE u.id = ANY(got) ORDER BY u.k \
              {on_conflict} \
@@ -886,7 +880,6 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
     let Joining {
         declare,
         holder,
-        since,
         waiters_column,
         waiters_value,
         own,
@@ -906,7 +899,7 @@ fn claim_function(table: &TableName, plan: &str, join: bool) -> String {
            now_ts := clock_timestamp(); \
            gen := {generation}; \
            {pick} \
-           lease_until := {since} + make_interval(secs => p_lease_secs); \
+           lease_until := now_ts + make_interval(secs => p_lease_secs); \
            RETURN QUERY \
            WITH up AS ( \
              INSERT INTO {t} AS c (namespace, key, value, fetched_at, expires_at, version, \
