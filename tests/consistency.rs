@@ -551,13 +551,19 @@ async fn randomized_history_memory_store() {
     eprintln!("memory store: {loads} loads checked against {invalidations} invalidations");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn randomized_history_postgres() {
-    let db = TestDb::new("history").await;
+/// Four instances' stores on `db`, each on a pool of its own.
+async fn instances(db: &TestDb) -> Vec<PgStore> {
     let mut stores = Vec::new();
     for _ in 0..4 {
         stores.push(db.store(LockMode::PerKey).await);
     }
+    stores
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_history_postgres() {
+    let db = TestDb::new("history").await;
+    let stores = instances(&db).await;
     let (mut loads, mut invalidations) = (0, 0);
     for seed in 0..5 {
         let (l, i, _, _) = history(stores.clone(), &format!("pg{seed}"), seed, None, None).await;
@@ -575,17 +581,10 @@ async fn randomized_history_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn randomized_history_postgres_sharing_calls() {
     let db = TestDb::new("history_shared").await;
-    let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(db.store(LockMode::PerKey).await);
-    }
-    let budget = PgRateLimit::with_table(
-        db.pool(2).await,
-        Quota::per_second(std::num::NonZeroU32::new(100).unwrap()),
-        &format!("{}.rate_limit", db.schema),
-    )
-    .unwrap();
-    budget.migrate().await.unwrap();
+    let stores = instances(&db).await;
+    let budget = db
+        .budget(Quota::per_second(std::num::NonZeroU32::new(100).unwrap()))
+        .await;
     let (mut loads, mut invalidations, mut carried) = (0, 0, 0);
     for seed in 0..3 {
         let (l, i, _, c) = history(
@@ -601,14 +600,11 @@ async fn randomized_history_postgres_sharing_calls() {
         carried += c;
     }
     assert!(carried > 0, "no call carried another instance's keys");
-    let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}_calls",
-        db.table()
-    )))
-    .fetch_one(&db.pool(1).await)
-    .await
-    .unwrap();
-    assert_eq!(open, 0, "calls still open after the history");
+    assert_eq!(
+        db.open_calls().await,
+        0,
+        "calls still open after the history"
+    );
     eprintln!(
         "postgres, 4 instances sharing calls: {loads} loads checked against \
          {invalidations} invalidations, {carried} keys carried"
@@ -653,10 +649,7 @@ async fn randomized_history_memory_store_with_lease_takeovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn randomized_history_postgres_with_lease_takeovers() {
     let db = TestDb::new("takeover").await;
-    let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(db.store(LockMode::PerKey).await);
-    }
+    let stores = instances(&db).await;
     let (mut loads, mut invalidations, mut takeovers) = (0, 0, 0);
     for seed in 0..2 {
         // A store of its own per run: its connections die with its runtime.

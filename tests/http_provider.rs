@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
-use loadlock::{
-    Cache, Error, HttpBatchProvider, HttpError, LockMode, PgRateLimit, Quota, RetryPolicy,
-};
+use loadlock::{Cache, Error, HttpBatchProvider, HttpError, LockMode, Quota, RetryPolicy};
 use serde::{Deserialize, Serialize};
 use support::pg::TestDb;
 use wiremock::matchers::{method, path, query_param};
@@ -435,15 +433,12 @@ async fn fleet(
     quota: Quota,
     namespace: &str,
 ) -> Vec<Cache<HttpBatchProvider<u64, Item>>> {
-    let table = format!("{}.rate_limit", db.schema);
     let mut caches = Vec::new();
     for _ in 0..4 {
-        let budget = PgRateLimit::with_table(db.pool(2).await, quota, &table).unwrap();
-        budget.migrate().await.unwrap();
         caches.push(
             Cache::builder(provider(server, namespace))
                 .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
+                .fleet_rate_limit(db.budget(quota).await)
                 .build()
                 .unwrap(),
         );

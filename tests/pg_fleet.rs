@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use loadlock::{BatchFetch, Cache, FillMode, LockMode, PgRateLimit, PgStore, Quota};
+use loadlock::{BatchFetch, Cache, FillMode, LockMode, PgStore, Quota};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
 use support::pg::TestDb;
@@ -54,14 +54,8 @@ async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str
     for _ in 0..INSTANCES {
         let mut cache = Cache::builder(provider.clone()).store(db.store_with(mode, fill).await);
         if calls == Calls::Shared {
-            let budget = PgRateLimit::with_table(
-                db.pool(2).await,
-                Quota::per_second(NonZeroU32::new(50).unwrap()),
-                &format!("{}.rate_limit", db.schema),
-            )
-            .unwrap();
-            budget.migrate().await.unwrap();
-            cache = cache.fleet_rate_limit(budget);
+            let budget = db.budget(Quota::per_second(NonZeroU32::new(50).unwrap()));
+            cache = cache.fleet_rate_limit(budget.await);
         }
         caches.push(cache.build().unwrap());
     }
@@ -150,14 +144,11 @@ async fn exactly_once_across_instances(mode: LockMode, fill: FillMode, tag: &str
         let carried: u64 = caches.iter().map(|c| c.stats().carried_keys).sum();
         eprintln!("{carried} keys carried by calls they joined");
         assert!(carried > 0, "no keys counted as carried");
-        let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}_calls",
-            db.table()
-        )))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert_eq!(open, 0, "calls still open after every load returned");
+        assert_eq!(
+            db.open_calls().await,
+            0,
+            "calls still open after every load returned"
+        );
     }
     db.cleanup().await;
 }

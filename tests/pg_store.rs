@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use loadlock::store::lock_id;
-use loadlock::{Cache, Error, FillMode, LockMode, PgRateLimit, PgStore, Quota, RetryPolicy};
+use loadlock::{Cache, Error, FillMode, LockMode, PgStore, Quota, RetryPolicy};
 use sqlx::{Connection, PgConnection};
 use support::pg::TestDb;
 use support::{value_of, Fake};
@@ -1315,8 +1315,7 @@ async fn the_fleet_budget_pays_only_for_calls_made() {
         .build();
     let once_per_2s =
         Quota::per_period(NonZeroU32::new(1).unwrap(), Duration::from_secs(2)).unwrap();
-    let table = format!("{}.rate_limit", db.schema);
-    let caches = budgeted(&db, &fake, once_per_2s, &table, 8).await;
+    let caches = budgeted(&db, &fake, once_per_2s, 8).await;
     let barrier = Arc::new(Barrier::new(caches.len()));
     let loads = caches.iter().map(|cache| {
         let (cache, barrier) = (cache.clone(), barrier.clone());
@@ -1348,26 +1347,18 @@ async fn the_fleet_budget_pays_only_for_calls_made() {
 }
 
 /// `n` instances of `provider`, each a cache on a store and a fleet budget
-/// of its own pool, sharing the budget `quota` in `table`.
-async fn budgeted<P>(
-    db: &TestDb,
-    provider: &P,
-    quota: Quota,
-    table: &str,
-    n: usize,
-) -> Vec<Cache<P>>
+/// of its own pool, sharing the budget `quota` (in the test's budget table).
+async fn budgeted<P>(db: &TestDb, provider: &P, quota: Quota, n: usize) -> Vec<Cache<P>>
 where
     P: loadlock::BatchFetch + Clone,
     P::Value: serde::Serialize + serde::de::DeserializeOwned,
 {
     let mut caches = Vec::new();
     for _ in 0..n {
-        let budget = PgRateLimit::with_table(db.pool(2).await, quota, table).unwrap();
-        budget.migrate().await.unwrap();
         caches.push(
             Cache::builder(provider.clone())
                 .store(db.store(LockMode::PerKey).await)
-                .fleet_rate_limit(budget)
+                .fleet_rate_limit(db.budget(quota).await)
                 .build()
                 .unwrap(),
         );
@@ -1458,9 +1449,9 @@ async fn leased(conn: &mut PgConnection, table: &str, key: u64) {
 async fn fleet_budget_turns_go_in_the_order_calls_asked() {
     let db = TestDb::new("budget_turns").await;
     let provider = Fake::<u64>::new(TURNS);
-    let table = format!("{}.rate_limit", db.schema);
+    let table = db.budget_table();
     let ten_per_second = Quota::per_second(NonZeroU32::new(10).unwrap());
-    let caches = budgeted(&db, &provider, ten_per_second, &table, 8).await;
+    let caches = budgeted(&db, &provider, ten_per_second, 8).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let mut seen = None;
     let mut loads = Vec::new();
@@ -1508,9 +1499,9 @@ async fn a_fleet_pause_holds_a_call_that_took_its_turn_before_it() {
         })
         .build();
     provider.fail_next(1);
-    let table = format!("{}.rate_limit", db.schema);
+    let table = db.budget_table();
     let one_per_400ms = Quota::per_period(NonZeroU32::MIN, Duration::from_millis(400)).unwrap();
-    let caches = budgeted(&db, &provider, one_per_400ms, &table, 2).await;
+    let caches = budgeted(&db, &provider, one_per_400ms, 2).await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     // A is charged and calls; its call waits for the test.
     let a = caches[0].clone();
@@ -1551,8 +1542,6 @@ struct SharingFleet {
     db: TestDb,
     /// Shared by the instances, and counting their calls.
     provider: Fake<u64>,
-    /// The fleet budget's table.
-    table: String,
     caches: Vec<Cache<Fake<u64>>>,
     /// For the test's own checks.
     conn: PgConnection,
@@ -1569,15 +1558,13 @@ async fn sharing_fleet(
 ) -> SharingFleet {
     let db = TestDb::new(name).await;
     let provider = Fake::<u64>::builder(SHARED).parse_keys(parse).build();
-    let table = format!("{}.rate_limit", db.schema);
     let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap());
-    let caches = budgeted(&db, &provider, quota, &table, n).await;
+    let caches = budgeted(&db, &provider, quota, n).await;
     let conn = PgConnection::connect(&db.url).await.unwrap();
     warmed(&caches).await;
     SharingFleet {
         db,
         provider,
-        table,
         caches,
         conn,
     }
@@ -1643,7 +1630,6 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
     let SharingFleet {
         db,
         provider,
-        table: _,
         caches,
         mut conn,
     } = sharing_fleet("shared_calls", |text| text.parse().ok(), 5, 4).await;
@@ -1656,15 +1642,7 @@ async fn a_waiting_call_carries_keys_other_instances_missed() {
     answered(std::iter::once(waiting).chain(others).collect()).await;
     assert_eq!(
         provider.calls(),
-        vec![
-            vec![100],
-            vec![101],
-            vec![102],
-            vec![103],
-            vec![104],
-            vec![105],
-            vec![1, 2, 3]
-        ]
+        [warmed_and_bound(4), vec![vec![1, 2, 3]]].concat()
     );
     assert_eq!(caches[1].stats().carried_keys, 2);
     nothing_left_open(&mut conn, &db.table()).await;
@@ -1680,7 +1658,6 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
     let SharingFleet {
         db,
         provider,
-        table: _,
         caches,
         mut conn,
     } = sharing_fleet(
@@ -1697,28 +1674,35 @@ async fn a_key_a_waiting_call_cannot_carry_is_released_to_its_instance() {
     let unparsed = spawn_load(&caches[2], 3);
     joined(&mut conn, &db.table(), 3, 1).await;
     answered(vec![waiting, unparsed]).await;
-    // Its lease (sized for the default provider timeout and retries) would
-    // have lasted tens of seconds.
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "key 3 answered {:?} after it was asked",
-        started.elapsed()
-    );
+    answered_soon(started, 3);
     assert_eq!(
         provider.calls(),
-        vec![
-            vec![100],
-            vec![101],
-            vec![102],
-            vec![104],
-            vec![105],
-            vec![1],
-            vec![3]
-        ]
+        [warmed_and_bound(3), vec![vec![1], vec![3]]].concat()
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
     nothing_left_open(&mut conn, &db.table()).await;
     db.cleanup().await;
+}
+
+/// The calls of a shared-call test's first `instances` warm-up loads
+/// (100, 101, …, see [`warmed`]) and of `binding(&caches[1], 104)`.
+fn warmed_and_bound(instances: u64) -> Vec<Vec<u64>> {
+    (100..100 + instances)
+        .chain([104, 105])
+        .map(|key| vec![key])
+        .collect()
+}
+
+/// Checks that a key asked at `started`, whose lease another instance's
+/// call held and gave up, was answered long before that lease (sized for
+/// the default provider timeout and retries: tens of seconds) would have
+/// expired.
+fn answered_soon(started: Instant, key: u64) {
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "key {key} answered {:?} after it was asked",
+        started.elapsed()
+    );
 }
 
 /// Loads of `key` and then `key + 1` on `cache`, under a budget of 5
@@ -1740,7 +1724,8 @@ async fn binding(cache: &Cache<Fake<u64>>, key: u64) {
 /// locked, in a transaction of the returned connection, until it is
 /// closed: every call asking for a turn meanwhile waits for it, after its
 /// claim.
-async fn budget_held(url: &str, table: &str) -> PgConnection {
+async fn budget_held(db: &TestDb) -> PgConnection {
+    let (url, table) = (&db.url, db.budget_table());
     let mut conn = PgConnection::connect(url).await.unwrap();
     sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
     let locked: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -1766,12 +1751,11 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     let SharingFleet {
         db,
         provider,
-        table,
         caches,
         mut conn,
     } = sharing_fleet("shared_open", |text| text.parse().ok(), 5, 3).await;
     binding(&caches[1], 104).await;
-    let budget = budget_held(&db.url, &table).await;
+    let budget = budget_held(&db).await;
     let first = spawn_load(&caches[1], 1);
     opened(&mut conn, &db.table()).await;
     let second = spawn_load(&caches[2], 2);
@@ -1780,14 +1764,7 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     answered(vec![first, second]).await;
     assert_eq!(
         provider.calls(),
-        vec![
-            vec![100],
-            vec![101],
-            vec![102],
-            vec![104],
-            vec![105],
-            vec![1, 2]
-        ]
+        [warmed_and_bound(3), vec![vec![1, 2]]].concat()
     );
     assert_eq!(caches[1].stats().carried_keys, 1);
     nothing_left_open(&mut conn, &db.table()).await;
@@ -1803,11 +1780,10 @@ async fn no_call_is_opened_while_the_budget_does_not_bind() {
     let SharingFleet {
         db,
         provider,
-        table,
         caches,
         mut conn,
     } = sharing_fleet("shared_unbound", |text| text.parse().ok(), 1000, 3).await;
-    let budget = budget_held(&db.url, &table).await;
+    let budget = budget_held(&db).await;
     let first = spawn_load(&caches[1], 1);
     let second = spawn_load(&caches[2], 2);
     for key in [1, 2] {
@@ -1858,12 +1834,11 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
     let SharingFleet {
         db,
         provider,
-        table,
         caches,
         mut conn,
     } = sharing_fleet("shared_cancel", |text| text.parse().ok(), 5, 3).await;
     binding(&caches[1], 104).await;
-    let budget = budget_held(&db.url, &table).await;
+    let budget = budget_held(&db).await;
     let (_, failing) = spawn_load(&caches[1], 1);
     opened(&mut conn, &db.table()).await;
     let started = Instant::now();
@@ -1888,23 +1863,10 @@ async fn a_call_that_fails_before_its_turn_releases_what_joined_it() {
     );
     budget.close().await.unwrap();
     answered(vec![second]).await;
-    // Its lease (sized for the default provider timeout and retries) would
-    // have lasted tens of seconds.
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "key 2 answered {:?} after it was asked",
-        started.elapsed()
-    );
+    answered_soon(started, 2);
     assert_eq!(
         provider.calls(),
-        vec![
-            vec![100],
-            vec![101],
-            vec![102],
-            vec![104],
-            vec![105],
-            vec![2]
-        ]
+        [warmed_and_bound(3), vec![vec![2]]].concat()
     );
     assert_eq!(caches[1].stats().carried_keys, 0);
     nothing_left_open(&mut conn, &db.table()).await;
@@ -1921,14 +1883,9 @@ async fn a_refresh_that_gives_up_closes_the_call_its_claim_opened() {
     let provider = Fake::<u64>::builder(SHARED)
         .parse_keys(|text| text.parse().ok())
         .build();
-    let table = format!("{}.rate_limit", db.schema);
-    let budget = PgRateLimit::with_table(
-        db.pool(2).await,
-        Quota::per_second(NonZeroU32::new(5).unwrap()),
-        &table,
-    )
-    .unwrap();
-    budget.migrate().await.unwrap();
+    let budget = db
+        .budget(Quota::per_second(NonZeroU32::new(5).unwrap()))
+        .await;
     let refreshing = Cache::builder(provider.clone())
         .store(db.store(LockMode::PerKey).await)
         .fleet_rate_limit(budget)

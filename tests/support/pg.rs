@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use loadlock::{FillMode, LockMode, PgStore};
+use loadlock::{FillMode, LockMode, PgRateLimit, PgStore, Quota};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
@@ -156,6 +156,35 @@ impl TestDb {
             .expect("store");
         store.migrate().await.expect("migrate");
         store
+    }
+
+    /// The table of this test's fleet budgets.
+    pub fn budget_table(&self) -> String {
+        format!("{}.rate_limit", self.schema)
+    }
+
+    /// A migrated fleet budget of `quota` in [`budget_table`](Self::budget_table),
+    /// on a new pool: one instance's.
+    pub async fn budget(&self, quota: Quota) -> PgRateLimit {
+        let budget = PgRateLimit::with_table(self.pool(2).await, quota, &self.budget_table())
+            .expect("budget");
+        budget.migrate().await.expect("migrate the budget");
+        budget
+    }
+
+    /// How many provider calls shared by the fleet are open in the cache
+    /// table's `_calls`.
+    pub async fn open_calls(&self) -> i64 {
+        let mut conn = PgConnection::connect(&self.url).await.expect("connect");
+        let open = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}_calls",
+            self.table()
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .expect("count the open calls");
+        let _ = conn.close().await;
+        open
     }
 
     pub async fn cleanup(self) {
