@@ -203,6 +203,7 @@ pub(super) fn spawn_listener(
                 }
             };
             tracing::debug!(%channel, "listening for invalidations");
+            waiters.set_listening(true);
             missed();
             loop {
                 let received = tokio::select! {
@@ -225,6 +226,7 @@ pub(super) fn spawn_listener(
                     }
                 }
             }
+            waiters.set_listening(false);
             missed();
             // The listener holds the pool's one connection: let both go.
             drop(listener);

@@ -41,8 +41,9 @@ use crate::{BatchFetch, Error};
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How soon a fill waiting for another holder looks again when no
-/// notification comes (the listener may be connecting): the first time,
-/// then doubling up to [`MAX_POLL`].
+/// notification comes: while the listener is not listening (it may be
+/// connecting), the first time, then doubling up to [`MAX_POLL`]; while it
+/// listens (every publish is heard), [`MAX_POLL`] at once.
 const POLL: Duration = Duration::from_millis(50);
 const MAX_POLL: Duration = Duration::from_secs(1);
 
@@ -278,8 +279,8 @@ impl PgStore {
             if pending.is_empty() {
                 return Ok(true);
             }
-            // Read before claiming: a wake-up between the claim and the
-            // registration below shows as a changed epoch.
+            // Read before claiming: the registration below is told of the
+            // wake-ups between the claim and itself.
             let epoch = pre_epoch.take().unwrap_or_else(|| waiters.epoch());
             let mut next = Vec::new();
             let mut recheck = Vec::new();
@@ -364,23 +365,27 @@ impl PgStore {
                 let registration = waiters.register(
                     namespace,
                     busy.iter().chain(&tried_busy).map(|&i| texts[i].as_str()),
+                    epoch,
                 );
-                // Woken by the holder's publish, unless one may have come
-                // already; the poll covers a listener that is (re)connecting,
-                // the lease's expiry a holder that died.
-                if waiters.epoch() == epoch {
-                    match busy_for {
-                        Some(left) => tokio::select! {
-                            () = registration.woken() => {}
-                            () = tokio::time::sleep(poll.min(left + Duration::from_millis(5))) => {
-                                poll = (poll * 2).min(MAX_POLL);
-                            }
-                        },
-                        None => tokio::select! {
-                            () = registration.woken() => {}
-                            () = tokio::time::sleep(LOCK_BUSY_WAIT) => {}
-                        },
-                    }
+                // Woken once every key's holder published (or released, or
+                // the keys were invalidated), including what came since the
+                // claim; keys whose locks were busy are tried again soon;
+                // the poll covers a listener that is (re)connecting, the
+                // lease's expiry a holder that died.
+                match busy_for.filter(|_| tried_busy.is_empty()) {
+                    Some(left) => tokio::select! {
+                        () = registration.woken() => {}
+                        () = tokio::time::sleep(
+                            if waiters.listening() { MAX_POLL } else { poll }
+                                .min(left + Duration::from_millis(5)),
+                        ) => {
+                            poll = (poll * 2).min(MAX_POLL);
+                        }
+                    },
+                    None => tokio::select! {
+                        () = registration.woken() => {}
+                        () = tokio::time::sleep(LOCK_BUSY_WAIT) => {}
+                    },
                 }
             }
             if !recheck.is_empty() {

@@ -49,8 +49,11 @@
 //!    call the provider themselves (under their own rate limits and
 //!    retries). They do not share the failure: another instance's provider
 //!    error cannot cross the database as the typed error it is.
-//! 5. **Wait** — a busy key is awaited: the fill wakes on the holder's
-//!    notification (or a bounded poll), then re-reads it. A lease past its
+//! 5. **Wait** — a busy key is awaited: the fill wakes once every key it
+//!    found busy was published, released or invalidated (each heard
+//!    through a notification, those that came between its claim and its
+//!    wait included), or on a bounded poll, then re-reads them in one
+//!    statement. A lease past its
 //!    expiry belongs to a holder that died or hung and is taken over by the
 //!    next claim; the old holder's publish is then refused by the token.
 //!
