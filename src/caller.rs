@@ -17,6 +17,13 @@ use crate::merge::{Boarding, Maker, Seat};
 use crate::stats::Counters;
 use crate::{BatchFetch, Error, ErrorClass, RetryPolicy};
 
+/// How far ahead of its turn of a fleet budget a call shared by the fleet
+/// is let go: the fleet's pause is read and the call closed (a round trip
+/// each, the close in its store's lane) meanwhile, so that the call starts
+/// at its turn rather than two round trips after. Keys that would have
+/// joined it in that time go on the next call.
+const CLOSE_AHEAD: Duration = Duration::from_millis(3);
+
 /// What a provider call answered for each key it was asked (a key absent:
 /// not found).
 pub(crate) type Answers<K, V> = HashMap<K, Result<V, Error>>;
@@ -279,9 +286,15 @@ impl<F: BatchFetch> ProviderCaller<F> {
         let mut closed = maker.is_none();
         let mut done: Answers<F::Key, F::Value> = HashMap::with_capacity(chunk.len());
         loop {
-            policy
+            // A call shared by the fleet is closed with a round trip: it
+            // is let go that much ahead of its turn to make it meanwhile.
+            let ahead = match (sharing, closed) {
+                (Some(_), false) => CLOSE_AHEAD,
+                _ => Duration::ZERO,
+            };
+            let turn = policy
                 .limiter
-                .before_call(&self.namespace, asked.len(), prepaid, counters)
+                .before_call(&self.namespace, asked.len(), prepaid, counters, ahead)
                 .await?;
             if let (Some(maker), false) = (maker.as_mut(), closed) {
                 // Permitted: no more joiners. Keys that joined while it
@@ -311,6 +324,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 asked = all;
                 closed = true;
             }
+            tokio::time::sleep_until(turn).await;
             let failure = match self.attempt(&asked, counters).await {
                 Ok(answers) => {
                     let mut again = Vec::new();

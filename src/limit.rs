@@ -305,14 +305,19 @@ impl Limiter {
     }
 
     /// Waits until one call of `keys` keys may be made, and charges it. A
-    /// call that had to wait counts once in `rate_limited_waits`.
+    /// call that had to wait counts once in `rate_limited_waits`. A call
+    /// that waits for a turn of the fleet's budget is let go up to `ahead`
+    /// before it (after the pause it honours was read): returns when the
+    /// call may start, which it must not do before.
     pub(crate) async fn acquire(
         &self,
         namespace: &str,
         keys: usize,
         counters: &Counters,
-    ) -> Result<(), Error> {
+        ahead: Duration,
+    ) -> Result<Instant, Error> {
         let mut waited = false;
+        let mut turn = Instant::now();
         if let Some(gcra) = &self.calls {
             waited |= self.wait_local(gcra, NonZeroU32::MIN, namespace).await?;
         }
@@ -333,7 +338,8 @@ impl Limiter {
                             self.fleet_bound(wait);
                         }
                         Self::trace_wait(namespace, wait, "fleet rate limit");
-                        tokio::time::sleep(wait).await;
+                        turn = Instant::now() + wait;
+                        tokio::time::sleep_until(turn - ahead.min(wait)).await;
                         // A pause recorded while this call waited for its
                         // turn holds it too; the turn is then given up (going
                         // after the pause on a turn taken before it would
@@ -354,7 +360,7 @@ impl Limiter {
         if waited {
             Counters::add(&counters.rate_limited_waits, 1);
         }
-        Ok(())
+        Ok(turn)
     }
 
     /// Pays for the first call of a fill before it takes anything, into
@@ -369,31 +375,37 @@ impl Limiter {
         if self.is_unlimited() {
             return Ok(());
         }
-        self.acquire(namespace, keys, counters).await?;
+        let turn = self
+            .acquire(namespace, keys, counters, Duration::ZERO)
+            .await?;
+        tokio::time::sleep_until(turn).await;
         *slot.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
         Ok(())
     }
 
     /// Before a call: spends the prepaid permit (then only honours a fleet
-    /// pause recorded since), or acquires a new one.
+    /// pause recorded since), or acquires a new one (let go up to `ahead`
+    /// of a fleet turn, see [`acquire`](Self::acquire)); returns when the
+    /// call may start.
     pub(crate) async fn before_call(
         &self,
         namespace: &str,
         keys: usize,
         prepaid: &Prepaid,
         counters: &Counters,
-    ) -> Result<(), Error> {
+        ahead: Duration,
+    ) -> Result<Instant, Error> {
         if !prepaid.take(keys) {
-            return self.acquire(namespace, keys, counters).await;
+            return self.acquire(namespace, keys, counters, ahead).await;
         }
         if let Some(fleet) = &self.fleet {
             if Self::wait_out_pause(fleet.as_ref(), namespace).await? {
                 // The permit was paid before the pause; spending it now
                 // would add to the calls the budget lets through after it.
-                return self.acquire(namespace, keys, counters).await;
+                return self.acquire(namespace, keys, counters, ahead).await;
             }
         }
-        Ok(())
+        Ok(Instant::now())
     }
 
     /// Waits until the fleet is not paused for `namespace`; returns whether

@@ -71,9 +71,11 @@
 //!    live holder take none) leases them to the oldest such call's token
 //!    instead (inside the same statement, under the same locks), records
 //!    them in the call's row, and answers them as busy: its fill waits for
-//!    the call's publish like for any holder's. At its turn of the budget
-//!    the call deletes its row (no claim joins it after that) and asks the
-//!    provider for the keys recorded in it with its own; its publish writes
+//!    the call's publish like for any holder's. Right before its turn of
+//!    the budget (a few milliseconds, the round trip's time, so that it
+//!    starts at its turn) the call deletes its row (no claim joins it
+//!    after that), and at its turn asks the provider for the keys
+//!    recorded in it with its own; its publish writes
 //!    them under its token and wakes their waiters. So the fleet's misses
 //!    ride on the turns already taken instead of each instance taking turns
 //!    of its own: fewer calls, and a missing key waits for the fleet's next
@@ -89,7 +91,7 @@
 //!
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
-//! them); a shared call one more (closing it at its turn).
+//! them); a shared call one more (closing it right before its turn).
 //!
 //! Reads, claims and publishes that queue together share a statement
 //! (`combine`): most of a statement's cost is fixed (the round trip, the

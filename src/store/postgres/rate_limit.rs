@@ -21,7 +21,9 @@ use crate::{Error, Quota};
 /// same statement and waits for it: turns go to calls in the order they
 /// asked, whichever instance they run on, and each call is charged with one
 /// round trip however long it waits (plus one read when its turn comes, to
-/// honour a pause recorded meanwhile). A call whose wait is cancelled, or
+/// honour a pause recorded meanwhile; a call shared by the fleet reads it
+/// 3 ms before its turn, then closes, and starts no earlier than its
+/// turn). A call whose wait is cancelled, or
 /// that a pause holds past its turn, leaves that turn unused: the budget
 /// then lets fewer calls through, never more.
 ///
