@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::StreamExt;
 use loadlock::store::lock_id;
 use loadlock::{Cache, Error, FillMode, LockMode, PgStore, Quota, RetryPolicy};
 use sqlx::{Connection, PgConnection};
@@ -722,6 +723,84 @@ async fn a_leased_key_is_awaited_not_fetched_again() {
     assert_eq!(stats.store_hits_after_lock, 10);
     assert_eq!(stats.store_hits, 10);
     eprintln!("B answered {waited:?} after A's publish");
+    db.cleanup().await;
+}
+
+/// A fill that found keys leased by two holders wakes once both published,
+/// and reads them again in one statement: not once per publish, reading
+/// and claiming what is still missing in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wait_for_two_holders_ends_with_one_read_after_both_published() {
+    let db = TestDb::new("twoholders").await;
+    let namespace = "pg/twoholders";
+    let holder = |gate: &Arc<Semaphore>| Fake::<u64>::builder(namespace).gate(gate.clone()).build();
+    let (gate_a, gate_b) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let (fake_a, fake_b, fake_c) = (
+        holder(&gate_a),
+        holder(&gate_b),
+        Fake::<u64>::new(namespace),
+    );
+    let mut caches = Vec::new();
+    for fake in [&fake_a, &fake_b, &fake_c] {
+        let store = db.store_with(LockMode::PerKey, FillMode::Lease).await;
+        let cache = Cache::builder(fake.clone())
+            .store(store.clone())
+            .build()
+            .unwrap();
+        caches.push((store, cache));
+    }
+    let [(_, a), (_, b), (c_store, c)] = &caches[..] else {
+        unreachable!()
+    };
+    // C listens before it waits: a publish is heard, not polled for.
+    let mut events = c.invalidations();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+    assert_eq!(
+        first.expect("C listens"),
+        Some(loadlock::Invalidation::Missed)
+    );
+
+    let a_load = tokio::spawn({
+        let a = a.clone();
+        async move { a.loader().load(1).await }
+    });
+    wait_for_calls(&fake_a, 1).await;
+    let b_load = tokio::spawn({
+        let b = b.clone();
+        async move { b.loader().load(2).await }
+    });
+    wait_for_calls(&fake_b, 1).await;
+    let c_load = tokio::spawn({
+        let c = c.clone();
+        async move { c.loader().load_many([1, 2]).await }
+    });
+    wait_until(|| c.stats().lease_waits >= 2).await;
+    let waiting = c_store.round_trips();
+
+    gate_a.add_permits(1);
+    assert_eq!(a_load.await.unwrap().unwrap(), Some(value_of(&1)));
+    // Key 1's publish reached C (it marked the key as awaited); key 2 is
+    // still leased to B.
+    // (Well within the 1 s poll of a wait while the listener listens.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!c_load.is_finished());
+    assert_eq!(
+        c_store.round_trips(),
+        waiting,
+        "C read or claimed again after the first of its two holders published"
+    );
+
+    gate_b.add_permits(1);
+    assert_eq!(b_load.await.unwrap().unwrap(), Some(value_of(&2)));
+    let got = tokio::time::timeout(Duration::from_secs(5), c_load)
+        .await
+        .expect("C answered once both published")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got[&1], value_of(&1));
+    assert_eq!(got[&2], value_of(&2));
+    assert_eq!(c_store.round_trips() - waiting, 1, "one read of both keys");
+    assert_eq!(fake_c.call_count(), 0, "C must not call its provider");
     db.cleanup().await;
 }
 
