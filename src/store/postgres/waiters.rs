@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// How many recent wake-ups are kept for fills registering after their
-/// claim: one that claimed before the oldest of them re-reads at once.
+/// How many recent wake-ups, and keys in them, are kept for fills
+/// registering after their claim: one that claimed before the oldest of
+/// them re-reads at once.
 const RECENT: usize = 256;
+const RECENT_KEYS: usize = 4096;
 
 /// The wake-ups of the fills waiting, per namespace, per key.
 type Slots = HashMap<String, HashMap<String, Vec<Arc<Waiting>>>>;
@@ -40,6 +42,8 @@ struct State {
     epoch: u64,
     /// The latest wake-ups, the newest last, with the epoch each ended.
     recent: VecDeque<(u64, Woke)>,
+    /// How many keys `recent` names.
+    recent_keys: usize,
 }
 
 /// What one wake-up was about.
@@ -51,6 +55,13 @@ enum Woke {
 }
 
 impl Woke {
+    fn keys(&self) -> usize {
+        match self {
+            Woke::Keys(_, keys) => keys.len(),
+            Woke::All(_) => 0,
+        }
+    }
+
     fn covers(&self, namespace: &str, key: &str) -> bool {
         match self {
             Woke::Keys(ns, keys) => ns == namespace && keys.iter().any(|k| k == key),
@@ -160,11 +171,15 @@ impl Waiters {
     /// Counts a wake-up and keeps it for fills registering late.
     fn remember(state: &mut State, woke: Woke) {
         state.epoch += 1;
-        if state.recent.len() == RECENT {
-            state.recent.pop_front();
-        }
+        state.recent_keys += woke.keys();
         let epoch = state.epoch;
         state.recent.push_back((epoch, woke));
+        while state.recent.len() > RECENT || state.recent_keys > RECENT_KEYS {
+            let Some((_, old)) = state.recent.pop_front() else {
+                break;
+            };
+            state.recent_keys -= old.keys();
+        }
     }
 
     /// Tells the fills waiting for any of `keys` that these came.
@@ -282,6 +297,13 @@ mod tests {
         let registration = waiters.register("ns", ["a"], waiters.epoch());
         assert!(!woken_soon(&registration).await);
         waiters.wake_all(None);
+        assert!(woken_soon(&registration).await);
+
+        // So is one older than kept keys: a wake-up names at most so many.
+        let since = waiters.epoch();
+        let many: Vec<String> = (0..=RECENT_KEYS).map(|i| format!("k{i}")).collect();
+        waiters.wake_keys("ns", many.iter().map(String::as_str));
+        let registration = waiters.register("ns", ["a"], since);
         assert!(woken_soon(&registration).await);
     }
 }
