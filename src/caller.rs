@@ -36,10 +36,13 @@ type MergedCalls<F> = Boarding<<F as BatchFetch>::Key, Result<<F as BatchFetch>:
 /// carries the keys other fills joined to it until its turn of the
 /// fleet's budget.
 pub(crate) trait SharedCall<K, V>: Send + Sync {
-    /// The call's turn came: no more keys join it. The keys that did, at
-    /// most `room` (the rest are let go of), to ask for with the call's
-    /// own; none after the fill's first call.
-    fn close(&self, room: usize) -> BoxFuture<'_, Vec<K>>;
+    /// The call's turn came, or the fill's keys go on another call: no
+    /// more keys join it. The keys that did, at most `room` (the rest are
+    /// let go of), to ask for with the call's own; none after the fill's
+    /// first call. An error when it could not be closed (or what it could
+    /// not carry let go of): keys could still join it, and the fill's keys
+    /// must then not be fetched under its lease.
+    fn close(&self, room: usize) -> BoxFuture<'_, Result<Vec<K>, Error>>;
     /// What the call answered for the keys `close` gave (an error: the call
     /// failed as a whole).
     fn answered(&self, answers: Result<Answers<K, V>, Error>);
@@ -208,11 +211,22 @@ impl<F: BatchFetch> ProviderCaller<F> {
         sharing: Option<&dyn SharedCall<F::Key, F::Value>>,
     ) -> Result<Answers<F::Key, F::Value>, Error> {
         if self.policy.limiter.is_unlimited() || prepaid.covers(chunk.len()) {
+            if let Some(sharing) = sharing {
+                sharing.close(0).await?;
+            }
             return self.make_call(chunk, None, prepaid, counters, None).await;
         }
         loop {
             match self.boarding.board(chunk, self.max_batch_size) {
                 Seat::Joined(joined) => {
+                    // Its keys go on another call, which may be made at
+                    // any moment: its own shared call is closed first
+                    // (carrying nothing), so that no key of its lease is
+                    // leased to it again once fetched (after an
+                    // invalidation revoked it) and published as fresh.
+                    if let Some(sharing) = sharing {
+                        sharing.close(0).await?;
+                    }
                     if let Some(answer) = joined.answered().await {
                         return answer;
                     }
@@ -304,7 +318,7 @@ impl<F: BatchFetch> ProviderCaller<F> {
                 let mut all = maker.close();
                 if let Some(sharing) = sharing {
                     let room = self.max_batch_size.saturating_sub(all.len());
-                    let joined = sharing.close(room).await;
+                    let joined = sharing.close(room).await?;
                     Counters::add(&counters.carried_keys, joined.len());
                     for key in joined {
                         let asked_here = all.contains(&key);

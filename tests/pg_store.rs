@@ -1850,6 +1850,66 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     db.cleanup().await;
 }
 
+/// A fill whose claim opened a call and whose keys then ride on another
+/// call of its process closes its own before that call can be made: were
+/// it open while the other call fetches, a key of the fill revoked by an
+/// invalidation meanwhile could be joined to it again by another
+/// instance's claim, leased to the fill's token once more, and the value
+/// fetched before the invalidation published under it. Instance 1's first
+/// fill (keys 1–5) opens a call and waits for its turn (the budget's row is
+/// held); instance 2's claim of 95 keys fills that call; instance 1's next
+/// fill (keys 200–209) finds no room in it, opens its own, and rides on
+/// the first fill's call in its process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_keys_ride_on_another_is_closed_before_that_one_is_made() {
+    let SharingFleet {
+        db,
+        provider,
+        caches,
+        mut conn,
+    } = sharing_fleet("shared_ride", |text| text.parse().ok(), 5, 3).await;
+    let table = db.table();
+    binding(&caches[1], 104).await;
+    let budget = budget_held(&db).await;
+    let many = |cache: &Cache<Fake<u64>>, keys: std::ops::Range<u64>| {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.loader().load_many(keys).await })
+    };
+    let first = many(&caches[1], 1..6);
+    opened(&mut conn, &table).await;
+    let filling = many(&caches[2], 10..105);
+    joined(&mut conn, &table, 10, 1).await;
+    let riding = many(&caches[1], 200..210);
+    // Its keys leased, and no call open but the first's.
+    let closed = format!(
+        "SELECT (SELECT count(*) FROM {table} WHERE namespace = '{SHARED}' \
+                   AND key = '200' AND lease_token IS NOT NULL) = 1 \
+            AND (SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}') = 1"
+    );
+    until_true(
+        &mut conn,
+        &closed,
+        &[],
+        "the riding fill's own call is still open",
+    )
+    .await;
+    assert!(!first.is_finished(), "the first call waits for its turn");
+    budget.close().await.unwrap();
+    for (load, keys) in [(first, 1..6), (filling, 10..105), (riding, 200..210)] {
+        let got = tokio::time::timeout(Duration::from_secs(30), load)
+            .await
+            .expect("every load answered")
+            .unwrap()
+            .unwrap();
+        for key in keys {
+            assert_eq!(got[&key], value_of(&key));
+        }
+    }
+    assert!(provider.fetches_per_key().values().all(|&n| n == 1));
+    nothing_left_open(&mut conn, &table).await;
+    db.cleanup().await;
+}
+
 /// While the fleet's budget does not bind (no call of the cache waited
 /// for its turn lately), claims open no calls: a call goes as soon as its
 /// turn is known, and joining it would only add a round trip to the

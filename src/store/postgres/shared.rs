@@ -22,9 +22,18 @@
 //!   as for any holder's (woken by its notification, bounded by the
 //!   lease; the call renews the leases of what it carries while it
 //!   runs). A fill that opened a call and does not make it (cancelled,
-//!   failed, given up, or its keys riding on another call of its process)
-//!   closes it and releases what joined at once (in the background); a
-//!   holder that dies leaves them to expire and be taken over.
+//!   failed or given up) closes it and releases what joined at once (in
+//!   the background); a holder that dies leaves them to expire and be
+//!   taken over.
+//! * **Closed before its keys are fetched.** A call is closed before any
+//!   key of its token is asked of the provider: at its turn, or, when the
+//!   fill's keys ride on another call of its process, before they board it
+//!   (carrying nothing; what joined is released). Open while they were
+//!   fetched, a key of the fill that an invalidation revoked meanwhile
+//!   could be joined to it again by another instance's claim, leased to
+//!   the same token, and the value fetched before the invalidation
+//!   published under it. A call that cannot be closed, or cannot let go
+//!   of what it cannot carry, fails instead of fetching.
 //! * **Only when it can be fetched.** Claims open calls only for a
 //!   namespace whose fills' provider can tell keys from their texts
 //!   ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)); a joined
@@ -73,9 +82,9 @@ struct State<K, V> {
 /// A fill's side of a shared call (see [`SharedCall`]): closes the call
 /// its claim opened under the fill's lease token at the call's turn, and
 /// takes what joined it. Dropped before the fill took the carried keys
-/// (its fill cancelled, its keys riding on another call, or the close
-/// failed halfway), it closes the call if it did not and releases them in
-/// the background, so their waiters claim them at once.
+/// (its fill cancelled, or the close failed), it closes the call if it
+/// did not and releases them in the background, so their waiters claim
+/// them at once.
 pub(super) struct Sharing<'f, F: BatchFetch> {
     store: PgStore,
     namespace: String,
@@ -125,20 +134,13 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
 }
 
 impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
-    fn close(&self, room: usize) -> BoxFuture<'_, Vec<F::Key>> {
+    fn close(&self, room: usize) -> BoxFuture<'_, Result<Vec<F::Key>, Error>> {
         Box::pin(async move {
             if self.state().closed {
-                return Vec::new();
+                return Ok(Vec::new());
             }
-            let mut joined = match self.store.close_call(self.token).await {
-                Ok(joined) => joined,
-                Err(err) => {
-                    // What joined is released by the drop, or expires.
-                    tracing::warn!(namespace = self.namespace, error = %err,
-                        "could not close a call at its turn; it carries its own keys");
-                    return Vec::new();
-                }
-            };
+            // On an error, what joined is released by the drop, or expires.
+            let mut joined = self.store.close_call(self.token).await?;
             self.state().closed = true;
             // A key may also be one this process's call asks for already
             // (its lease revoked, then leased to the call by a claim): the
@@ -159,6 +161,10 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                     keys = let_go.len(),
                     "keys that joined a call it cannot carry (unparsed, or no room); released"
                 );
+                // Still leased to the call: one of them may be a key of
+                // the fill's own that an invalidation revoked and a claim
+                // joined to the call again, whose value the fill must not
+                // publish. Not let go of, the call fails instead.
                 if let Err(err) = self
                     .store
                     .release(&self.namespace, &let_go, self.token)
@@ -166,6 +172,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                 {
                     tracing::warn!(namespace = self.namespace, error = %err,
                         "could not release keys a call could not carry; they expire on their own");
+                    return Err(err);
                 }
             }
             let renewal = (!carried.is_empty()).then(|| {
@@ -177,7 +184,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
             let mut state = self.state();
             state.carried = carried;
             state.renewal = renewal;
-            keys
+            Ok(keys)
         })
     }
 
