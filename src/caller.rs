@@ -219,15 +219,19 @@ impl<F: BatchFetch> ProviderCaller<F> {
         loop {
             match self.boarding.board(chunk, self.max_batch_size) {
                 Seat::Joined(joined) => {
-                    // Its keys go on another call, which may be made at
-                    // any moment: its own shared call is closed first
-                    // (carrying nothing), so that no key of its lease is
-                    // leased to it again once fetched (after an
-                    // invalidation revoked it) and published as fresh.
-                    if let Some(sharing) = sharing {
-                        sharing.close(0).await?;
-                    }
                     if let Some(answer) = joined.answered().await {
+                        // Its keys rode on another call. Its own shared
+                        // call is closed before the fill publishes,
+                        // carrying nothing (what joined is let go of): a
+                        // key of the fill's that an invalidation revoked
+                        // while that call fetched, and that a claim joined
+                        // to its still-open call again, is leased to its
+                        // token once more; let go of here, the value
+                        // fetched before the invalidation is not published
+                        // under it.
+                        if let Some(sharing) = sharing {
+                            sharing.close(0).await?;
+                        }
                         return answer;
                     }
                     // Its maker was cancelled: another call.

@@ -1850,25 +1850,30 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
     db.cleanup().await;
 }
 
-/// A fill whose claim opened a call and whose keys then ride on another
-/// call of its process closes its own before that call can be made: were
-/// it open while the other call fetches, a key of the fill revoked by an
-/// invalidation meanwhile could be joined to it again by another
-/// instance's claim, leased to the fill's token once more, and the value
-/// fetched before the invalidation published under it. Instance 1's first
-/// fill (keys 1–5) opens a call and waits for its turn (the budget's row is
-/// held); instance 2's claim of 95 keys fills that call; instance 1's next
-/// fill (keys 200–209) finds no room in it, opens its own, and rides on
-/// the first fill's call in its process.
+/// A fill whose claim opened a call and whose keys ride on another call
+/// of its process publishes nothing the invalidation of one of its keys
+/// revoked while that call fetched, even when another instance's claim
+/// joined the key to the fill's still-open call, leasing it to the same
+/// token again. Instance 1's first fill (keys 1–5) opens a call and waits
+/// for its turn (the budget's row is held); instance 2's claim of 95 keys
+/// fills that call; instance 1's next fill (keys 200–209) finds no room
+/// in it, opens its own, and rides on the first fill's call, which the
+/// provider holds while key 200 is invalidated and instance 0 misses it.
+/// Key 200 must be fetched again: the value fetched before the
+/// invalidation is not published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_call_whose_keys_ride_on_another_is_closed_before_that_one_is_made() {
-    let SharingFleet {
-        db,
-        provider,
-        caches,
-        mut conn,
-    } = sharing_fleet("shared_ride", |text| text.parse().ok(), 5, 3).await;
+async fn a_value_fetched_before_an_invalidation_is_not_published_under_a_retaken_lease() {
+    let db = TestDb::new("shared_ride").await;
+    let gate = Arc::new(Semaphore::new(5));
+    let provider = Fake::<u64>::builder(SHARED)
+        .parse_keys(|text| text.parse().ok())
+        .gate(gate.clone())
+        .build();
+    let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let caches = budgeted(&db, &provider, quota, 3).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let table = db.table();
+    warmed(&caches).await;
     binding(&caches[1], 104).await;
     let budget = budget_held(&db).await;
     let many = |cache: &Cache<Fake<u64>>, keys: std::ops::Range<u64>| {
@@ -1880,21 +1885,39 @@ async fn a_call_whose_keys_ride_on_another_is_closed_before_that_one_is_made() {
     let filling = many(&caches[2], 10..105);
     joined(&mut conn, &table, 10, 1).await;
     let riding = many(&caches[1], 200..210);
-    // Its keys leased, and no call open but the first's.
-    let closed = format!(
-        "SELECT (SELECT count(*) FROM {table} WHERE namespace = '{SHARED}' \
-                   AND key = '200' AND lease_token IS NOT NULL) = 1 \
-            AND (SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}') = 1"
+    let calls_open = |n: i64| {
+        format!(
+            "SELECT (SELECT count(*) FROM {table} WHERE namespace = '{SHARED}' \
+                       AND key = '200' AND lease_token IS NOT NULL) = 1 \
+                AND (SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}') = {n}"
+        )
+    };
+    until_true(
+        &mut conn,
+        &calls_open(2),
+        &[],
+        "the riding fill opened no call",
+    )
+    .await;
+    budget.close().await.unwrap();
+    // The first call (with the riding fill's keys) asks the provider, which
+    // holds it; meanwhile key 200 is invalidated and instance 0 misses it,
+    // joining it to the riding fill's call.
+    wait_for_calls(&provider, 6).await;
+    caches[0].invalidate([200]).await.unwrap();
+    let missing = spawn_load(&caches[0], 200);
+    let rejoined = format!(
+        "SELECT count(*) = 1 FROM {table} c JOIN {table}_calls k ON k.token = c.lease_token \
+          WHERE c.namespace = '{SHARED}' AND c.key = '200'"
     );
     until_true(
         &mut conn,
-        &closed,
+        &rejoined,
         &[],
-        "the riding fill's own call is still open",
+        "key 200 never joined the riding fill's call",
     )
     .await;
-    assert!(!first.is_finished(), "the first call waits for its turn");
-    budget.close().await.unwrap();
+    gate.add_permits(1000);
     for (load, keys) in [(first, 1..6), (filling, 10..105), (riding, 200..210)] {
         let got = tokio::time::timeout(Duration::from_secs(30), load)
             .await
@@ -1905,7 +1928,12 @@ async fn a_call_whose_keys_ride_on_another_is_closed_before_that_one_is_made() {
             assert_eq!(got[&key], value_of(&key));
         }
     }
-    assert!(provider.fetches_per_key().values().all(|&n| n == 1));
+    answered(vec![missing]).await;
+    assert_eq!(
+        provider.fetches_per_key()[&200],
+        2,
+        "key 200 was not fetched again after its invalidation"
+    );
     nothing_left_open(&mut conn, &table).await;
     db.cleanup().await;
 }

@@ -85,11 +85,12 @@
 //!    ask for their next keys together) join the first of them. A key it
 //!    cannot carry (no room left, or a text the provider does not parse) is
 //!    released at once; a fill that opened a call and does not make it
-//!    (failed, given up, or riding on another call of its process, before
-//!    it boards that one) closes it and releases what joined, and a holder
-//!    that dies leaves it to expire like its own leases. A call is always
-//!    closed before a key of its token is fetched: open, it could take
-//!    back a key an invalidation revoked meanwhile, under the same token.
+//!    (failed, given up, or riding on another call of its process, once
+//!    that one answered and before it publishes) closes it and releases
+//!    what joined, and a holder that dies leaves it to expire like its own
+//!    leases. Open while its token's keys are fetched, a call could take
+//!    back a key an invalidation revoked meanwhile, under the same token:
+//!    what its close returns is fetched after it, or released.
 //!
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts

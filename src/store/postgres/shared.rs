@@ -25,15 +25,17 @@
 //!   failed or given up) closes it and releases what joined at once (in
 //!   the background); a holder that dies leaves them to expire and be
 //!   taken over.
-//! * **Closed before its keys are fetched.** A call is closed before any
-//!   key of its token is asked of the provider: at its turn, or, when the
-//!   fill's keys ride on another call of its process, before they board it
-//!   (carrying nothing; what joined is released). Open while they were
-//!   fetched, a key of the fill that an invalidation revoked meanwhile
-//!   could be joined to it again by another instance's claim, leased to
-//!   the same token, and the value fetched before the invalidation
-//!   published under it. A call that cannot be closed, or cannot let go
-//!   of what it cannot carry, fails instead of fetching.
+//! * **Closed before what its token fetched is published.** A key of the
+//!   fill's own that an invalidation revokes while it is fetched, and that
+//!   another instance's claim then joins to the still-open call, is leased
+//!   to the same token again. A call is therefore closed at its turn,
+//!   before it asks the provider (what joined until then is fetched with
+//!   it); and when the fill's keys rode on another call of its process,
+//!   once that call answered, before the fill publishes: it carries
+//!   nothing, and what joined, such a key included, is released, so the
+//!   value fetched before the invalidation is not published under the
+//!   token. A call that cannot be closed, or cannot release what it cannot
+//!   carry, fails instead.
 //! * **Only when it can be fetched.** Claims open calls only for a
 //!   namespace whose fills' provider can tell keys from their texts
 //!   ([`BatchFetch::parse_key`](crate::BatchFetch::parse_key)); a joined
