@@ -36,12 +36,12 @@ type MergedCalls<F> = Boarding<<F as BatchFetch>::Key, Result<<F as BatchFetch>:
 /// carries the keys other fills joined to it until its turn of the
 /// fleet's budget.
 pub(crate) trait SharedCall<K, V>: Send + Sync {
-    /// The call's turn came, or the fill's keys go on another call: no
+    /// The call's turn came, or the fill's keys rode on another call: no
     /// more keys join it. The keys that did, at most `room` (the rest are
     /// let go of), to ask for with the call's own; none after the fill's
     /// first call. An error when it could not be closed (or what it could
-    /// not carry let go of): keys could still join it, and the fill's keys
-    /// must then not be fetched under its lease.
+    /// not carry let go of): keys could still join it, and nothing fetched
+    /// under its lease may then be published.
     fn close(&self, room: usize) -> BoxFuture<'_, Result<Vec<K>, Error>>;
     /// What the call answered for the keys `close` gave (an error: the call
     /// failed as a whole).
