@@ -1635,8 +1635,18 @@ async fn sharing_fleet(
     per_second: u32,
     n: usize,
 ) -> SharingFleet {
-    let db = TestDb::new(name).await;
     let provider = Fake::<u64>::builder(SHARED).parse_keys(parse).build();
+    sharing_fleet_of(name, provider, per_second, n).await
+}
+
+/// [`sharing_fleet`] of `provider` (of [`SHARED`]).
+async fn sharing_fleet_of(
+    name: &str,
+    provider: Fake<u64>,
+    per_second: u32,
+    n: usize,
+) -> SharingFleet {
+    let db = TestDb::new(name).await;
     let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap());
     let caches = budgeted(&db, &provider, quota, n).await;
     let conn = PgConnection::connect(&db.url).await.unwrap();
@@ -1863,17 +1873,19 @@ async fn a_call_is_open_to_the_fleet_from_its_claim_on() {
 /// invalidation is not published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_value_fetched_before_an_invalidation_is_not_published_under_a_retaken_lease() {
-    let db = TestDb::new("shared_ride").await;
+    // Permits for the warm-up's 3 calls and `binding`'s 2.
     let gate = Arc::new(Semaphore::new(5));
     let provider = Fake::<u64>::builder(SHARED)
         .parse_keys(|text| text.parse().ok())
         .gate(gate.clone())
         .build();
-    let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
-    let caches = budgeted(&db, &provider, quota, 3).await;
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let SharingFleet {
+        db,
+        provider,
+        caches,
+        mut conn,
+    } = sharing_fleet_of("shared_ride", provider, 5, 3).await;
     let table = db.table();
-    warmed(&caches).await;
     binding(&caches[1], 104).await;
     let budget = budget_held(&db).await;
     let many = |cache: &Cache<Fake<u64>>, keys: std::ops::Range<u64>| {
@@ -1885,16 +1897,14 @@ async fn a_value_fetched_before_an_invalidation_is_not_published_under_a_retaken
     let filling = many(&caches[2], 10..105);
     joined(&mut conn, &table, 10, 1).await;
     let riding = many(&caches[1], 200..210);
-    let calls_open = |n: i64| {
-        format!(
-            "SELECT (SELECT count(*) FROM {table} WHERE namespace = '{SHARED}' \
-                       AND key = '200' AND lease_token IS NOT NULL) = 1 \
-                AND (SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}') = {n}"
-        )
-    };
+    let riding_opened = format!(
+        "SELECT (SELECT count(*) FROM {table} WHERE namespace = '{SHARED}' \
+                   AND key = '200' AND lease_token IS NOT NULL) = 1 \
+            AND (SELECT count(*) FROM {table}_calls WHERE namespace = '{SHARED}') = 2"
+    );
     until_true(
         &mut conn,
-        &calls_open(2),
+        &riding_opened,
         &[],
         "the riding fill opened no call",
     )
