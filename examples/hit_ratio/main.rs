@@ -610,6 +610,17 @@ struct Report {
     provider_share: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The mean latency of a request. With every client making its requests
+    /// one after the other, it is about the clients' time from the start to
+    /// their last answer, over the requests they made, however the waits
+    /// were shared out among the requests.
+    mean_ms: f64,
+    /// The median latency of each client's first request, of its second,
+    /// and so on up to the `TURNS`th (empty for a trace's replay).
+    p50_by_turn_ms: Vec<f64>,
+    /// Whether a client made more than `TURNS` requests: the last median
+    /// is then of all its requests from the `TURNS`th on.
+    more_turns: bool,
     max_ms: f64,
     wall_s: f64,
     /// Calls the provider refused (its "429"s).
@@ -827,9 +838,24 @@ async fn run(
     }
     let mut asked_all = Vec::new();
     let mut latencies = Vec::new();
+    // A client's requests in the order it made them (each of a trace's
+    // requests is a client of its own, and they are not counted here); the
+    // last turn takes every request from the `TURNS`th on.
+    let mut by_turn: Vec<Vec<Duration>> = Vec::new();
+    let mut more_turns = false;
     for task in join_all(tasks).await {
         let (asked, lat) = task.expect("client task");
         asked_all.extend(asked);
+        if args.trace.is_none() {
+            for (i, &latency) in lat.iter().enumerate() {
+                more_turns |= i >= TURNS;
+                let i = i.min(TURNS - 1);
+                if by_turn.len() <= i {
+                    by_turn.push(Vec::new());
+                }
+                by_turn[i].push(latency);
+            }
+        }
         latencies.extend(lat);
     }
     let wall = started.elapsed();
@@ -890,11 +916,19 @@ async fn run(
         pool.close().await;
     }
     latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    let pct = |p: f64| percentile_ms(&latencies, p);
+    let mean_ms = if latencies.is_empty() {
+        0.0
+    } else {
+        latencies.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / latencies.len() as f64
     };
+    let p50_by_turn_ms = by_turn
+        .iter_mut()
+        .map(|turn| {
+            turn.sort();
+            percentile_ms(turn, 0.5)
+        })
+        .collect();
     Report {
         name: kind.name(),
         instances,
@@ -916,6 +950,9 @@ async fn run(
         provider_share: share(provider_keys),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        mean_ms,
+        p50_by_turn_ms,
+        more_turns,
         max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         wall_s: wall.as_secs_f64(),
         refused,
@@ -930,6 +967,13 @@ async fn run(
         throughput: latencies.len() as f64 / wall.as_secs_f64().max(f64::EPSILON),
         shard_keys,
     }
+}
+
+/// The latency at fraction `p` of `sorted`, in milliseconds (0 for none).
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Calls made and refused in each second since the start.
@@ -960,6 +1004,41 @@ impl Report {
             provider_calls: self.provider_calls,
             refused: self.refused,
         }
+    }
+}
+
+/// The most requests of a client told apart in [`Report::p50_by_turn_ms`].
+const TURNS: usize = 8;
+
+/// Each client's requests in order: how the latency of its first request
+/// (when every client starts at once, on a cold cache) compares with the
+/// later ones', next to the mean of all.
+fn print_by_turn(reports: &[Report]) {
+    let turns = reports
+        .iter()
+        .map(|r| r.p50_by_turn_ms.len())
+        .max()
+        .unwrap_or(0);
+    if turns == 0 {
+        return;
+    }
+    println!("\nmedian ms of each client's 1st, 2nd, ... request, and the mean ms of all:");
+    let mut header = format!("{:<12} {:>8}", "strategy", "mean");
+    let rest = reports.iter().any(|r| r.more_turns);
+    for i in 1..=turns {
+        let label = match rest && i == TURNS {
+            true => format!("#{i}+"),
+            false => format!("#{i}"),
+        };
+        header.push_str(&format!(" {label:>8}"));
+    }
+    println!("{header}");
+    for r in reports {
+        let mut line = format!("{:<12} {:>8.1}", r.name, r.mean_ms);
+        for p50 in &r.p50_by_turn_ms {
+            line.push_str(&format!(" {p50:>8.1}"));
+        }
+        println!("{line}");
     }
 }
 
@@ -1267,9 +1346,10 @@ async fn main() {
             if args.shards == 1 { "" } else { "s" },
         );
         print_table(&reports);
+        print_by_turn(&reports);
         if let Some(summary) = &summary {
             println!(
-                "\nmedians of {rounds} rounds (the table above is the last; order alternating):"
+                "\nmedians of {rounds} rounds (the tables above are of the last; order alternating):"
             );
             rounds::print(summary);
         }
