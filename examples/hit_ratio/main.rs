@@ -19,6 +19,11 @@
 //! of reach (20,000 calls/s), with more load, every strategy, and no fleet
 //! budget.
 //!
+//! Next to the table of hit ratio, calls and latency percentiles, it
+//! prints each strategy's median latency of every client's 1st, 2nd, ...
+//! request and the mean of all: under a limit that binds, the median
+//! alone does not show how the waits were shared out among the clients.
+//!
 //! ```text
 //! cargo run --release --example hit_ratio
 //! cargo run --release --example hit_ratio -- --open
