@@ -621,11 +621,9 @@ struct Report {
     /// were shared out among the requests.
     mean_ms: f64,
     /// The median latency of each client's first request, of its second,
-    /// and so on up to the `TURNS`th (empty for a trace's replay).
+    /// and so on; the `TURNS`th is of every request from the `TURNS`th on
+    /// (empty for a trace's replay).
     p50_by_turn_ms: Vec<f64>,
-    /// Whether a client made more than `TURNS` requests: the last median
-    /// is then of all its requests from the `TURNS`th on.
-    more_turns: bool,
     max_ms: f64,
     wall_s: f64,
     /// Calls the provider refused (its "429"s).
@@ -847,13 +845,11 @@ async fn run(
     // requests is a client of its own, and they are not counted here); the
     // last turn takes every request from the `TURNS`th on.
     let mut by_turn: Vec<Vec<Duration>> = Vec::new();
-    let mut more_turns = false;
     for task in join_all(tasks).await {
         let (asked, lat) = task.expect("client task");
         asked_all.extend(asked);
         if args.trace.is_none() {
             for (i, &latency) in lat.iter().enumerate() {
-                more_turns |= i >= TURNS;
                 let i = i.min(TURNS - 1);
                 if by_turn.len() <= i {
                     by_turn.push(Vec::new());
@@ -957,7 +953,6 @@ async fn run(
         p99_ms: pct(0.99),
         mean_ms,
         p50_by_turn_ms,
-        more_turns,
         max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         wall_s: wall.as_secs_f64(),
         refused,
@@ -1029,9 +1024,9 @@ fn print_by_turn(reports: &[Report]) {
     }
     println!("\nmedian ms of each client's 1st, 2nd, ... request, and the mean ms of all:");
     let mut header = format!("{:<12} {:>8}", "strategy", "mean");
-    let rest = reports.iter().any(|r| r.more_turns);
     for i in 1..=turns {
-        let label = match rest && i == TURNS {
+        // The last one a client may have is of all its later requests too.
+        let label = match i == TURNS {
             true => format!("#{i}+"),
             false => format!("#{i}"),
         };
