@@ -953,7 +953,7 @@ async fn run(
         p99_ms: pct(0.99),
         mean_ms,
         p50_by_turn_ms,
-        max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        max_ms: pct(1.0),
         wall_s: wall.as_secs_f64(),
         refused,
         refused_share: if provider_calls + refused == 0 {
@@ -1026,9 +1026,10 @@ fn print_by_turn(reports: &[Report]) {
     let mut header = format!("{:<12} {:>8}", "strategy", "mean");
     for i in 1..=turns {
         // The last one a client may have is of all its later requests too.
-        let label = match i == TURNS {
-            true => format!("#{i}+"),
-            false => format!("#{i}"),
+        let label = if i == TURNS {
+            format!("#{i}+")
+        } else {
+            format!("#{i}")
         };
         header.push_str(&format!(" {label:>8}"));
     }
