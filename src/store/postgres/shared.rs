@@ -45,8 +45,16 @@
 //!   last second): otherwise the call goes at once, and a fill that
 //!   joined it would wait for its publish and re-read, where a call of its
 //!   own takes as long. Joining an open call is always allowed.
+//! * **Closed once.** The batches of one read share its claim, and so the
+//!   token of the call it opened: each of their fills closes that call
+//!   before it publishes. The first close deletes the call's row and
+//!   takes what joined it; the others wait for that close to finish
+//!   instead of sending a statement that would find the row gone (a
+//!   closed call is never opened again: only the claim that drew its
+//!   token opens it).
 
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -213,10 +221,80 @@ impl<F: BatchFetch> Drop for Sharing<'_, F> {
     }
 }
 
+/// How many of the calls a store closed it remembers (see
+/// [`ClosedCalls`]); a fill that closes a call forgotten by then only
+/// sends a statement that finds nothing to delete.
+const CLOSES_KEPT: usize = 1024;
+
+/// The close of one call: done once it holds a value.
+type Close = Arc<tokio::sync::OnceCell<()>>;
+
+/// The calls a store closed (or is closing) lately, by lease token, so
+/// that each is closed with one statement however many fills share it.
+#[derive(Default)]
+pub(super) struct ClosedCalls {
+    /// The close of each token, and the tokens in the order they came, to
+    /// forget the oldest.
+    closes: Mutex<(HashMap<i64, Close>, VecDeque<i64>)>,
+}
+
+impl ClosedCalls {
+    /// Runs `close` for `token` unless it ran for this store already, or
+    /// waits for the caller that runs it; returns its answer to the caller
+    /// that ran it, and `None` to the others once it finished. When it
+    /// fails (the error is the caller's that ran it) or is cancelled, the
+    /// next caller runs its own.
+    async fn once<T, C, Fut>(&self, token: i64, close: C) -> Result<Option<T>, Error>
+    where
+        C: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let cell = self.of(token);
+        let mut answer = None;
+        let taken = &mut answer;
+        cell.get_or_try_init(|| async move {
+            *taken = Some(close().await?);
+            Ok::<(), Error>(())
+        })
+        .await?;
+        Ok(answer)
+    }
+
+    /// The close of `token`, shared by every fill of that token.
+    fn of(&self, token: i64) -> Close {
+        let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_token, order) = &mut *closes;
+        if let Some(close) = by_token.get(&token) {
+            return Arc::clone(close);
+        }
+        if order.len() >= CLOSES_KEPT {
+            if let Some(oldest) = order.pop_front() {
+                by_token.remove(&oldest);
+            }
+        }
+        order.push_back(token);
+        Arc::clone(by_token.entry(token).or_default())
+    }
+}
+
 impl PgStore {
     /// Closes the call of lease `token`: no claim joins it after this.
-    /// Returns the keys claims leased to it (in no order): one round trip.
+    /// Returns the keys claims leased to it (in no order) to the first of
+    /// this store's fills that closes it, and nothing to the others, which
+    /// wait for that close (see "Closed once" above): one round trip, once.
+    /// A close that failed or was cancelled is made again by whoever
+    /// closes next.
     pub(super) async fn close_call(&self, token: i64) -> Result<Vec<String>, Error> {
+        let joined = self
+            .inner
+            .closed_calls
+            .once(token, || self.close_call_now(token))
+            .await?;
+        Ok(joined.unwrap_or_default())
+    }
+
+    /// The statement of [`close_call`](Self::close_call).
+    async fn close_call_now(&self, token: i64) -> Result<Vec<String>, Error> {
         let inner = &*self.inner;
         self.count_round_trips(1);
         let rows = on_conn!(
@@ -234,5 +312,104 @@ impl PgStore {
             }
         }
         Ok(joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::{ClosedCalls, CLOSES_KEPT};
+    use crate::Error;
+
+    fn failed() -> Error {
+        Error::Store {
+            message: "closing a call: connection reset".into(),
+            source: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_is_closed_once_and_the_first_closer_takes_what_joined() {
+        let closed = ClosedCalls::default();
+        let runs = AtomicUsize::new(0);
+        let close = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(vec!["7"])
+        };
+        assert_eq!(closed.once(1, close).await.unwrap(), Some(vec!["7"]));
+        assert_eq!(closed.once(1, close).await.unwrap(), None);
+        // Another token is closed on its own.
+        assert_eq!(closed.once(2, close).await.unwrap(), Some(vec!["7"]));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closers_of_a_token_wait_for_the_close_under_way() {
+        let closed = ClosedCalls::default();
+        let runs = AtomicUsize::new(0);
+        let slow = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(vec!["7"])
+        };
+        let started = tokio::time::Instant::now();
+        let (first, second) = tokio::join!(closed.once(1, slow), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let answer = closed.once(1, slow).await;
+            (answer, started.elapsed())
+        });
+        assert_eq!(first.unwrap(), Some(vec!["7"]));
+        let (second, waited) = second;
+        assert_eq!(second.unwrap(), None);
+        // Not answered before the close it waited for finished.
+        assert!(waited >= Duration::from_millis(50), "{waited:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_close_is_made_again_by_the_next_closer() {
+        let closed = ClosedCalls::default();
+        let err = closed
+            .once(1, || async { Err::<Vec<&str>, _>(failed()) })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Store { .. }), "{err:?}");
+        assert_eq!(
+            closed.once(1, || async { Ok(vec!["7"]) }).await.unwrap(),
+            Some(vec!["7"])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_close_is_made_again_by_the_next_closer() {
+        let closed = ClosedCalls::default();
+        let never = || async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(vec!["late"])
+        };
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(10), closed.once(1, never)).await;
+        assert!(cancelled.is_err());
+        assert_eq!(
+            closed.once(1, || async { Ok(vec!["7"]) }).await.unwrap(),
+            Some(vec!["7"])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_forgotten_is_closed_again() {
+        let closed = ClosedCalls::default();
+        let close = || async { Ok(()) };
+        assert_eq!(closed.once(0, close).await.unwrap(), Some(()));
+        for token in 1..=CLOSES_KEPT as i64 {
+            assert_eq!(closed.once(token, close).await.unwrap(), Some(()));
+        }
+        // The oldest was forgotten for the newest: closing it again sends
+        // a statement (that finds nothing), it is never skipped wrongly.
+        assert_eq!(closed.once(0, close).await.unwrap(), Some(()));
+        // The newest is still remembered.
+        assert_eq!(closed.once(CLOSES_KEPT as i64, close).await.unwrap(), None);
     }
 }

@@ -17,6 +17,7 @@ use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
 use super::preclaim::Learned;
 use super::read::{ReadAnswer, ReadGroup, ReadRequest};
 use super::rows::Written;
+use super::shared::ClosedCalls;
 use super::sql::Statements;
 use super::table::TableName;
 use super::waiters::Waiters;
@@ -146,6 +147,8 @@ pub(super) struct Inner {
     /// How long each namespace's fills lease keys for, so that a read can
     /// claim what it missed (see `preclaim`).
     pub(super) learned: Learned,
+    /// The calls this store closed lately (see `shared`).
+    pub(super) closed_calls: ClosedCalls,
 }
 
 impl fmt::Debug for PgStore {
@@ -835,6 +838,7 @@ impl PgStoreBuilder {
                 claims: Groups::new(self.max_locks_per_transaction),
                 publishes: Groups::new(usize::MAX),
                 learned: Learned::default(),
+                closed_calls: ClosedCalls::default(),
             }),
         })
     }
