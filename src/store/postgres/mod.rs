@@ -94,7 +94,8 @@
 //!
 //! An all-hit batch costs one round trip; a miss batch one claim and one
 //! publish per group, whatever its size ([`PgStore::round_trips`] counts
-//! them); a shared call one more (closing it right before its turn).
+//! them); a shared call one more (closing it right before its turn, once
+//! however many of a read's batches share it).
 //!
 //! Reads, claims and publishes that queue together share a statement
 //! (`combine`): most of a statement's cost is fixed (the round trip, the
