@@ -778,6 +778,10 @@ impl PgStore {
                 taken_over,
             ));
         }
+        if opened {
+            // Before any fill of the claim can close it.
+            self.inner.closed_calls.opened(token);
+        }
         Ok((token, states, opened))
     }
 

@@ -49,9 +49,11 @@
 //!   token of the call it opened: each of their fills closes that call
 //!   before it publishes. The first close deletes the call's row and
 //!   takes what joined it; the others wait for that close to finish
-//!   instead of sending a statement that would find the row gone (a
-//!   closed call is never opened again: only the claim that drew its
-//!   token opens it).
+//!   instead of sending a statement that would find the row gone. Only
+//!   the claim that drew a token opens its call, and the store forgets
+//!   how that token's call was closed when a claim opens it, so a token
+//!   the table's sequence draws again (the table made anew while the
+//!   store lives) is closed again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -239,6 +241,18 @@ pub(super) struct ClosedCalls {
 }
 
 impl ClosedCalls {
+    /// A claim opened the call of `token`: whatever was known of an
+    /// earlier call of the same token is forgotten, its closes from now on
+    /// are this call's.
+    pub(super) fn opened(&self, token: i64) {
+        let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_token, order) = &mut *closes;
+        if by_token.remove(&token).is_some() {
+            order.retain(|&t| t != token);
+        }
+        Self::remember(by_token, order, token);
+    }
+
     /// Runs `close` for `token` unless it ran for this store already, or
     /// waits for the caller that runs it; returns its answer to the caller
     /// that ran it, and `None` to the others once it finished. When it
@@ -264,9 +278,19 @@ impl ClosedCalls {
     fn of(&self, token: i64) -> Close {
         let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
         let (by_token, order) = &mut *closes;
-        if let Some(close) = by_token.get(&token) {
-            return Arc::clone(close);
+        match by_token.get(&token) {
+            Some(close) => Arc::clone(close),
+            None => Self::remember(by_token, order, token),
         }
+    }
+
+    /// Remembers a new close of `token` (not remembered yet), forgetting
+    /// the oldest beyond [`CLOSES_KEPT`].
+    fn remember(
+        by_token: &mut HashMap<i64, Close>,
+        order: &mut VecDeque<i64>,
+        token: i64,
+    ) -> Close {
         if order.len() >= CLOSES_KEPT {
             if let Some(oldest) = order.pop_front() {
                 by_token.remove(&oldest);
@@ -396,6 +420,18 @@ mod tests {
             closed.once(1, || async { Ok(vec!["7"]) }).await.unwrap(),
             Some(vec!["7"])
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_opened_again_under_a_token_is_closed_again() {
+        let closed = ClosedCalls::default();
+        closed.opened(1);
+        assert_eq!(closed.once(1, || async { Ok(1) }).await.unwrap(), Some(1));
+        assert_eq!(closed.once(1, || async { Ok(2) }).await.unwrap(), None);
+        // The table's sequence drew 1 again: a new call, closed anew.
+        closed.opened(1);
+        assert_eq!(closed.once(1, || async { Ok(3) }).await.unwrap(), Some(3));
+        assert_eq!(closed.once(1, || async { Ok(4) }).await.unwrap(), None);
     }
 
     #[tokio::test]
