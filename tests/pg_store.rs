@@ -1696,13 +1696,14 @@ async fn nothing_left_open(conn: &mut PgConnection, table: &str) {
     .fetch_all(&mut *conn)
     .await
     .unwrap();
-    let leased: Vec<(String, String, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT namespace, key, lease_token, lease_holder FROM {table} \
+    let leased: Vec<(String, String, i64, Option<String>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT namespace, key, lease_token, lease_holder FROM {table} \
          WHERE lease_token IS NOT NULL ORDER BY namespace, key"
-    )))
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
     assert!(
         calls.is_empty() && leased.is_empty(),
         "calls open (token, keys): {calls:?}; keys leased (namespace, key, token, holder): {leased:?}"
