@@ -30,7 +30,7 @@ use super::conn::{Conn, Laned};
 use super::preclaim::{PendingClaim, PreClaimed};
 use super::read::Ticket;
 use super::rows::{Encoded, Written};
-use super::shared::Sharing;
+use super::shared::{OpenedCall, Sharing};
 use super::store::pg_millis;
 use super::PgStore;
 use crate::store::{lock_id, namespace_lock_id, Fill, Filled, Lookup};
@@ -91,13 +91,13 @@ pub(super) enum Claimed {
 }
 
 /// What a claim answers: the lease token, how many leases it took over,
-/// each key's state, and whether it opened the token's call for other
+/// each key's state, and the token's call, when it opened one for other
 /// fills to join (see `shared`).
-pub(super) type ClaimAnswer = (i64, usize, Vec<Claimed>, bool);
+pub(super) type ClaimAnswer = (i64, usize, Vec<Claimed>, Option<OpenedCall>);
 
 /// A claim's rows as read: the lease token, each key's state and whether
-/// its lease was taken over, and whether it opened the token's call.
-type ClaimRows = (i64, Vec<(Claimed, bool)>, bool);
+/// its lease was taken over, and the token's call, when it opened one.
+type ClaimRows = (i64, Vec<(Claimed, bool)>, Option<OpenedCall>);
 
 /// One fill's part of a combined claim: its keys (distinct) and the
 /// length of their lease, in seconds.
@@ -127,11 +127,11 @@ pub(super) struct Held {
     pub(super) token: i64,
     /// Sorted, distinct.
     pub(super) keys: Vec<String>,
-    /// Whether the claim opened a call of this token for other fills to
-    /// join (see `shared`) that this fill has to close: at the call's turn
-    /// (a [`Sharing`] takes that over), or when dropped. (The fills of a
-    /// combined claim share its token: each closes it, the first for all.)
-    call: bool,
+    /// The call of this token the claim opened for other fills to join
+    /// (see `shared`), which this fill has to close: at the call's turn (a
+    /// [`Sharing`] takes that over), or when dropped. (The fills a claim
+    /// answered share it: each closes it, the first for all.)
+    call: Option<OpenedCall>,
 }
 
 impl Held {
@@ -140,7 +140,7 @@ impl Held {
         namespace: &str,
         token: i64,
         mut keys: Vec<String>,
-        call: bool,
+        call: Option<OpenedCall>,
     ) -> Self {
         keys.sort_unstable();
         keys.dedup();
@@ -148,15 +148,15 @@ impl Held {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
-            call: call && !keys.is_empty(),
+            call: call.filter(|_| !keys.is_empty()),
             keys,
         }
     }
 
     /// Hands the closing of the call this fill's claim opened to the
-    /// caller (a [`Sharing`]); false when there is none to close.
-    pub(super) fn take_call(&mut self) -> bool {
-        std::mem::take(&mut self.call)
+    /// caller (a [`Sharing`]); `None` when there is none to close.
+    pub(super) fn take_call(&mut self) -> Option<OpenedCall> {
+        self.call.take()
     }
 
     fn settled(mut self) {
@@ -183,13 +183,13 @@ impl Drop for Held {
     /// joined it: in the background, waking their waiters.
     fn drop(&mut self) {
         let keys = std::mem::take(&mut self.keys);
-        if keys.is_empty() && !self.call {
+        if keys.is_empty() && self.call.is_none() {
             return;
         }
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,
-            self.call,
+            self.call.take(),
             keys,
             "the leases of a cancelled fill",
         );
@@ -299,7 +299,7 @@ impl PgStore {
                     if let Some((token, taken_over, states, opened)) = &mut pre_claimed {
                         // Aligned with the fill's keys, each in one group.
                         let claimed = group.iter().map(|&i| states[i]).collect();
-                        (*token, std::mem::take(taken_over), claimed, *opened)
+                        (*token, std::mem::take(taken_over), claimed, opened.clone())
                     } else if wait_for_locks {
                         self.claim(namespace, &group_texts, lease).await?
                     } else {
@@ -669,7 +669,7 @@ impl PgStore {
                     }
                 });
             }
-            member.answer(Ok((token, taken_over, claimed, opened)));
+            member.answer(Ok((token, taken_over, claimed, opened.clone())));
         }
     }
 
@@ -743,8 +743,8 @@ impl PgStore {
     }
 
     /// Reads the rows of a claim of `expected` keys: the token, per key its
-    /// state and whether its lease was taken over, and whether the claim
-    /// opened the token's call (its own leases answered 'o', not 'l').
+    /// state and whether its lease was taken over, and the token's call
+    /// when the claim opened it (its own leases answered 'o', not 'l').
     fn claim_rows(&self, expected: usize, rows: Vec<PgRow>) -> Result<ClaimRows, Error> {
         if rows.len() != expected {
             return Err(Error::Store {
@@ -778,11 +778,7 @@ impl PgStore {
                 taken_over,
             ));
         }
-        if opened {
-            // Before any fill of the claim can close it.
-            self.inner.closed_calls.opened(token);
-        }
-        Ok((token, states, opened))
+        Ok((token, states, opened.then(|| OpenedCall::new(token))))
     }
 
     /// One claim: the keys' locks, the re-read and the leases, in one round
@@ -1002,15 +998,15 @@ impl PgStore {
     }
 
     /// Releases the leases of `token` on `keys`, in a task of its own (for
-    /// a drop, which cannot wait), waking their waiters; with `call`, first
-    /// closes the call of `token` (see `shared`) and releases the keys that
-    /// joined it too. `what` names them in the warning if that fails (they
+    /// a drop, which cannot wait), waking their waiters; with `call` (the
+    /// call of `token`, see `shared`), first closes it and releases the
+    /// keys that joined it too. `what` names them in the warning if that fails (they
     /// then expire). Outside a runtime nothing is released: they expire.
     pub(super) fn release_in_background(
         &self,
         namespace: String,
         token: i64,
-        call: bool,
+        call: Option<OpenedCall>,
         mut keys: Vec<String>,
         what: &'static str,
     ) {
@@ -1019,8 +1015,8 @@ impl PgStore {
         };
         let store = self.clone();
         runtime.spawn(async move {
-            if call {
-                match store.close_call(token).await {
+            if let Some(call) = call {
+                match store.close_call(&call).await {
                     Ok(joined) => keys.extend(joined),
                     Err(err) => tracing::warn!(namespace, error = %err,
                         "could not close a call; what joined it expires on its own"),

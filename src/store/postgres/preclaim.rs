@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::lease::{ClaimAnswer, Claimed};
+use super::shared::OpenedCall;
 use super::PgStore;
 
 /// How a namespace's fills lease keys: the most keys one claim covers,
@@ -169,15 +170,16 @@ pub(super) struct PreClaimed {
     /// still answered as leased is one no fill has taken yet (a fill that
     /// takes it leaves it answered as found).
     states: Mutex<HashMap<String, (Claimed, bool)>>,
-    /// How many keys the claim leased, when it opened a call for other
-    /// fills to join (see `shared`; 0 otherwise): a fill that takes any of
-    /// them closes it, and if none does, the drop.
+    /// The call the claim opened for other fills to join (see `shared`),
+    /// and how many keys it leased then (0 otherwise): a fill that takes
+    /// any of them closes it, and if none does, the drop.
+    call: Option<OpenedCall>,
     call_leased: usize,
 }
 
 impl PreClaimed {
-    /// The answer of a claim of `keys` (distinct) in `namespace`, which
-    /// opened its token's call (see `shared`) or not (`opened`).
+    /// The answer of a claim of `keys` (distinct) in `namespace`, with the
+    /// token's call if it opened one (see `shared`).
     pub(super) fn new(
         store: &PgStore,
         namespace: &str,
@@ -185,14 +187,14 @@ impl PreClaimed {
         token: i64,
         epoch: u64,
         states: Vec<(Claimed, bool)>,
-        opened: bool,
+        call: Option<OpenedCall>,
     ) -> Arc<Self> {
-        let call_leased = match opened {
-            true => states
+        let call_leased = match call {
+            Some(_) => states
                 .iter()
                 .filter(|(state, _)| matches!(state, Claimed::Leased))
                 .count(),
-            false => 0,
+            None => 0,
         };
         Arc::new(PreClaimed {
             store: store.clone(),
@@ -200,6 +202,7 @@ impl PreClaimed {
             token,
             epoch,
             states: Mutex::new(keys.into_iter().zip(states).collect()),
+            call,
             call_leased,
         })
     }
@@ -232,7 +235,8 @@ impl PreClaimed {
                 None => Claimed::Found,
             })
             .collect();
-        Some((self.token, taken_over, states, self.call_leased > 0))
+        let call = self.call.clone().filter(|_| self.call_leased > 0);
+        Some((self.token, taken_over, states, call))
     }
 }
 
@@ -251,7 +255,10 @@ impl Drop for PreClaimed {
         if keys.is_empty() {
             return;
         }
-        let call = self.call_leased > 0 && keys.len() == self.call_leased;
+        let call = self
+            .call
+            .take()
+            .filter(|_| self.call_leased > 0 && keys.len() == self.call_leased);
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,

@@ -45,17 +45,13 @@
 //!   last second): otherwise the call goes at once, and a fill that
 //!   joined it would wait for its publish and re-read, where a call of its
 //!   own takes as long. Joining an open call is always allowed.
-//! * **Closed once.** The batches of one read share its claim, and so the
-//!   token of the call it opened: each of their fills closes that call
-//!   before it publishes. The first close deletes the call's row and
-//!   takes what joined it; the others wait for that close to finish
-//!   instead of sending a statement that would find the row gone. Only
-//!   the claim that drew a token opens its call, and the store forgets
-//!   how that token's call was closed when a claim opens it, so a token
-//!   the table's sequence draws again (the table made anew while the
-//!   store lives) is closed again.
+//! * **Closed once.** The fills a claim answers (the batches of one read,
+//!   or fills whose claims combined) share its token, and so the call it
+//!   opened ([`OpenedCall`]): each closes that call before it publishes.
+//!   The first close deletes the call's row and takes what joined it; the
+//!   others wait for that close to finish instead of sending a statement
+//!   that would find the row gone.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,7 +96,8 @@ struct State<K, V> {
 pub(super) struct Sharing<'f, F: BatchFetch> {
     store: PgStore,
     namespace: String,
-    token: i64,
+    /// The call, under the fill's lease token.
+    call: OpenedCall,
     provider: &'f F,
     /// The fill's lease length, which carried keys are renewed for.
     lease: Duration,
@@ -117,10 +114,10 @@ impl<'f, F: BatchFetch> Sharing<'f, F> {
         held: &mut Held,
         lease: Duration,
     ) -> Option<Self> {
-        held.take_call().then(|| Sharing {
+        held.take_call().map(|call| Sharing {
             store: store.clone(),
             namespace: held.namespace.clone(),
-            token: held.token,
+            call,
             provider: fill.provider.provider(),
             lease,
             state: Mutex::new(State {
@@ -152,7 +149,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                 return Ok(Vec::new());
             }
             // On an error, what joined is released by the drop, or expires.
-            let mut joined = self.store.close_call(self.token).await?;
+            let mut joined = self.store.close_call(&self.call).await?;
             self.state().closed = true;
             // A key may also be one this process's call asks for already
             // (its lease revoked, then leased to the call by a claim): the
@@ -179,7 +176,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
                 // publish. Not let go of, the call fails instead.
                 if let Err(err) = self
                     .store
-                    .release(&self.namespace, &let_go, self.token)
+                    .release(&self.namespace, &let_go, self.call.token)
                     .await
                 {
                     tracing::warn!(namespace = self.namespace, error = %err,
@@ -190,7 +187,7 @@ impl<F: BatchFetch> SharedCall<F::Key, F::Value> for Sharing<'_, F> {
             let renewal = (!carried.is_empty()).then(|| {
                 let texts = carried.iter().map(|(text, _)| text.clone()).collect();
                 self.store
-                    .renew_until_dropped(&self.namespace, texts, self.token, self.lease)
+                    .renew_until_dropped(&self.namespace, texts, self.call.token, self.lease)
             });
             let keys = carried.iter().map(|(_, key)| key.clone()).collect();
             let mut state = self.state();
@@ -215,105 +212,62 @@ impl<F: BatchFetch> Drop for Sharing<'_, F> {
         }
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
-            self.token,
-            open,
+            self.call.token,
+            open.then(|| self.call.clone()),
             carried,
             "the keys that joined a cancelled call",
         );
     }
 }
 
-/// How many of the calls a store closed it remembers (see
-/// [`ClosedCalls`]); a fill that closes a call forgotten by then only
-/// sends a statement that finds nothing to delete.
-const CLOSES_KEPT: usize = 1024;
-
-/// The close of one call: done once it holds a value.
-type Close = Arc<tokio::sync::OnceCell<()>>;
-
-/// The calls a store closed (or is closing) lately, by lease token, so
-/// that each is closed with one statement however many fills share it.
-#[derive(Default)]
-pub(super) struct ClosedCalls {
-    /// The close of each token, and the tokens in the order they came, to
-    /// forget the oldest.
-    closes: Mutex<(HashMap<i64, Close>, VecDeque<i64>)>,
+/// The call a claim opened for other fills to join, as every fill the
+/// claim answered knows it: its token, and its close, which the first of
+/// them to close it makes for all (see "Closed once" above).
+#[derive(Clone)]
+pub(super) struct OpenedCall {
+    pub(super) token: i64,
+    /// Done once it holds a value.
+    closed: Arc<tokio::sync::OnceCell<()>>,
 }
 
-impl ClosedCalls {
-    /// A claim opened the call of `token`: whatever was known of an
-    /// earlier call of the same token is forgotten, its closes from now on
-    /// are this call's.
-    pub(super) fn opened(&self, token: i64) {
-        let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
-        let (by_token, order) = &mut *closes;
-        if by_token.remove(&token).is_some() {
-            order.retain(|&t| t != token);
+impl OpenedCall {
+    /// The call a claim that drew `token` opened.
+    pub(super) fn new(token: i64) -> Self {
+        OpenedCall {
+            token,
+            closed: Arc::default(),
         }
-        Self::remember(by_token, order, token);
     }
 
-    /// Runs `close` for `token` unless it ran for this store already, or
-    /// waits for the caller that runs it; returns its answer to the caller
-    /// that ran it, and `None` to the others once it finished. When it
-    /// fails (the error is the caller's that ran it) or is cancelled, the
-    /// next caller runs its own.
-    async fn once<T, C, Fut>(&self, token: i64, close: C) -> Result<Option<T>, Error>
+    /// Runs `close` unless it ran already, or waits for the caller that
+    /// runs it; returns its answer to the caller that ran it, and `None`
+    /// to the others once it finished. When it fails (the error is the
+    /// caller's that ran it) or is cancelled, the next caller runs its own.
+    async fn close_once<T, C, Fut>(&self, close: C) -> Result<Option<T>, Error>
     where
         C: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        let cell = self.of(token);
         let mut answer = None;
         let taken = &mut answer;
-        cell.get_or_try_init(|| async move {
-            *taken = Some(close().await?);
-            Ok::<(), Error>(())
-        })
-        .await?;
+        self.closed
+            .get_or_try_init(|| async move {
+                *taken = Some(close().await?);
+                Ok::<(), Error>(())
+            })
+            .await?;
         Ok(answer)
-    }
-
-    /// The close of `token`, shared by every fill of that token.
-    fn of(&self, token: i64) -> Close {
-        let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
-        let (by_token, order) = &mut *closes;
-        match by_token.get(&token) {
-            Some(close) => Arc::clone(close),
-            None => Self::remember(by_token, order, token),
-        }
-    }
-
-    /// Remembers a new close of `token` (not remembered yet), forgetting
-    /// the oldest beyond [`CLOSES_KEPT`].
-    fn remember(
-        by_token: &mut HashMap<i64, Close>,
-        order: &mut VecDeque<i64>,
-        token: i64,
-    ) -> Close {
-        if order.len() >= CLOSES_KEPT {
-            if let Some(oldest) = order.pop_front() {
-                by_token.remove(&oldest);
-            }
-        }
-        order.push_back(token);
-        Arc::clone(by_token.entry(token).or_default())
     }
 }
 
 impl PgStore {
-    /// Closes the call of lease `token`: no claim joins it after this.
-    /// Returns the keys claims leased to it (in no order) to the first of
-    /// this store's fills that closes it, and nothing to the others, which
-    /// wait for that close (see "Closed once" above): one round trip, once.
-    /// A close that failed or was cancelled is made again by whoever
-    /// closes next.
-    pub(super) async fn close_call(&self, token: i64) -> Result<Vec<String>, Error> {
-        let joined = self
-            .inner
-            .closed_calls
-            .once(token, || self.close_call_now(token))
-            .await?;
+    /// Closes `call`: no claim joins it after this. Returns the keys
+    /// claims leased to it (in no order) to the first of the fills that
+    /// share it to close it, and nothing to the others, which wait for
+    /// that close: one round trip, once. A close that failed or was
+    /// cancelled is made again by whoever closes next.
+    pub(super) async fn close_call(&self, call: &OpenedCall) -> Result<Vec<String>, Error> {
+        let joined = call.close_once(|| self.close_call_now(call.token)).await?;
         Ok(joined.unwrap_or_default())
     }
 
@@ -344,7 +298,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use super::{ClosedCalls, CLOSES_KEPT};
+    use super::OpenedCall;
     use crate::Error;
 
     fn failed() -> Error {
@@ -355,23 +309,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_token_is_closed_once_and_the_first_closer_takes_what_joined() {
-        let closed = ClosedCalls::default();
+    async fn a_call_is_closed_once_and_the_first_closer_takes_what_joined() {
+        let (call, other) = (OpenedCall::new(1), OpenedCall::new(2));
         let runs = AtomicUsize::new(0);
         let close = || async {
             runs.fetch_add(1, Ordering::SeqCst);
             Ok(vec!["7"])
         };
-        assert_eq!(closed.once(1, close).await.unwrap(), Some(vec!["7"]));
-        assert_eq!(closed.once(1, close).await.unwrap(), None);
-        // Another token is closed on its own.
-        assert_eq!(closed.once(2, close).await.unwrap(), Some(vec!["7"]));
+        assert_eq!(call.close_once(close).await.unwrap(), Some(vec!["7"]));
+        assert_eq!(call.clone().close_once(close).await.unwrap(), None);
+        // Another call is closed on its own.
+        assert_eq!(other.close_once(close).await.unwrap(), Some(vec!["7"]));
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn closers_of_a_token_wait_for_the_close_under_way() {
-        let closed = ClosedCalls::default();
+    async fn closers_of_a_call_wait_for_the_close_under_way() {
+        let call = OpenedCall::new(1);
         let runs = AtomicUsize::new(0);
         let slow = || async {
             runs.fetch_add(1, Ordering::SeqCst);
@@ -379,9 +333,9 @@ mod tests {
             Ok(vec!["7"])
         };
         let started = tokio::time::Instant::now();
-        let (first, second) = tokio::join!(closed.once(1, slow), async {
+        let (first, second) = tokio::join!(call.close_once(slow), async {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            let answer = closed.once(1, slow).await;
+            let answer = call.close_once(slow).await;
             (answer, started.elapsed())
         });
         assert_eq!(first.unwrap(), Some(vec!["7"]));
@@ -394,58 +348,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_close_is_made_again_by_the_next_closer() {
-        let closed = ClosedCalls::default();
-        let err = closed
-            .once(1, || async { Err::<Vec<&str>, _>(failed()) })
+        let call = OpenedCall::new(1);
+        let err = call
+            .close_once(|| async { Err::<Vec<&str>, _>(failed()) })
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Store { .. }), "{err:?}");
         assert_eq!(
-            closed.once(1, || async { Ok(vec!["7"]) }).await.unwrap(),
+            call.close_once(|| async { Ok(vec!["7"]) }).await.unwrap(),
             Some(vec!["7"])
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_close_is_made_again_by_the_next_closer() {
-        let closed = ClosedCalls::default();
+        let call = OpenedCall::new(1);
         let never = || async {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok(vec!["late"])
         };
         let cancelled =
-            tokio::time::timeout(Duration::from_millis(10), closed.once(1, never)).await;
+            tokio::time::timeout(Duration::from_millis(10), call.close_once(never)).await;
         assert!(cancelled.is_err());
         assert_eq!(
-            closed.once(1, || async { Ok(vec!["7"]) }).await.unwrap(),
+            call.close_once(|| async { Ok(vec!["7"]) }).await.unwrap(),
             Some(vec!["7"])
         );
     }
 
     #[tokio::test]
     async fn a_call_opened_again_under_a_token_is_closed_again() {
-        let closed = ClosedCalls::default();
-        closed.opened(1);
-        assert_eq!(closed.once(1, || async { Ok(1) }).await.unwrap(), Some(1));
-        assert_eq!(closed.once(1, || async { Ok(2) }).await.unwrap(), None);
-        // The table's sequence drew 1 again: a new call, closed anew.
-        closed.opened(1);
-        assert_eq!(closed.once(1, || async { Ok(3) }).await.unwrap(), Some(3));
-        assert_eq!(closed.once(1, || async { Ok(4) }).await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn a_token_forgotten_is_closed_again() {
-        let closed = ClosedCalls::default();
-        let close = || async { Ok(()) };
-        assert_eq!(closed.once(0, close).await.unwrap(), Some(()));
-        for token in 1..=CLOSES_KEPT as i64 {
-            assert_eq!(closed.once(token, close).await.unwrap(), Some(()));
-        }
-        // The oldest was forgotten for the newest: closing it again sends
-        // a statement (that finds nothing), it is never skipped wrongly.
-        assert_eq!(closed.once(0, close).await.unwrap(), Some(()));
-        // The newest is still remembered.
-        assert_eq!(closed.once(CLOSES_KEPT as i64, close).await.unwrap(), None);
+        let call = OpenedCall::new(1);
+        assert_eq!(call.close_once(|| async { Ok(1) }).await.unwrap(), Some(1));
+        assert_eq!(call.close_once(|| async { Ok(2) }).await.unwrap(), None);
+        // The table's sequence drew 1 again (the table made anew): another
+        // claim, another call, closed anew.
+        let again = OpenedCall::new(1);
+        assert_eq!(again.close_once(|| async { Ok(3) }).await.unwrap(), Some(3));
+        assert_eq!(again.close_once(|| async { Ok(4) }).await.unwrap(), None);
     }
 }

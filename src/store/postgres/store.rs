@@ -17,7 +17,6 @@ use super::lease::{ClaimAnswer, ClaimRequest, PublishGroup, PublishRequest};
 use super::preclaim::Learned;
 use super::read::{ReadAnswer, ReadGroup, ReadRequest};
 use super::rows::Written;
-use super::shared::ClosedCalls;
 use super::sql::Statements;
 use super::table::TableName;
 use super::waiters::Waiters;
@@ -147,8 +146,6 @@ pub(super) struct Inner {
     /// How long each namespace's fills lease keys for, so that a read can
     /// claim what it missed (see `preclaim`).
     pub(super) learned: Learned,
-    /// The calls this store closed lately (see `shared`).
-    pub(super) closed_calls: ClosedCalls,
 }
 
 impl fmt::Debug for PgStore {
@@ -838,7 +835,6 @@ impl PgStoreBuilder {
                 claims: Groups::new(self.max_locks_per_transaction),
                 publishes: Groups::new(usize::MAX),
                 learned: Learned::default(),
-                closed_calls: ClosedCalls::default(),
             }),
         })
     }
