@@ -366,6 +366,7 @@ async fn history<S: Store<SlowReader> + Clone>(
     const KEYS: u64 = 4;
     const WORKERS: usize = 16;
     const OPS_PER_WORKER: usize = 40;
+    const STALL_TRIES: usize = 8;
     let source = Source::default();
     let caches: Vec<Cache<SlowReader>> = stores
         .iter()
@@ -424,7 +425,18 @@ async fn history<S: Store<SlowReader> + Clone>(
                     }
                 };
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + 999);
-                for _ in 0..4 {
+                // The stall needs the staller to lease its first key, and
+                // the other instances' loads may lease it first (between
+                // the invalidation and the staller's claim): it tries
+                // again until it has stalled twice, within a bound.
+                let (mut stalls, mut tries) = (0, 0);
+                while stalls < 2 {
+                    assert!(
+                        tries < STALL_TRIES,
+                        "the staller stalled {stalls} times in {STALL_TRIES} tries: the other \
+                         instances leased its first key before it every other time"
+                    );
+                    tries += 1;
                     let first = rng.gen_range(0..KEYS);
                     let pair = [first, (first + 1) % KEYS];
                     // Misses, so that the staller fills them.
@@ -447,6 +459,10 @@ async fn history<S: Store<SlowReader> + Clone>(
                     // Revoked every time it fetched: it gives up, having
                     // delivered nothing stale.
                     let loaded = cache.loader().load_many(pair).await;
+                    // Taken by its call of the first key, once it stalled.
+                    if hang.lock().unwrap().take().is_none() {
+                        stalls += 1;
+                    }
                     later.await.unwrap();
                     let Ok(loaded) = loaded else {
                         continue;
