@@ -353,8 +353,8 @@ struct Invalidated {
 /// thread for 2.5 s (the instance hangs, its lease renewals too), longer
 /// than its lease (a 100 ms provider timeout makes it 2.2 s), while the
 /// other instances take the keys over, fetch, publish, invalidate; then it
-/// tries to publish the value it fetched first. The history runs long
-/// enough for it (a few seconds).
+/// tries to publish the value it fetched first; it tries until it has
+/// stalled twice. The history runs long enough for it (a few seconds).
 async fn history<S: Store<SlowReader> + Clone>(
     stores: Vec<S>,
     tag: &str,
@@ -459,7 +459,8 @@ async fn history<S: Store<SlowReader> + Clone>(
                     // Revoked every time it fetched: it gives up, having
                     // delivered nothing stale.
                     let loaded = cache.loader().load_many(pair).await;
-                    // Taken by its call of the first key, once it stalled.
+                    // Emptied by the call that stalled; emptied here
+                    // otherwise, so that no later call stalls.
                     if hang.lock().unwrap().take().is_none() {
                         stalls += 1;
                     }
