@@ -171,10 +171,11 @@ pub(super) struct PreClaimed {
     /// takes it leaves it answered as found).
     states: Mutex<HashMap<String, (Claimed, bool)>>,
     /// The call the claim opened for other fills to join (see `shared`),
-    /// and how many keys it leased then (0 otherwise): a fill that takes
-    /// any of them closes it, and if none does, the drop.
+    /// when it leased keys: a fill that takes any of them closes it, and
+    /// if none does, the drop.
     call: Option<OpenedCall>,
-    call_leased: usize,
+    /// How many keys the claim leased.
+    leased: usize,
 }
 
 impl PreClaimed {
@@ -189,21 +190,18 @@ impl PreClaimed {
         states: Vec<(Claimed, bool)>,
         call: Option<OpenedCall>,
     ) -> Arc<Self> {
-        let call_leased = match call {
-            Some(_) => states
-                .iter()
-                .filter(|(state, _)| matches!(state, Claimed::Leased))
-                .count(),
-            None => 0,
-        };
+        let leased = states
+            .iter()
+            .filter(|(state, _)| matches!(state, Claimed::Leased))
+            .count();
         Arc::new(PreClaimed {
             store: store.clone(),
             namespace: namespace.to_owned(),
             token,
             epoch,
             states: Mutex::new(keys.into_iter().zip(states).collect()),
-            call,
-            call_leased,
+            call: call.filter(|_| leased > 0),
+            leased,
         })
     }
 
@@ -235,8 +233,7 @@ impl PreClaimed {
                 None => Claimed::Found,
             })
             .collect();
-        let call = self.call.clone().filter(|_| self.call_leased > 0);
-        Some((self.token, taken_over, states, call))
+        Some((self.token, taken_over, states, self.call.clone()))
     }
 }
 
@@ -255,10 +252,7 @@ impl Drop for PreClaimed {
         if keys.is_empty() {
             return;
         }
-        let call = self
-            .call
-            .take()
-            .filter(|_| self.call_leased > 0 && keys.len() == self.call_leased);
+        let call = self.call.take().filter(|_| keys.len() == self.leased);
         self.store.release_in_background(
             std::mem::take(&mut self.namespace),
             self.token,

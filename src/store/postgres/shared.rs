@@ -226,8 +226,8 @@ impl<F: BatchFetch> Drop for Sharing<'_, F> {
 #[derive(Clone)]
 pub(super) struct OpenedCall {
     pub(super) token: i64,
-    /// Done once it holds a value.
-    closed: Arc<tokio::sync::OnceCell<()>>,
+    /// Whether it was closed; held while a close is under way.
+    closed: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl OpenedCall {
@@ -248,15 +248,13 @@ impl OpenedCall {
         C: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        let mut answer = None;
-        let taken = &mut answer;
-        self.closed
-            .get_or_try_init(|| async move {
-                *taken = Some(close().await?);
-                Ok::<(), Error>(())
-            })
-            .await?;
-        Ok(answer)
+        let mut closed = self.closed.lock().await;
+        if *closed {
+            return Ok(None);
+        }
+        let answer = close().await?;
+        *closed = true;
+        Ok(Some(answer))
     }
 }
 
