@@ -117,12 +117,14 @@ impl<F: BatchFetch> ProviderCaller<F> {
     }
 
     /// Whether calls wait for turns of a fleet-wide budget.
+    #[cfg(feature = "postgres")]
     pub(crate) fn takes_fleet_turns(&self) -> bool {
         self.policy.limiter.has_fleet()
     }
 
     /// Whether the fleet-wide budget binds now (see
     /// [`Limiter::fleet_binds`]).
+    #[cfg(feature = "postgres")]
     pub(crate) fn fleet_binds(&self) -> bool {
         self.policy.limiter.fleet_binds()
     }

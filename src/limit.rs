@@ -162,8 +162,10 @@ pub(crate) trait FleetLimiter: Send + Sync + fmt::Debug + 'static {
     async fn pause(&self, namespace: &str, delay: Duration) -> Result<(), Error>;
 }
 
-/// A fleet budget's answer to a call.
+/// A fleet budget's answer to a call (given by `PgRateLimit`, the one
+/// fleet budget there is, so only with the `postgres` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) enum FleetTurn {
     /// Charged: the call may go once this has passed (zero: now).
     In(Duration),
@@ -178,6 +180,7 @@ const BINDING_WAIT: Duration = Duration::from_millis(2);
 /// How long the fleet's budget is taken to bind after the turn of the
 /// last call that waited [`BINDING_WAIT`] or more for it (or the end of a
 /// pause).
+#[cfg(feature = "postgres")]
 const BINDS_FOR: Duration = Duration::from_secs(1);
 
 /// Everything that limits provider calls of one cache.
@@ -276,6 +279,7 @@ impl Limiter {
         })
     }
 
+    #[cfg(feature = "postgres")]
     pub(crate) fn has_fleet(&self) -> bool {
         self.fleet.is_some()
     }
@@ -283,6 +287,7 @@ impl Limiter {
     /// Whether the fleet's budget binds: a call of this cache waited
     /// [`BINDING_WAIT`] or more for a turn (or was paused) that came, or
     /// comes, less than [`BINDS_FOR`] ago.
+    #[cfg(feature = "postgres")]
     pub(crate) fn fleet_binds(&self) -> bool {
         match self.fleet_bound_at.load(Ordering::Relaxed) {
             0 => false,

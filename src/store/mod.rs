@@ -651,6 +651,7 @@ pub(crate) fn split_failed<K: Eq + std::hash::Hash, V>(
 /// A fill's per-key answers for the keys at `indices` (`keys`, aligned),
 /// with the keys the provider failed alone taken out: those are answered
 /// [`Filled::Failed`] in `answers`, and their indices are in `failed`.
+#[cfg(feature = "postgres")]
 pub(crate) struct Answered<K, V> {
     /// The values to write; a key of `keys` absent here is not found.
     pub(crate) values: HashMap<K, V>,
@@ -661,6 +662,7 @@ pub(crate) struct Answered<K, V> {
     pub(crate) failed: Vec<usize>,
 }
 
+#[cfg(feature = "postgres")]
 pub(crate) fn answer_failed<K: Eq + std::hash::Hash, V>(
     fetched: HashMap<K, Result<V, Error>>,
     indices: &[usize],

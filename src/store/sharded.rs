@@ -47,6 +47,7 @@ struct Shard<S> {
 /// [`route_by_namespace`]: ShardedStore::route_by_namespace
 ///
 /// ```no_run
+/// # #[cfg(feature = "postgres")]
 /// # async fn run() -> Result<(), loadlock::Error> {
 /// use loadlock::store::ShardedStore;
 /// use loadlock::PgStore;

@@ -1,6 +1,7 @@
 //! Shared by the integration tests: a provider fake that counts everything.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "postgres")]
 pub mod pg;
 
 use std::collections::{HashMap, HashSet};
@@ -405,6 +406,7 @@ pub async fn zipf_fleet(caches: &[loadlock::Cache<Fake<u64>>], seed: u64) -> Has
 /// A lock held on a direct connection makes a load through `store` (whose
 /// lock timeout is 300 ms) fail with `LockTimeout` after that timeout, not
 /// hang; once released, the key loads.
+#[cfg(feature = "postgres")]
 pub async fn a_held_lock_times_out(db: &pg::TestDb, store: loadlock::PgStore, namespace: &str) {
     use loadlock::{Cache, Error};
     use sqlx::Connection;
