@@ -170,9 +170,9 @@ pub(super) struct PreClaimed {
     /// still answered as leased is one no fill has taken yet (a fill that
     /// takes it leaves it answered as found).
     states: Mutex<HashMap<String, (Claimed, bool)>>,
-    /// The call the claim opened for other fills to join (see `shared`),
-    /// when it leased keys: a fill that takes any of them closes it, and
-    /// if none does, the drop.
+    /// The call the claim opened for other fills to join (see `shared`;
+    /// a claim opens one only with leases of its own): a fill that takes
+    /// any of its leased keys closes it, and if none does, the drop.
     call: Option<OpenedCall>,
     /// How many keys the claim leased.
     leased: usize,
@@ -200,7 +200,7 @@ impl PreClaimed {
             token,
             epoch,
             states: Mutex::new(keys.into_iter().zip(states).collect()),
-            call: call.filter(|_| leased > 0),
+            call,
             leased,
         })
     }
