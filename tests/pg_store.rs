@@ -819,6 +819,61 @@ async fn lock_timeout_is_an_error_not_a_hang() {
     db.cleanup().await;
 }
 
+/// The lock timeout bounds a claim as a whole, not each lock it waits for:
+/// four keys held by four transactions that let go one after another,
+/// each within the timeout of the one before, fail the load with
+/// `LockTimeout` (a bound per lock would wait for all four and succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_at_most_the_lock_timeout_in_all() {
+    let db = TestDb::new("claimbound").await;
+    let store = PgStore::builder(db.pool(4).await)
+        .table(db.table())
+        .lock_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let namespace = "pg/claimbound";
+    let provider = Fake::<u64>::new(namespace);
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+
+    // In the order the claim takes them (ascending lock id), each held by a
+    // transaction of its own that commits 250 ms after the one before.
+    let mut ids: Vec<i64> = (1..=4u64)
+        .map(|key| lock_id(namespace, &key.to_string()))
+        .collect();
+    ids.sort_unstable();
+    let mut holders = Vec::new();
+    for id in ids {
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        holders.push(conn);
+    }
+    let releases = tokio::spawn(async move {
+        for mut conn in holders {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+        }
+    });
+
+    let err = cache.loader().load_many(1..=4u64).await.unwrap_err();
+    assert!(matches!(err, Error::LockTimeout { .. }), "{err:?}");
+    assert_eq!(provider.call_count(), 0);
+
+    releases.await.unwrap();
+    let got = cache.loader().load_many(1..=4u64).await.unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(provider.keys_fetched(), 4);
+    db.cleanup().await;
+}
+
 /// An all-hit batch is one round trip; a miss batch a constant number per
 /// lock group, whatever its size.
 /// Round trips of a miss batch, per protocol: the read, then per group of
