@@ -1,6 +1,7 @@
 //! The fleet when parts of it fail mid-fill, on real Postgres: a lease
 //! holder killed with SIGKILL (a separate OS process), an instance whose
-//! connections are terminated by the server, and a server restart. Nobody hangs; every wait here
+//! connections are terminated by the server, a network gone silent with
+//! connections open, and a server restart. Nobody hangs; every wait here
 //! is bounded by a guard far above what the protocol needs.
 
 mod support;
@@ -9,13 +10,19 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loadlock::{BatchFetch, Cache, Error, FillMode, Invalidation, LockMode, PgStore, RetryPolicy};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use support::pg::{PrivateCluster, TestDb};
 use support::{value_of, Fake};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 const CHILD_ENV: &str = "LOADLOCK_KILLED_HOLDER";
@@ -265,6 +272,126 @@ async fn terminated_connections_mid_fill_with_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_connections_mid_fill_with_held_transactions() {
     terminated_mid_fill(FillMode::HeldTransaction, "terminated_held").await;
+}
+
+/// A relay between the store and the server that can stop passing bytes
+/// on, both ways, while every connection stays open: a half-open network
+/// (a peer gone without a word, a firewall dropping packets).
+struct Relay {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Relays new connections on a local port to the server of `options`.
+    async fn start(options: &PgConnectOptions) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (host, server_port) = (options.get_host().to_owned(), options.get_port());
+        let relaying = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (client_read, client_write) = tokio::io::split(client);
+                // A host that is a directory is the server's socket's.
+                if host.starts_with('/') {
+                    let socket = format!("{host}/.s.PGSQL.{server_port}");
+                    let Ok(server) = tokio::net::UnixStream::connect(socket).await else {
+                        continue;
+                    };
+                    let (server_read, server_write) = tokio::io::split(server);
+                    tokio::spawn(pass_on(client_read, server_write, relaying.clone()));
+                    tokio::spawn(pass_on(server_read, client_write, relaying.clone()));
+                } else {
+                    let Ok(server) = TcpStream::connect((host.as_str(), server_port)).await else {
+                        continue;
+                    };
+                    let (server_read, server_write) = tokio::io::split(server);
+                    tokio::spawn(pass_on(client_read, server_write, relaying.clone()));
+                    tokio::spawn(pass_on(server_read, client_write, relaying.clone()));
+                }
+            }
+        });
+        Relay { port, frozen }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+}
+
+/// Passes bytes from `from` to `to`, holding them while `frozen`; ends
+/// when either side closes.
+async fn pass_on(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The network to the server goes silent with connections open (nothing
+/// is closed, nothing answers): loads fail with a store error within the
+/// query timeout instead of hanging, hits and misses alike; once the
+/// network is back, the same `Cache` works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_half_open_connection_fails_loads_instead_of_hanging_them() {
+    let db = TestDb::new("halfopen").await;
+    let options = PgConnectOptions::from_str(&db.url).unwrap();
+    let relay = Relay::start(&options).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.host("127.0.0.1").port(relay.port))
+        .await
+        .unwrap();
+    let query_timeout = Duration::from_secs(1);
+    let store = PgStore::builder(pool)
+        .table(db.table())
+        .query_timeout(query_timeout)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let provider = Fake::<u64>::new("failures/halfopen");
+    let cache = Cache::builder(provider.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    assert_eq!(cache.loader().load_many(0..5).await.unwrap().len(), 5);
+
+    relay.freeze(true);
+    let guard = Duration::from_secs(30);
+    for (what, keys) in [("hits", 0..5), ("misses", 100..105)] {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(guard, cache.loader().load_many(keys))
+            .await
+            .unwrap_or_else(|_| panic!("loads of {what} hung on a silent network"));
+        assert!(
+            matches!(outcome, Err(Error::Store { .. })),
+            "{what}: {outcome:?}"
+        );
+        assert!(started.elapsed() >= query_timeout, "{what}: {outcome:?}");
+    }
+    assert_eq!(provider.keys_fetched(), 5, "no miss was fetched meanwhile");
+
+    relay.freeze(false);
+    let again = tokio::time::timeout(guard, cache.loader().load_many(0..10))
+        .await
+        .expect("loads must not hang afterwards");
+    assert_eq!(again.unwrap().len(), 10);
+    assert_eq!(provider.keys_fetched(), 10);
+    db.cleanup().await;
 }
 
 /// The server restarts mid-run: meanwhile loads fail fast with an error
