@@ -292,23 +292,14 @@ impl Relay {
         let relaying = frozen.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (client_read, client_write) = tokio::io::split(client);
                 // A host that is a directory is the server's socket's.
                 if host.starts_with('/') {
                     let socket = format!("{host}/.s.PGSQL.{server_port}");
-                    let Ok(server) = tokio::net::UnixStream::connect(socket).await else {
-                        continue;
-                    };
-                    let (server_read, server_write) = tokio::io::split(server);
-                    tokio::spawn(pass_on(client_read, server_write, relaying.clone()));
-                    tokio::spawn(pass_on(server_read, client_write, relaying.clone()));
-                } else {
-                    let Ok(server) = TcpStream::connect((host.as_str(), server_port)).await else {
-                        continue;
-                    };
-                    let (server_read, server_write) = tokio::io::split(server);
-                    tokio::spawn(pass_on(client_read, server_write, relaying.clone()));
-                    tokio::spawn(pass_on(server_read, client_write, relaying.clone()));
+                    if let Ok(server) = tokio::net::UnixStream::connect(socket).await {
+                        relay(client, server, &relaying);
+                    }
+                } else if let Ok(server) = TcpStream::connect((host.as_str(), server_port)).await {
+                    relay(client, server, &relaying);
                 }
             }
         });
@@ -318,6 +309,19 @@ impl Relay {
     fn freeze(&self, frozen: bool) {
         self.frozen.store(frozen, Ordering::SeqCst);
     }
+}
+
+/// Passes bytes between `client` and `server`, both ways, in tasks of
+/// their own.
+fn relay<C, S>(client: C, server: S, frozen: &Arc<AtomicBool>)
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    tokio::spawn(pass_on(client_read, server_write, frozen.clone()));
+    tokio::spawn(pass_on(server_read, client_write, frozen.clone()));
 }
 
 /// Passes bytes from `from` to `to`, holding them while `frozen`; ends
