@@ -21,8 +21,7 @@ use sqlx::{Connection, PgConnection};
 use support::pg::{PrivateCluster, TestDb};
 use support::{value_of, Fake};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::Semaphore;
 
 const CHILD_ENV: &str = "LOADLOCK_KILLED_HOLDER";
@@ -295,7 +294,7 @@ impl Relay {
                 // A host that is a directory is the server's socket's.
                 if host.starts_with('/') {
                     let socket = format!("{host}/.s.PGSQL.{server_port}");
-                    if let Ok(server) = tokio::net::UnixStream::connect(socket).await {
+                    if let Ok(server) = UnixStream::connect(socket).await {
                         relay(client, server, &relaying);
                     }
                 } else if let Ok(server) = TcpStream::connect((host.as_str(), server_port)).await {
