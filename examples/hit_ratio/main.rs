@@ -19,6 +19,14 @@
 //! of reach (20,000 calls/s), with more load, every strategy, and no fleet
 //! budget.
 //!
+//! Calls reach the provider over a simulated network (`--network-ms`, a
+//! delay of 0–1 ms by default, drawn for each call and each retry). The
+//! provider admits calls in the order they arrive; without the network,
+//! retries that wake in the same millisecond arrive in the order the
+//! runtime runs them, which let the request refused last through first
+//! and gave the baselines' later requests a turn at once (see the
+//! README's Benchmarks).
+//!
 //! Next to the table of hit ratio, calls and latency percentiles, it
 //! prints each strategy's median latency of every client's 1st, 2nd, ...
 //! request and the mean of all: under a limit that binds, the median
@@ -102,6 +110,15 @@ struct Cli {
     /// takes the same).
     #[arg(long, default_value_t = 0.0)]
     jitter: f64,
+    /// The network between the service and the provider: each call (and
+    /// each retry) reaches the provider after a delay drawn uniformly from
+    /// 0 up to this many milliseconds, so calls made in the same instant
+    /// arrive in no fixed order. 0: every call arrives the instant it is
+    /// made, and retries that wake in the same millisecond are admitted
+    /// in the order the runtime runs them (mostly the request refused
+    /// last first, as measured; see the README).
+    #[arg(long, default_value_t = 1.0)]
+    network_ms: f64,
     /// Provider rate limit, calls per second, for the whole fleet (it
     /// answers "429" beyond it) [default: 100; with --open, 20000].
     #[arg(long)]
@@ -192,6 +209,7 @@ struct Args {
     duration: Option<f64>,
     latency_ms: u64,
     jitter: f64,
+    network: Duration,
     rate_limit: u32,
     /// Whether loadlock gets a fleet budget (`fleet_rate_limit`).
     fleet_limit: bool,
@@ -229,6 +247,9 @@ impl Cli {
         });
         if self.shards == 0 {
             bad("--shards must be at least 1".into());
+        }
+        if !(self.network_ms.is_finite() && (0.0..=1000.0).contains(&self.network_ms)) {
+            bad("--network-ms must be a number of milliseconds from 0 to 1000".into());
         }
         if !(0.0..1.0).contains(&self.jitter) {
             bad("--jitter must be a fraction from 0 up to (not including) 1".into());
@@ -271,6 +292,7 @@ impl Cli {
             duration: self.duration,
             latency_ms: self.latency_ms.unwrap_or(pick(50, 20)),
             jitter: self.jitter,
+            network: Duration::from_secs_f64(self.network_ms / 1000.0),
             rate_limit: self.rate_limit.unwrap_or(pick(100, 20_000) as u32),
             fleet_limit: !open && !self.no_fleet_limit,
             max_batch: self.max_batch,
@@ -296,13 +318,16 @@ impl Cli {
 // ---------------------------------------------------------------- provider
 
 /// The simulated provider: a latency per call (kept to tens of
-/// microseconds, see `delay`; varied by `--jitter`) and a rate limit
-/// enforced on its side (a GCRA, burst of 1/10 s): a call beyond it is
-/// refused with a retry-after, like an HTTP 429.
+/// microseconds, see `delay`; varied by `--jitter`), a network before it
+/// (`--network-ms`) and a rate limit enforced on its side (a GCRA, burst
+/// of 1/10 s): a call beyond it is refused with a retry-after, like an
+/// HTTP 429.
 struct Sim {
     latency: Duration,
     /// The most a call's latency varies either way, as a fraction of it.
     jitter: f64,
+    /// The most a call takes to reach the provider.
+    network: Duration,
     max_batch: usize,
     emission: Duration,
     tolerance: Duration,
@@ -333,6 +358,7 @@ impl Sim {
         Arc::new(Sim {
             latency: Duration::from_millis(args.latency_ms),
             jitter: args.jitter,
+            network: args.network,
             max_batch: args.max_batch,
             emission,
             tolerance: Duration::from_millis(100),
@@ -346,6 +372,13 @@ impl Sim {
     }
 
     async fn fetch(&self, keys: &[u64]) -> Result<HashMap<u64, String>, Throttled> {
+        // The way to the provider: the limit below admits calls in the
+        // order they arrive, and a network does not keep the order in which
+        // calls were made to the microsecond.
+        if !self.network.is_zero() {
+            let transit = self.network.mul_f64(rand::thread_rng().gen::<f64>());
+            delay::sleep(transit).await;
+        }
         {
             let now = Instant::now();
             let mut tat = self.tat.lock().unwrap();
@@ -1308,6 +1341,7 @@ async fn main() {
                 "ttl_s": args.ttl,
                 "latency_ms": args.latency_ms,
                 "jitter": args.jitter,
+                "network_ms": args.network.as_secs_f64() * 1000.0,
                 "rate_limit": args.rate_limit,
                 "fleet_limit": args.fleet_limit,
                 "shards": args.shards,
@@ -1325,13 +1359,14 @@ async fn main() {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!(
-            "{workload}; provider {} ms{}, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
+            "{workload}; provider {} ms{} over a network of 0–{} ms, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
             args.latency_ms,
             if args.jitter > 0.0 {
                 format!(" ± {}%", args.jitter * 100.0)
             } else {
                 String::new()
             },
+            args.network.as_secs_f64() * 1000.0,
             args.rate_limit,
             args.max_batch,
             args.ttl,
