@@ -1359,14 +1359,18 @@ async fn main() {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!(
-            "{workload}; provider {} ms{} over a network of 0–{} ms, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
+            "{workload}; provider {} ms{} {}, {} calls/s for the fleet, max batch {}; TTL {} s; pools of {}; loadlock {}, {} lane{}, on {} shard{}\n",
             args.latency_ms,
             if args.jitter > 0.0 {
                 format!(" ± {}%", args.jitter * 100.0)
             } else {
                 String::new()
             },
-            args.network.as_secs_f64() * 1000.0,
+            if args.network.is_zero() {
+                "with no network".to_string()
+            } else {
+                format!("over a network of 0–{} ms", args.network.as_secs_f64() * 1000.0)
+            },
             args.rate_limit,
             args.max_batch,
             args.ttl,
