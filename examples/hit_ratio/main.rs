@@ -23,8 +23,8 @@
 //! delay of 0–1 ms by default, drawn for each call and each retry). The
 //! provider admits calls in the order they arrive; without the network,
 //! retries that wake in the same millisecond arrive in the order the
-//! runtime runs them, which let the request refused last through first
-//! and gave the baselines' later requests a turn at once (see the
+//! runtime runs them, which mostly let the request refused last through
+//! first and gave the baselines' later requests a turn at once (see the
 //! README's Benchmarks).
 //!
 //! Next to the table of hit ratio, calls and latency percentiles, it
