@@ -804,17 +804,23 @@ async fn a_wait_for_two_holders_ends_with_one_read_after_both_published() {
     db.cleanup().await;
 }
 
-/// A lock held elsewhere makes a load fail with `LockTimeout` after the
-/// configured timeout, not hang; once released, the key loads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_timeout_is_an_error_not_a_hang() {
-    let db = TestDb::new("locktimeout").await;
-    let store = PgStore::builder(db.pool(2).await)
+/// A migrated store on a pool of `connections` whose lock timeout is 300 ms.
+async fn store_timing_out_locks(db: &TestDb, connections: u32) -> PgStore {
+    let store = PgStore::builder(db.pool(connections).await)
         .table(db.table())
         .lock_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     store.migrate().await.unwrap();
+    store
+}
+
+/// A lock held elsewhere makes a load fail with `LockTimeout` after the
+/// configured timeout, not hang; once released, the key loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeout_is_an_error_not_a_hang() {
+    let db = TestDb::new("locktimeout").await;
+    let store = store_timing_out_locks(&db, 2).await;
     support::a_held_lock_times_out(&db, store, "pg/locktimeout").await;
     db.cleanup().await;
 }
@@ -826,12 +832,7 @@ async fn lock_timeout_is_an_error_not_a_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_waits_at_most_the_lock_timeout_in_all() {
     let db = TestDb::new("claimbound").await;
-    let store = PgStore::builder(db.pool(4).await)
-        .table(db.table())
-        .lock_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    store.migrate().await.unwrap();
+    let store = store_timing_out_locks(&db, 4).await;
     let namespace = "pg/claimbound";
     let provider = Fake::<u64>::new(namespace);
     let cache = Cache::builder(provider.clone())
