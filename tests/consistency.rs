@@ -403,6 +403,7 @@ async fn history<S: Store<SlowReader> + Clone>(
         let (reads, invalidations, done) =
             (reads.clone(), invalidations.clone(), staller_done.clone());
         let (source, other) = (source.clone(), caches[1].clone());
+        let reader = caches[1].clone();
         // The other instances run on, on the test's runtime.
         let fleet = tokio::runtime::Handle::current();
         let instance = tokio::runtime::Builder::new_current_thread()
@@ -465,6 +466,23 @@ async fn history<S: Store<SlowReader> + Clone>(
                         stalls += 1;
                     }
                     later.await.unwrap();
+                    // What the table holds for the first key once the
+                    // stalled fill is over, read by another instance after
+                    // the last invalidation returned: a value published
+                    // under the lease it lost would be older than that.
+                    let reader = reader.clone();
+                    let (read_at, version) = fleet
+                        .spawn(async move {
+                            let read_at = Instant::now();
+                            (read_at, reader.loader().load(pair[0]).await)
+                        })
+                        .await
+                        .unwrap();
+                    reads.lock().unwrap().push(Read {
+                        key: pair[0],
+                        started: read_at,
+                        version: version.unwrap().unwrap(),
+                    });
                     let Ok(loaded) = loaded else {
                         continue;
                     };
